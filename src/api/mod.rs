@@ -1,0 +1,118 @@
+//! The HTTP API (SPEC.md §2–§3): one `router()` per area, merged by [`app`].
+//!
+//! Handlers are short: they validate the request, call the scheduling core, and shape the
+//! answer. Every error is the JSON envelope of [`error::ApiError`]; endpoints that
+//! return identifiers keep them (empty, or echoing the caller) in their errors.
+
+mod error;
+mod ops;
+mod predictor;
+mod queue;
+mod result;
+mod scheduler;
+mod task;
+mod ti;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::HeaderMap;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tracing::Instrument;
+
+pub use error::{ApiError, ErrorResponse};
+
+use crate::scheduling::Scheduler;
+
+/// What every handler gets: small handles, cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// The scheduling core.
+    pub scheduler: Scheduler,
+    /// When set, admin endpoints require `Authorization: Bearer <token>`.
+    pub admin_token: Option<Arc<str>>,
+    /// Largest accepted body, bytes.
+    pub body_limit: usize,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    /// Checks the admin token, when one is configured.
+    pub fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(expected) = &self.admin_token else {
+            return Ok(());
+        };
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let same = given.len() == expected.len()
+            && given
+                .bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+/// The whole API.
+pub fn app(state: AppState) -> Router {
+    let limit = state.body_limit;
+    Router::new()
+        .merge(scheduler::router())
+        .merge(ti::router())
+        .merge(queue::router())
+        .merge(task::router())
+        .merge(result::router())
+        .merge(predictor::router())
+        .merge(ops::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(observe_request))
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// A span per request with the matched route, and the latency histogram.
+async fn observe_request(req: Request, next: Next) -> Response {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let method = req.method().clone();
+    let span = tracing::info_span!("request", %method, path = %path);
+    let started = Instant::now();
+    let response = next.run(req).instrument(span).await;
+    metrics::histogram!(
+        "ti_scheduler_http_request_duration_seconds",
+        "path" => path,
+        "status" => response.status().as_u16().to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The `status` of every success body.
+const SUCCESS: &str = "success";
+
+pub use ops::ApiDoc;

@@ -1,0 +1,286 @@
+//! `/queue/*`: submitting tasks and reading the queue estimates.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ApiJson, ApiQuery, ErrorResponse};
+use super::{AppState, SUCCESS};
+use crate::domain::TaskId;
+use crate::scheduling::{SubmitItem, Submitted};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/queue/submit", post(submit_task))
+        .route("/queue/submit_batch", post(submit_batch))
+        .route("/queue/info", get(queue_info_get).post(queue_info_post))
+}
+
+/// Body of `POST /queue/submit`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct SubmitRequest {
+    /// The model to run the task on.
+    pub model_name: String,
+    /// Passed to the TI as it is; must be a JSON object.
+    #[schema(value_type = Object)]
+    pub task_input: Box<RawValue>,
+    /// Features for the predictor (`input_tokens`, `output_tokens`, `hardware`, ...).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+    /// Optional idempotency key: 1–128 characters of `A-Za-z0-9._:-`.
+    #[serde(default)]
+    pub task_id: Option<String>,
+}
+
+/// Answer of `POST /queue/submit` (empty strings on error).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubmitResponse {
+    /// `success`.
+    pub status: String,
+    /// The task's id.
+    pub task_id: String,
+    /// The TI chosen for it; empty while no TI of the model is usable.
+    pub scheduled_ti: String,
+}
+
+/// One task of `POST /queue/submit_batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct BatchItem {
+    /// Passed to the TI as it is; must be a JSON object.
+    #[schema(value_type = Object)]
+    pub task_input: Box<RawValue>,
+    /// Features for the predictor.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Map<String, Value>>,
+    /// Optional idempotency key.
+    #[serde(default)]
+    pub task_id: Option<String>,
+}
+
+/// Body of `POST /queue/submit_batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct BatchRequest {
+    /// The model to run every task on.
+    pub model_name: String,
+    /// The tasks, committed all or nothing.
+    pub tasks: Vec<BatchItem>,
+}
+
+/// One task's answer in a batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResult {
+    /// Position in the request.
+    pub index: usize,
+    /// The task's id.
+    pub task_id: String,
+    /// The TI chosen for it.
+    pub scheduled_ti: String,
+}
+
+/// Answer of `POST /queue/submit_batch`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResponse {
+    /// `success`.
+    pub status: String,
+    /// One entry per task, in request order.
+    pub results: Vec<BatchResult>,
+}
+
+/// Filter of `/queue/info`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct QueueInfoRequest {
+    /// Only this model's TIs; all when absent or empty.
+    #[serde(default)]
+    pub model_name: Option<String>,
+}
+
+/// One TI's queue in `/queue/info`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueView {
+    /// The model it serves.
+    pub model_name: String,
+    /// The TI.
+    pub ti_uuid: String,
+    /// Expected wait of a new task, ms.
+    pub waiting_time_expect: f64,
+    /// Its error (standard deviation), ms.
+    pub waiting_time_error: f64,
+    /// Tasks dispatched to it and not completed.
+    pub queue_length: usize,
+    /// Whether it may get new tasks.
+    pub healthy: bool,
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Its hardware, if known.
+    pub hardware: Option<String>,
+}
+
+/// Answer of `/queue/info`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueInfoResponse {
+    /// `success`.
+    pub status: String,
+    /// One entry per registered TI.
+    pub queues: Vec<QueueView>,
+}
+
+fn check_model(model: &str) -> Result<&str, ApiError> {
+    let model = model.trim();
+    if model.is_empty() {
+        return Err(ApiError::BadRequest("model_name must not be empty".into()));
+    }
+    Ok(model)
+}
+
+fn check_item(
+    task_input: Box<RawValue>,
+    metadata: Option<Map<String, Value>>,
+    task_id: Option<String>,
+) -> Result<SubmitItem, String> {
+    if !task_input.get().starts_with('{') {
+        return Err("task_input must be a JSON object".into());
+    }
+    let task_id = task_id.map(|raw| TaskId::parse_client(&raw)).transpose()?;
+    Ok(SubmitItem {
+        task_id,
+        task_input,
+        metadata: metadata.unwrap_or_default(),
+    })
+}
+
+fn ti_text(s: &Submitted) -> String {
+    s.scheduled_ti.map(|t| t.to_string()).unwrap_or_default()
+}
+
+/// Submits a task; success means it is committed to the database.
+#[utoipa::path(post, path = "/queue/submit", request_body = SubmitRequest,
+    responses((status = 200, body = SubmitResponse), (status = 400, description = "invalid body"),
+              (status = 503, description = "no TaskInstance serves the model")))]
+pub async fn submit_task(
+    State(app): State<AppState>,
+    body: Result<ApiJson<SubmitRequest>, ApiError>,
+) -> Result<Json<SubmitResponse>, ErrorResponse> {
+    let shape = |e: ApiError| e.with(&[("task_id", ""), ("scheduled_ti", "")]);
+    let ApiJson(req) = body.map_err(shape)?;
+    let model = check_model(&req.model_name).map_err(shape)?;
+    let item = check_item(req.task_input, req.metadata, req.task_id)
+        .map_err(|m| shape(ApiError::BadRequest(m)))?;
+    let submitted = app
+        .scheduler
+        .submit(model, vec![item])
+        .await
+        .map_err(|e| shape(e.into()))?;
+    let first = submitted.into_iter().next().ok_or_else(|| {
+        shape(ApiError::Internal(anyhow::anyhow!(
+            "submit answered nothing"
+        )))
+    })?;
+    Ok(Json(SubmitResponse {
+        status: SUCCESS.into(),
+        scheduled_ti: ti_text(&first),
+        task_id: first.task_id.to_string(),
+    }))
+}
+
+/// Submits several tasks of one model, all or nothing, in one transaction.
+#[utoipa::path(post, path = "/queue/submit_batch", request_body = BatchRequest,
+    responses((status = 200, body = BatchResponse), (status = 400, description = "an invalid item, named by index"),
+              (status = 503, description = "no TaskInstance serves the model")))]
+pub async fn submit_batch(
+    State(app): State<AppState>,
+    body: Result<ApiJson<BatchRequest>, ApiError>,
+) -> Result<Json<BatchResponse>, ErrorResponse> {
+    let shape = |e: ApiError| e.with(&[]);
+    let ApiJson(req) = body.map_err(shape)?;
+    let model = check_model(&req.model_name).map_err(shape)?;
+    if req.tasks.is_empty() {
+        return Err(shape(ApiError::BadRequest(
+            "tasks must not be empty".into(),
+        )));
+    }
+    let items = req
+        .tasks
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            check_item(t.task_input, t.metadata, t.task_id)
+                .map_err(|m| ApiError::BadRequest(format!("tasks[{i}]: {m}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let submitted = app
+        .scheduler
+        .submit(model, items)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(Json(BatchResponse {
+        status: SUCCESS.into(),
+        results: submitted
+            .iter()
+            .enumerate()
+            .map(|(index, s)| BatchResult {
+                index,
+                task_id: s.task_id.to_string(),
+                scheduled_ti: ti_text(s),
+            })
+            .collect(),
+    }))
+}
+
+fn queue_info(app: &AppState, filter: QueueInfoRequest) -> Json<QueueInfoResponse> {
+    let model = filter.model_name.filter(|m| !m.is_empty());
+    let queues = app
+        .scheduler
+        .tis()
+        .into_iter()
+        .filter(|s| s.ti.removed_at.is_none())
+        .filter(|s| model.as_deref().is_none_or(|m| m == s.ti.model_name))
+        .map(|s| QueueView {
+            model_name: s.ti.model_name,
+            ti_uuid: s.ti.ti_uuid.to_string(),
+            waiting_time_expect: s.wait_ms,
+            waiting_time_error: s.wait_error_ms,
+            queue_length: s.queue_length,
+            healthy: s.healthy,
+            host: s.ti.host,
+            port: s.ti.port,
+            hardware: s.ti.hardware,
+        })
+        .collect();
+    Json(QueueInfoResponse {
+        status: SUCCESS.into(),
+        queues,
+    })
+}
+
+/// The live queue estimate of every registered TI (`?model_name=` filters).
+#[utoipa::path(get, path = "/queue/info", params(("model_name" = Option<String>, Query, description = "only this model")),
+    responses((status = 200, body = QueueInfoResponse)))]
+pub async fn queue_info_get(
+    State(app): State<AppState>,
+    ApiQuery(filter): ApiQuery<QueueInfoRequest>,
+) -> Json<QueueInfoResponse> {
+    queue_info(&app, filter)
+}
+
+/// As `GET /queue/info`, with the filter in a JSON body (an empty body means no filter).
+#[utoipa::path(post, path = "/queue/info", request_body = QueueInfoRequest,
+    responses((status = 200, body = QueueInfoResponse), (status = 400, description = "invalid body")))]
+pub async fn queue_info_post(
+    State(app): State<AppState>,
+    super::error::Body(bytes): super::error::Body,
+) -> Result<Json<QueueInfoResponse>, ApiError> {
+    let filter = if bytes.iter().all(u8::is_ascii_whitespace) {
+        QueueInfoRequest::default()
+    } else {
+        super::error::parse_json(&bytes)?
+    };
+    Ok(queue_info(&app, filter))
+}

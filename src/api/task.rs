@@ -1,0 +1,99 @@
+//! `/task/query`: a task's status and result.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ApiJson, ApiQuery, ErrorResponse};
+use super::{AppState, SUCCESS};
+use crate::domain::TaskId;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/task/query", get(query_task_get).post(query_task_post))
+}
+
+/// Which task.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TaskQuery {
+    /// The id `/queue/submit` returned.
+    pub task_id: String,
+}
+
+/// Answer of `/task/query`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskView {
+    /// `success`.
+    pub status: String,
+    /// The task's id.
+    pub task_id: String,
+    /// `queued`, `scheduled` or `completed`.
+    pub task_status: String,
+    /// The TI currently chosen for it; empty while none is.
+    pub scheduled_ti: String,
+    /// Unix seconds, millisecond precision.
+    pub submit_time: f64,
+    /// Null until completed; `{"error": ...}` when it failed; null again once expired.
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    /// The model asked for.
+    pub model_name: String,
+    /// Unix seconds, once completed.
+    pub completion_time: Option<f64>,
+    /// As reported by the TI, ms.
+    pub execution_time: Option<f64>,
+    /// True once the result was cleared by the TTL.
+    pub result_expired: bool,
+}
+
+async fn query(app: &AppState, task_id: &str) -> Result<Json<TaskView>, ErrorResponse> {
+    let shape = |e: ApiError| e.with(&[("task_id", task_id)]);
+    let not_found = || shape(ApiError::NotFound(format!("task '{task_id}' not found")));
+    if task_id.is_empty() {
+        return Err(shape(ApiError::BadRequest(
+            "task_id must not be empty".into(),
+        )));
+    }
+    let task = app
+        .scheduler
+        .task(&TaskId::from_stored(task_id.to_string()))
+        .await
+        .map_err(|e| shape(e.into()))?
+        .ok_or_else(not_found)?;
+    Ok(Json(TaskView {
+        status: SUCCESS.into(),
+        task_id: task.task_id.to_string(),
+        task_status: task.status.as_str().into(),
+        scheduled_ti: task.ti_uuid.map(|t| t.to_string()).unwrap_or_default(),
+        submit_time: task.submit_time,
+        result: task.result,
+        model_name: task.model_name,
+        completion_time: task.completion_time,
+        execution_time: task.execution_time_ms,
+        result_expired: task.result_expired,
+    }))
+}
+
+/// A task's status and result (`?task_id=`).
+#[utoipa::path(get, path = "/task/query", params(("task_id" = String, Query, description = "the task")),
+    responses((status = 200, body = TaskView), (status = 400), (status = 404, description = "unknown or purged task")))]
+pub async fn query_task_get(
+    State(app): State<AppState>,
+    query_params: Result<ApiQuery<TaskQuery>, ApiError>,
+) -> Result<Json<TaskView>, ErrorResponse> {
+    let ApiQuery(q) = query_params.map_err(|e| e.with(&[("task_id", "")]))?;
+    query(&app, &q.task_id).await
+}
+
+/// As `GET /task/query`, with `{task_id}` in a JSON body.
+#[utoipa::path(post, path = "/task/query", request_body = TaskQuery,
+    responses((status = 200, body = TaskView), (status = 400), (status = 404, description = "unknown or purged task")))]
+pub async fn query_task_post(
+    State(app): State<AppState>,
+    body: Result<ApiJson<TaskQuery>, ApiError>,
+) -> Result<Json<TaskView>, ErrorResponse> {
+    let ApiJson(q) = body.map_err(|e| e.with(&[("task_id", "")]))?;
+    query(&app, &q.task_id).await
+}

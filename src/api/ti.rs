@@ -1,0 +1,187 @@
+//! `/ti/*`: registering, removing and listing Task Instances.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ApiJson, ErrorResponse};
+use super::{AppState, SUCCESS};
+use crate::domain::TiUuid;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ti/register", post(register_ti))
+        .route("/ti/remove", post(remove_ti))
+        .route("/ti/list", get(list_tis))
+}
+
+/// Body of `POST /ti/register`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RegisterRequest {
+    /// Host of the TI (address or name).
+    pub host: String,
+    /// Port of the TI, 1..=65535.
+    pub port: i64,
+    /// The model it serves; must agree with its `GET /info`, used when that names none.
+    #[serde(default)]
+    pub model_name: Option<String>,
+}
+
+/// Answer of `POST /ti/register` (`ti_uuid` is empty on error).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RegisterResponse {
+    /// `success`.
+    pub status: String,
+    /// What happened.
+    pub message: String,
+    /// The TI's id.
+    pub ti_uuid: String,
+}
+
+/// Body of `POST /ti/remove`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RemoveRequest {
+    /// The TI's id.
+    pub ti_uuid: String,
+}
+
+/// Answer of `POST /ti/remove` (echoes the given id, on error too).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RemoveResponse {
+    /// `success`.
+    pub status: String,
+    /// What happened.
+    pub message: String,
+    /// The id given.
+    pub ti_uuid: String,
+}
+
+/// One TI in `GET /ti/list`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TiView {
+    /// Its id.
+    pub ti_uuid: String,
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// The model it serves.
+    pub model_name: String,
+    /// Its hardware, if it reported one.
+    pub hardware: Option<String>,
+    /// Whether it may get new tasks.
+    pub healthy: bool,
+    /// Tasks dispatched to it and not completed.
+    pub queue_length: usize,
+    /// Unix seconds.
+    pub registered_at: f64,
+    /// Unix seconds; null while registered.
+    pub removed_at: Option<f64>,
+}
+
+/// Answer of `GET /ti/list`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TiListResponse {
+    /// `success`.
+    pub status: String,
+    /// Every TI, removed ones included.
+    pub tis: Vec<TiView>,
+}
+
+/// Registers a TI after checking its `GET /health` and `GET /info`.
+#[utoipa::path(post, path = "/ti/register", request_body = RegisterRequest,
+    responses((status = 200, body = RegisterResponse), (status = 400, description = "bad host, port or model_name"),
+              (status = 401), (status = 502, description = "TI unreachable or unhealthy")))]
+pub async fn register_ti(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<RegisterRequest>, ApiError>,
+) -> Result<Json<RegisterResponse>, ErrorResponse> {
+    let shape = |e: ApiError| e.with(&[("ti_uuid", "")]);
+    app.authorize(&headers).map_err(shape)?;
+    let ApiJson(req) = body.map_err(shape)?;
+    let host = req.host.trim();
+    if host.is_empty() {
+        return Err(shape(ApiError::BadRequest("host must not be empty".into())));
+    }
+    let port = u16::try_from(req.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            shape(ApiError::BadRequest(format!(
+                "port must be in 1..=65535, got {}",
+                req.port
+            )))
+        })?;
+    let model = req
+        .model_name
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty());
+    let id = app
+        .scheduler
+        .register(host, port, model)
+        .await
+        .map_err(|e| shape(e.into()))?;
+    Ok(Json(RegisterResponse {
+        status: SUCCESS.into(),
+        message: "TaskInstance registered successfully".into(),
+        ti_uuid: id.to_string(),
+    }))
+}
+
+/// Removes a TI: no new tasks go to it; what it already accepted completes.
+#[utoipa::path(post, path = "/ti/remove", request_body = RemoveRequest,
+    responses((status = 200, body = RemoveResponse), (status = 400, description = "Invalid UUID format"),
+              (status = 401), (status = 404, description = "TaskInstance not found")))]
+pub async fn remove_ti(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<ApiJson<RemoveRequest>, ApiError>,
+) -> Result<Json<RemoveResponse>, ErrorResponse> {
+    app.authorize(&headers)
+        .map_err(|e| e.with(&[("ti_uuid", "")]))?;
+    let ApiJson(req) = body.map_err(|e| e.with(&[("ti_uuid", "")]))?;
+    let given = req.ti_uuid.as_str();
+    let shape = |e: ApiError| e.with(&[("ti_uuid", given)]);
+    let id: TiUuid = given
+        .parse()
+        .map_err(|_| shape(ApiError::BadRequest("Invalid UUID format".into())))?;
+    app.scheduler
+        .remove(id)
+        .await
+        .map_err(|e| shape(e.into()))?;
+    Ok(Json(RemoveResponse {
+        status: SUCCESS.into(),
+        message: "TaskInstance removed successfully".into(),
+        ti_uuid: given.to_string(),
+    }))
+}
+
+/// Every TI ever registered, removed ones included.
+#[utoipa::path(get, path = "/ti/list", responses((status = 200, body = TiListResponse)))]
+pub async fn list_tis(State(app): State<AppState>) -> Json<TiListResponse> {
+    let tis = app
+        .scheduler
+        .tis()
+        .into_iter()
+        .map(|s| TiView {
+            ti_uuid: s.ti.ti_uuid.to_string(),
+            host: s.ti.host,
+            port: s.ti.port,
+            model_name: s.ti.model_name,
+            hardware: s.ti.hardware,
+            healthy: s.healthy,
+            queue_length: s.queue_length,
+            registered_at: s.ti.registered_at,
+            removed_at: s.ti.removed_at,
+        })
+        .collect();
+    Json(TiListResponse {
+        status: SUCCESS.into(),
+        tis,
+    })
+}

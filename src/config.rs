@@ -1,0 +1,213 @@
+//! Typed settings.
+//!
+//! Layers, weakest first: the built-in defaults below, `config/default.toml` (or the file
+//! given with `--config`), environment variables `TI_SCHEDULER__SECTION__KEY`, then
+//! command-line flags. `config/default.toml` documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::scheduling::{PredictMode, StrategyKind};
+use crate::store::Durability;
+
+/// Every setting of the service.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// HTTP server.
+    pub server: ServerSettings,
+    /// SQLite database.
+    pub database: DatabaseSettings,
+    /// Talking to Task Instances.
+    pub ti: TiSettings,
+    /// Strategy and predictor defaults.
+    pub scheduling: SchedulingSettings,
+    /// Periodic cleanup of old results and history.
+    pub cleanup: CleanupSettings,
+}
+
+/// HTTP server settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address the API listens on.
+    pub bind: SocketAddr,
+    /// Base URL TIs use to reach this scheduler's `/result/submit`; derived from `bind`
+    /// when empty (a wildcard bind address becomes 127.0.0.1).
+    pub public_url: String,
+    /// Largest accepted request body, in bytes.
+    pub body_limit_bytes: usize,
+    /// When non-empty, `/scheduler/*`, `/ti/*` writes and lookup import require
+    /// `Authorization: Bearer <token>`.
+    pub admin_token: String,
+}
+
+/// SQLite settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// The database file; created and migrated on first start.
+    pub path: PathBuf,
+    /// `full` (a commit survives power loss) or `normal` (it survives a process crash).
+    pub durability: Durability,
+    /// Largest number of writes committed in one transaction by the group-commit writer.
+    pub max_batch: usize,
+    /// Connections in the read pool.
+    pub read_connections: u32,
+}
+
+/// Settings for the scheduler's side of the TI protocol.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TiSettings {
+    /// Timeout of `GET /health` and `GET /info` (registration and probes), ms.
+    pub health_timeout_ms: u64,
+    /// Timeout of one dispatch (`POST /queue/submit` to a TI), ms.
+    pub dispatch_timeout_ms: u64,
+    /// Dispatch attempts on one TI before the task is re-routed.
+    pub dispatch_attempts: u32,
+    /// Backoff before the first retry, ms; doubled after each failed attempt.
+    pub retry_backoff_ms: u64,
+    /// Interval between health probes of every TI, ms.
+    pub health_interval_ms: u64,
+    /// After this many failed probes in a row, a TI's unfinished tasks are re-routed.
+    pub reroute_after_failed_probes: u32,
+    /// A scheduled task whose callback has not come after this long is reconciled with its
+    /// TI through `GET /results/{task_id}`, ms.
+    pub reconcile_after_ms: u64,
+    /// Dispatches in flight to one TI at most.
+    pub max_inflight_dispatches: usize,
+    /// When non-empty, TIs may only be registered at these hosts or networks
+    /// (`10.0.0.5`, `localhost`, `192.168.0.0/16`).
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Strategy and prediction settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulingSettings {
+    /// Strategy used until one is set through `/scheduler/set` (then the stored one wins).
+    pub strategy: StrategyKind,
+    /// Predict mode used until one is set through `/scheduler/predict_mode`.
+    pub predict_mode: PredictMode,
+    /// λ of the `weighted` strategy: score = expected completion + λ · its error.
+    pub weighted_lambda: f64,
+    /// Seed of the `probabilistic` strategy's random draws; 0 seeds from the OS.
+    pub rng_seed: u64,
+    /// Prediction used when nothing better is known: mean execution time, ms.
+    pub prior_ms: f64,
+    /// Error (standard deviation) of the prior, ms.
+    pub prior_error_ms: f64,
+}
+
+/// Cleanup job settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CleanupSettings {
+    /// When the job runs: a cron expression with seconds (`sec min hour day month weekday`).
+    pub schedule: String,
+    /// Results of completed tasks are cleared this long after completion, seconds.
+    pub result_ttl_secs: u64,
+    /// Completed task rows (and their decisions) are deleted this long after completion, seconds.
+    pub retention_secs: u64,
+    /// Rows changed per transaction, so the job never holds the writer for long.
+    pub batch_size: u32,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8102)),
+            public_url: String::new(),
+            body_limit_bytes: 8 * 1024 * 1024,
+            admin_token: String::new(),
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("data/ti-scheduler.db"),
+            durability: Durability::Full,
+            max_batch: 512,
+            read_connections: 4,
+        }
+    }
+}
+
+impl Default for TiSettings {
+    fn default() -> Self {
+        Self {
+            health_timeout_ms: 2_000,
+            dispatch_timeout_ms: 5_000,
+            dispatch_attempts: 3,
+            retry_backoff_ms: 100,
+            health_interval_ms: 5_000,
+            reroute_after_failed_probes: 3,
+            reconcile_after_ms: 30_000,
+            max_inflight_dispatches: 64,
+            allowed_hosts: Vec::new(),
+        }
+    }
+}
+
+impl Default for SchedulingSettings {
+    fn default() -> Self {
+        Self {
+            strategy: StrategyKind::ShortestQueue,
+            predict_mode: PredictMode::Default,
+            weighted_lambda: 1.0,
+            rng_seed: 0,
+            prior_ms: 1_000.0,
+            prior_error_ms: 500.0,
+        }
+    }
+}
+
+impl Default for CleanupSettings {
+    fn default() -> Self {
+        Self {
+            schedule: "0 */5 * * * *".to_string(),
+            result_ttl_secs: 24 * 3600,
+            retention_secs: 7 * 24 * 3600,
+            batch_size: 1_000,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads the settings: defaults, then `file` if it exists, then the environment.
+    /// A missing file is not an error (the defaults serve); a malformed one is.
+    pub fn load(file: &Path) -> Result<Self, Box<figment::Error>> {
+        Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::file(file))
+            .merge(Env::prefixed("TI_SCHEDULER__").split("__"))
+            .extract()
+            .map_err(Box::new)
+    }
+
+    /// The base URL TIs call back on.
+    pub fn public_url(&self, bound: SocketAddr) -> String {
+        if !self.server.public_url.is_empty() {
+            return self.server.public_url.trim_end_matches('/').to_string();
+        }
+        let mut addr = bound;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    }
+}
+
+impl TiSettings {
+    /// Timeout of health and info requests.
+    pub fn health_timeout(&self) -> Duration {
+        Duration::from_millis(self.health_timeout_ms)
+    }
+}

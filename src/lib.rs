@@ -1,0 +1,155 @@
+//! ti-scheduler: a central, durable scheduler for machine-learning inference.
+//!
+//! Clients submit tasks for a named model; several replicas of each model, Task Instances
+//! (TIs), run them. The scheduler predicts each task's execution time on every TI, keeps a
+//! live estimate of every TI's queue, routes each task by the chosen strategy, collects the
+//! result and answers status queries. Its whole state lives in SQLite.
+//!
+//! # Layout
+//!
+//! - [`api`]: axum handlers, one module per area, and the JSON error envelope.
+//! - [`scheduling`]: the hot-path cache (TIs, queue estimates), strategies, dispatch,
+//!   re-routing, health probes and reconciliation.
+//! - [`predictor`]: execution-time prediction (fallback chain, lookup table).
+//! - [`store`]: SQLite repositories and the group-commit writer.
+//! - [`ti`]: the TI protocol: the client, the wire types and the simulated TI.
+//! - [`jobs`]: the periodic cleanup job.
+//! - [`config`]: typed settings (file, environment, flags).
+//!
+//! # The path of a task
+//!
+//! `POST /queue/submit` → [`scheduling::Scheduler::submit`] chooses a TI under the cache
+//! lock (predict → select → reserve the prediction in that TI's queue) → the task row and
+//! its decision row are committed by the writer (one transaction per batch of requests) →
+//! the client gets its `task_id` → a dispatcher sends the task to the TI → the TI calls
+//! `POST /result/submit` → the result is stored and the prediction leaves the queue.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod jobs;
+pub mod predictor;
+pub mod scheduling;
+pub mod store;
+pub mod ti;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::scheduling::Scheduler;
+
+/// A built service, bound to its port and ready to run.
+pub struct App {
+    listener: TcpListener,
+    addr: SocketAddr,
+    router: axum::Router,
+    scheduler: Scheduler,
+    db: store::Db,
+    writer_stop: CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+    cron: tokio_cron_scheduler::JobScheduler,
+}
+
+impl App {
+    /// Binds the port, opens (creating and migrating) the database, rebuilds the cache
+    /// from it and starts the background work.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(settings.server.bind)
+            .await
+            .with_context(|| format!("binding {}", settings.server.bind))?;
+        let addr = listener.local_addr()?;
+        let writer_stop = CancellationToken::new();
+        let (db, writer) = store::open(
+            &settings.database.path,
+            settings.database.durability,
+            settings.database.read_connections,
+            settings.database.max_batch,
+            writer_stop.clone(),
+        )
+        .await
+        .with_context(|| format!("opening database {}", settings.database.path.display()))?;
+        let scheduler = Scheduler::load(db.clone(), &settings, settings.public_url(addr))
+            .await
+            .context("loading state from the database")?;
+        scheduler.start_background();
+        let cron = jobs::start(db.clone(), settings.cleanup.clone()).await?;
+        let admin_token = Some(settings.server.admin_token.trim())
+            .filter(|t| !t.is_empty())
+            .map(Arc::from);
+        let router = api::app(api::AppState {
+            scheduler: scheduler.clone(),
+            admin_token,
+            body_limit: settings.server.body_limit_bytes,
+            metrics: metrics_handle(),
+        });
+        tracing::info!(%addr, db = %settings.database.path.display(), "ti-scheduler ready");
+        Ok(Self {
+            listener,
+            addr,
+            router,
+            scheduler,
+            db,
+            writer_stop,
+            writer,
+            cron,
+        })
+    }
+
+    /// The address the API listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, finishes the requests
+    /// under way, stops the background work, commits what the writer holds and closes
+    /// the database.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("serving HTTP")?;
+        let mut cron = self.cron;
+        if let Err(e) = cron.shutdown().await {
+            tracing::warn!(error = ?e, "stopping the cron scheduler failed");
+        }
+        self.scheduler.shutdown().await;
+        self.writer_stop.cancel();
+        if let Err(e) = self.writer.await {
+            tracing::error!(error = ?e, "the writer task failed");
+        }
+        self.db.read.close().await;
+        tracing::info!("ti-scheduler stopped");
+        Ok(())
+    }
+}
+
+/// The process-wide Prometheus recorder (the `metrics` macros report to one global).
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = || {
+                PrometheusBuilder::new()
+                    .set_buckets(&[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0, 2.5,
+                    ])
+                    .unwrap_or_else(|_| PrometheusBuilder::new())
+            };
+            builder().install_recorder().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "another metrics recorder is installed; /metrics shows only its own");
+                builder().build_recorder().handle()
+            })
+        })
+        .clone()
+}

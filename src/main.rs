@@ -1,0 +1,223 @@
+//! The `ti-scheduler` command: the service (default), migrations, lookup import and the
+//! simulated Task Instance.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use ti_scheduler::config::Settings;
+use ti_scheduler::ti::sim::{SimConfig, SimTi};
+use ti_scheduler::{predictor, store, App};
+
+#[derive(Parser)]
+#[command(
+    name = "ti-scheduler",
+    version,
+    about = "Central scheduler for ML inference Task Instances"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve(ServeArgs),
+    /// Create or migrate a database file, then exit.
+    Migrate {
+        /// The database file.
+        #[arg(long, default_value = "data/ti-scheduler.db")]
+        db: PathBuf,
+    },
+    /// Import a lookup table (CSV or SwarmPilot JSON) into a database (replacing the table
+    /// unless --append). A running server loads it at its next start; to change a running
+    /// server's table, use POST /predictor/lookup_table.
+    ImportLookup {
+        /// The table file.
+        file: PathBuf,
+        /// The database file.
+        #[arg(long, default_value = "data/ti-scheduler.db")]
+        db: PathBuf,
+        /// Add to the table instead of replacing it.
+        #[arg(long)]
+        append: bool,
+    },
+    /// Run a simulated Task Instance.
+    SimTi(SimArgs),
+}
+
+#[derive(Args, Default)]
+struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:8102).
+    #[arg(long)]
+    bind: Option<SocketAddr>,
+    /// Database file (default data/ti-scheduler.db).
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Settings file.
+    #[arg(long, default_value = "config/default.toml")]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct SimArgs {
+    /// The model it serves.
+    #[arg(long)]
+    model: String,
+    /// The hardware it reports.
+    #[arg(long)]
+    hardware: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port (0 picks a free one).
+    #[arg(long, default_value_t = 8100)]
+    port: u16,
+    /// Tasks executed at once.
+    #[arg(long, default_value_t = 1)]
+    parallelism: usize,
+    /// Fixed execution time per task, ms.
+    #[arg(long, default_value_t = 200.0)]
+    base_ms: f64,
+    /// ms per input token (metadata.input_tokens).
+    #[arg(long, default_value_t = 0.0)]
+    per_input_token_ms: f64,
+    /// ms per output token (metadata.output_tokens or max_tokens).
+    #[arg(long, default_value_t = 0.0)]
+    per_output_token_ms: f64,
+    /// σ of the lognormal noise on execution times.
+    #[arg(long, default_value_t = 0.1)]
+    noise: f64,
+    /// Share of tasks that fail.
+    #[arg(long, default_value_t = 0.0)]
+    fail_rate: f64,
+    /// Seed of the noise.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(ServeArgs {
+        config: PathBuf::from("config/default.toml"),
+        ..ServeArgs::default()
+    })) {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate { db } => {
+            let applied = store::migrate(&db)?;
+            println!("{}: {applied} migration(s) applied", db.display());
+            Ok(())
+        }
+        Command::ImportLookup { file, db, append } => import_lookup(&file, &db, append).await,
+        Command::SimTi(args) => sim_ti(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut settings = Settings::load(&args.config)
+        .with_context(|| format!("reading settings from {}", args.config.display()))?;
+    if let Some(bind) = args.bind {
+        settings.server.bind = bind;
+    }
+    if let Some(db) = args.db {
+        settings.database.path = db;
+    }
+    let app = App::build(settings).await?;
+    app.run_until(shutdown_signal()).await
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = ?e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = ?e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+async fn import_lookup(file: &Path, db_path: &Path, append: bool) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let content_type = match file.extension().and_then(|e| e.to_str()) {
+        Some("json") => Some("application/json"),
+        Some("csv") => Some("text/csv"),
+        _ => None,
+    };
+    let rows = predictor::parse_table(content_type, &text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let count = rows.len();
+    let stop = CancellationToken::new();
+    let (db, writer) = store::open(db_path, store::Durability::Full, 1, 1, stop.clone()).await?;
+    db.writer
+        .run(move |conn| {
+            Box::pin(async move {
+                if !append {
+                    store::LookupRepo::clear(conn).await?;
+                }
+                store::LookupRepo::insert(conn, &rows).await
+            })
+        })
+        .await?;
+    let total = store::LookupRepo::all(&db.read).await?.len();
+    stop.cancel();
+    writer.await?;
+    println!(
+        "{}: imported {count} rows from {} ({total} rows in the table)",
+        db_path.display(),
+        file.display()
+    );
+    Ok(())
+}
+
+async fn sim_ti(args: SimArgs) -> anyhow::Result<()> {
+    let config = SimConfig {
+        model: args.model,
+        hardware: args.hardware,
+        parallelism: args.parallelism,
+        base_ms: args.base_ms,
+        per_input_token_ms: args.per_input_token_ms,
+        per_output_token_ms: args.per_output_token_ms,
+        noise: args.noise,
+        fail_rate: args.fail_rate,
+        seed: args.seed,
+        ..SimConfig::default()
+    };
+    let sim = SimTi::spawn(config, SocketAddr::new(args.host, args.port)).await?;
+    println!("simulated TI listening on http://{}", sim.addr());
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = sim.wait() => {}
+    }
+    Ok(())
+}

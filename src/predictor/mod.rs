@@ -1,0 +1,304 @@
+//! Execution-time prediction (SPEC.md §6).
+//!
+//! For a task and a candidate TI, [`Predictor::predict`] gives the expected execution time
+//! and its error (standard deviation), in ms, and says which source gave it. The chain, in
+//! order: a hint in the task's metadata (`expected_ms` or `server_time_cost`), a
+//! lookup-table row, the running mean of actual execution times for the model (on that
+//! hardware first, then on any), and the configured prior. In `lookup_table` mode the
+//! table is asked first and a miss falls back to that chain, which the decision records.
+//! Completions feed [`Predictor::observe`], whose statistics the caller persists.
+
+mod lookup;
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+pub use lookup::{parse_csv, parse_swarmpilot_json, ImportError, LookupRow, LookupTable};
+
+use crate::scheduling::PredictMode;
+use crate::store::ExecutionStats;
+
+/// Relative error given to a metadata hint that does not state its own
+/// (`expected_error_ms`).
+const HINT_RELATIVE_ERROR: f64 = 0.2;
+
+/// Parses a lookup table: CSV for `text/csv`, SwarmPilot JSON for `application/json`;
+/// otherwise by its first character (`[` is JSON).
+pub fn parse_table(content_type: Option<&str>, text: &str) -> Result<Vec<LookupRow>, ImportError> {
+    let json = match content_type {
+        Some(ct) if ct.starts_with("text/csv") => false,
+        Some(ct) if ct.contains("json") => true,
+        _ => text.trim_start().starts_with('['),
+    };
+    let rows = if json {
+        parse_swarmpilot_json(text)?
+    } else {
+        parse_csv(text)?
+    };
+    if rows.is_empty() {
+        return Err(ImportError("the table has no usable rows".into()));
+    }
+    Ok(rows)
+}
+
+/// Where a prediction came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionSource {
+    /// `expected_ms` / `server_time_cost` in the task's metadata.
+    MetadataHint,
+    /// A lookup-table row.
+    LookupTable,
+    /// The running mean of actual execution times.
+    RunningMean,
+    /// The configured prior.
+    Prior,
+}
+
+impl PredictionSource {
+    /// Name stored in decision rows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MetadataHint => "metadata_hint",
+            Self::LookupTable => "lookup_table",
+            Self::RunningMean => "running_mean",
+            Self::Prior => "prior",
+        }
+    }
+}
+
+/// An expected execution time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    /// Mean, ms.
+    pub mean_ms: f64,
+    /// Standard deviation, ms.
+    pub error_ms: f64,
+    /// Which source gave it.
+    pub source: PredictionSource,
+    /// lookup_table mode found no row, so the default chain answered.
+    pub lookup_fallback: bool,
+}
+
+/// The predictor's state: the lookup table and the running statistics.
+#[derive(Debug, Clone)]
+pub struct Predictor {
+    lookup: LookupTable,
+    stats: HashMap<(String, String), ExecutionStats>,
+    prior_ms: f64,
+    prior_error_ms: f64,
+}
+
+impl Predictor {
+    /// A predictor with this prior, table and statistics.
+    pub fn new(
+        prior_ms: f64,
+        prior_error_ms: f64,
+        lookup: Vec<LookupRow>,
+        stats: Vec<ExecutionStats>,
+    ) -> Self {
+        Self {
+            lookup: LookupTable::new(lookup),
+            stats: stats
+                .into_iter()
+                .map(|s| ((s.model_name.clone(), s.hardware.clone()), s))
+                .collect(),
+            prior_ms,
+            prior_error_ms,
+        }
+    }
+
+    /// Rows in the lookup table.
+    pub fn lookup_rows(&self) -> usize {
+        self.lookup.len()
+    }
+
+    /// Replaces the lookup table, or adds to it.
+    pub fn load_lookup(&mut self, rows: Vec<LookupRow>, append: bool) {
+        if append {
+            self.lookup.extend(rows);
+        } else {
+            self.lookup = LookupTable::new(rows);
+        }
+    }
+
+    /// The expected execution time of a task of `model` on a TI with `hardware`.
+    /// The TI's hardware wins over a `hardware` named in the metadata.
+    pub fn predict(
+        &self,
+        mode: PredictMode,
+        model: &str,
+        hardware: Option<&str>,
+        metadata: &Map<String, Value>,
+    ) -> Prediction {
+        let hardware = hardware.or_else(|| metadata.get("hardware").and_then(Value::as_str));
+        if mode == PredictMode::LookupTable {
+            if let Some(p) = self.lookup_prediction(model, hardware, metadata) {
+                return p;
+            }
+            let mut p = self.default_chain(model, hardware, metadata, false);
+            p.lookup_fallback = true;
+            return p;
+        }
+        self.default_chain(model, hardware, metadata, true)
+    }
+
+    fn default_chain(
+        &self,
+        model: &str,
+        hardware: Option<&str>,
+        metadata: &Map<String, Value>,
+        ask_lookup: bool,
+    ) -> Prediction {
+        let prediction = |mean_ms: f64, error_ms: f64, source| Prediction {
+            mean_ms,
+            error_ms,
+            source,
+            lookup_fallback: false,
+        };
+        let hint = ["expected_ms", "server_time_cost"]
+            .iter()
+            .find_map(|k| metadata.get(*k).and_then(Value::as_f64))
+            .filter(|x| x.is_finite() && *x >= 0.0);
+        if let Some(mean) = hint {
+            let error = metadata
+                .get("expected_error_ms")
+                .and_then(Value::as_f64)
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .unwrap_or(mean * HINT_RELATIVE_ERROR);
+            return prediction(mean, error, PredictionSource::MetadataHint);
+        }
+        if ask_lookup {
+            if let Some(p) = self.lookup_prediction(model, hardware, metadata) {
+                return p;
+            }
+        }
+        let running = hardware
+            .and_then(|hw| self.stats.get(&(model.to_string(), hw.to_string())))
+            .or_else(|| self.stats.get(&(model.to_string(), String::new())))
+            .filter(|s| s.n > 0);
+        if let Some(s) = running {
+            let error = if s.n > 1 {
+                (s.m2 / (s.n - 1) as f64).sqrt()
+            } else {
+                // One observation says nothing of the spread; assume the prior's
+                // relative error.
+                s.mean_ms * self.prior_error_ms / self.prior_ms.max(f64::EPSILON)
+            };
+            return prediction(s.mean_ms, error, PredictionSource::RunningMean);
+        }
+        prediction(self.prior_ms, self.prior_error_ms, PredictionSource::Prior)
+    }
+
+    fn lookup_prediction(
+        &self,
+        model: &str,
+        hardware: Option<&str>,
+        metadata: &Map<String, Value>,
+    ) -> Option<Prediction> {
+        self.lookup
+            .find(model, hardware, metadata)
+            .map(|row| Prediction {
+                mean_ms: row.expect_ms,
+                error_ms: row.error_ms,
+                source: PredictionSource::LookupTable,
+                lookup_fallback: false,
+            })
+    }
+
+    /// Learns from an actual execution time. Returns the statistics rows it changed, for
+    /// the caller to persist with the completion.
+    pub fn observe(
+        &mut self,
+        model: &str,
+        hardware: Option<&str>,
+        execution_ms: f64,
+    ) -> Vec<ExecutionStats> {
+        if !execution_ms.is_finite() || execution_ms < 0.0 {
+            return Vec::new();
+        }
+        let mut keys = vec![String::new()];
+        keys.extend(hardware.map(str::to_string));
+        keys.into_iter()
+            .map(|hw| {
+                let s = self
+                    .stats
+                    .entry((model.to_string(), hw.clone()))
+                    .or_insert_with(|| ExecutionStats {
+                        model_name: model.to_string(),
+                        hardware: hw,
+                        ..ExecutionStats::default()
+                    });
+                s.n += 1;
+                let delta = execution_ms - s.mean_ms;
+                s.mean_ms += delta / s.n as f64;
+                s.m2 += delta * (execution_ms - s.mean_ms);
+                s.clone()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn meta(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    fn table() -> Vec<LookupRow> {
+        parse_csv(include_str!("../../tests/data/lookup.csv")).unwrap()
+    }
+
+    #[test]
+    fn the_fallback_chain_goes_hint_then_lookup_then_running_mean_then_prior() {
+        let mut p = Predictor::new(1000.0, 500.0, Vec::new(), Vec::new());
+        let m = meta(json!({"input_tokens": 128, "output_tokens": 64}));
+        let source = |p: &Predictor, m: &Map<String, Value>| {
+            p.predict(PredictMode::Default, "llama-7b", Some("A100"), m)
+                .source
+        };
+        assert_eq!(source(&p, &m), PredictionSource::Prior);
+        p.observe("llama-7b", Some("A100"), 300.0);
+        assert_eq!(source(&p, &m), PredictionSource::RunningMean);
+        p.load_lookup(table(), false);
+        assert_eq!(source(&p, &m), PredictionSource::LookupTable);
+        let hinted = meta(json!({"input_tokens": 128, "expected_ms": 42.0}));
+        let hint = p.predict(PredictMode::Default, "llama-7b", Some("A100"), &hinted);
+        assert_eq!(hint.source, PredictionSource::MetadataHint);
+        assert_eq!(hint.mean_ms, 42.0);
+    }
+
+    #[test]
+    fn lookup_mode_asks_the_table_first_and_records_a_miss() {
+        let p = Predictor::new(1000.0, 500.0, table(), Vec::new());
+        let hinted = meta(json!({"input_tokens": 128, "output_tokens": 64, "expected_ms": 42.0}));
+        let hit = p.predict(PredictMode::LookupTable, "llama-7b", Some("A100"), &hinted);
+        assert_eq!(
+            (hit.source, hit.mean_ms, hit.lookup_fallback),
+            (PredictionSource::LookupTable, 820.5, false)
+        );
+        let miss = p.predict(PredictMode::LookupTable, "other", None, &hinted);
+        assert_eq!(
+            (miss.source, miss.lookup_fallback),
+            (PredictionSource::MetadataHint, true)
+        );
+    }
+
+    #[test]
+    fn running_statistics_follow_welford() {
+        let mut p = Predictor::new(1000.0, 500.0, Vec::new(), Vec::new());
+        for x in [100.0, 200.0, 300.0] {
+            p.observe("m", Some("A100"), x);
+        }
+        let changed = p.observe("m", None, 400.0);
+        assert_eq!(changed.len(), 1);
+        let on_a100 = p.predict(PredictMode::Default, "m", Some("A100"), &Map::new());
+        assert_eq!(on_a100.mean_ms, 200.0);
+        assert!((on_a100.error_ms - 100.0).abs() < 1e-9);
+        let anywhere = p.predict(PredictMode::Default, "m", Some("T4"), &Map::new());
+        assert_eq!(anywhere.mean_ms, 250.0);
+    }
+}

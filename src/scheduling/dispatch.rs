@@ -1,0 +1,759 @@
+//! Getting tasks to TIs and results back.
+//!
+//! After a submit commits, each task is *driven*: dispatched to its TI (bounded
+//! concurrency per TI, retries with backoff); on final failure the TI is marked unhealthy
+//! and the task re-routed to another TI of the model (a new decision), or left `queued`
+//! with no TI until one is usable. Results arrive by callback ([`Scheduler::accept_result`])
+//! or by reconciliation (`GET /results/{id}` on the TI).
+//!
+//! Two background loops keep this honest: health probes (an unhealthy TI gets no tasks;
+//! after `reroute_after_failed_probes` failures its tasks move elsewhere; a recovered TI
+//! is used again) and the sweep, which re-reads the unfinished tasks from the database and
+//! drives what nobody is driving: queued tasks (after a restart or a failed write),
+//! tasks waiting for a TI, and scheduled tasks whose callback is overdue. At start-up the
+//! sweep reconciles every scheduled task at once.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use super::{Error, Scheduler};
+use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid};
+use crate::store::{Completion, DecisionReason, DecisionRepo, StatsRepo, TaskRepo, UnfinishedTask};
+use crate::ti::protocol::{DispatchRequest, ResultCallback, TiTaskStatus};
+
+/// What a dispatcher needs of a task.
+#[derive(Debug)]
+pub(super) struct Payload {
+    pub(super) model: String,
+    pub(super) task_input: Box<RawValue>,
+    pub(super) metadata_raw: Box<RawValue>,
+    pub(super) metadata: Map<String, Value>,
+}
+
+impl Payload {
+    /// From the stored JSON texts.
+    pub(super) fn from_stored(
+        model: String,
+        task_input: String,
+        metadata: String,
+    ) -> Result<Self, String> {
+        let parsed: Map<String, Value> =
+            serde_json::from_str(&metadata).map_err(|e| format!("stored metadata: {e}"))?;
+        Ok(Self {
+            model,
+            task_input: RawValue::from_string(task_input)
+                .map_err(|e| format!("stored task_input: {e}"))?,
+            metadata_raw: RawValue::from_string(metadata)
+                .map_err(|e| format!("stored metadata: {e}"))?,
+            metadata: parsed,
+        })
+    }
+}
+
+/// The next thing to do for a task being driven.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Step {
+    /// Send it to this TI.
+    Dispatch(TiUuid),
+    /// Choose another TI.
+    Reroute,
+}
+
+enum Sent {
+    /// The TI accepted it, or it needs nothing more (completed, shutting down).
+    Done,
+    /// The TI is not usable (removed or unhealthy): choose another.
+    Unusable,
+    /// Every attempt failed: the TI is unhealthy.
+    Failed,
+}
+
+/// One entry of `ti.allowed_hosts`.
+#[derive(Debug, Clone)]
+pub(super) enum HostRule {
+    /// A host name, matched exactly (case-insensitive).
+    Name(String),
+    /// An address or network.
+    Net(IpAddr, u8),
+}
+
+impl HostRule {
+    /// Parses `name`, `address` or `address/prefix`.
+    pub(super) fn parse(rule: &str) -> Result<Self, String> {
+        let rule = rule.trim();
+        let bad = || format!("ti.allowed_hosts: '{rule}' is not a host name, address or network");
+        if let Some((addr, prefix)) = rule.split_once('/') {
+            let ip: IpAddr = addr.parse().map_err(|_| bad())?;
+            let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            if prefix > max {
+                return Err(bad());
+            }
+            return Ok(Self::Net(ip, prefix));
+        }
+        if let Ok(ip) = rule.parse::<IpAddr>() {
+            let full = if ip.is_ipv4() { 32 } else { 128 };
+            return Ok(Self::Net(ip, full));
+        }
+        if rule.is_empty() {
+            return Err(bad());
+        }
+        Ok(Self::Name(rule.to_ascii_lowercase()))
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let Self::Net(net, prefix) = self else {
+            return false;
+        };
+        match (net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(*prefix)).unwrap_or(0);
+                u32::from(*n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(*prefix)).unwrap_or(0);
+                u128::from(*n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// True if `host` is named by a rule, or is (or resolves to) an address inside one.
+pub(super) async fn host_allowed(rules: &[HostRule], host: &str) -> bool {
+    let name = host.to_ascii_lowercase();
+    if rules
+        .iter()
+        .any(|r| matches!(r, HostRule::Name(n) if *n == name))
+    {
+        return true;
+    }
+    let addrs: Vec<IpAddr> = match host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        Ok(ip) => vec![ip],
+        Err(_) => match tokio::net::lookup_host((host, 0)).await {
+            Ok(found) => found.map(|a| a.ip()).collect(),
+            Err(_) => Vec::new(),
+        },
+    };
+    !addrs.is_empty() && addrs.iter().all(|ip| rules.iter().any(|r| r.contains(*ip)))
+}
+
+/// Compares secrets in time independent of where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+impl Scheduler {
+    /// Starts driving a task unless someone already is.
+    pub(super) fn spawn_drive(&self, task_id: TaskId, step: Step, payload: Arc<Payload>) {
+        if !self.begin_flight(&task_id) {
+            return;
+        }
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            this.drive(&task_id, step, &payload).await;
+            this.end_flight(&task_id);
+        });
+    }
+
+    /// Re-routes a task whose TI went away, reading it back from the database.
+    pub(super) fn spawn_reroute(&self, task_id: TaskId) {
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            match TaskRepo::find_unfinished(&this.inner.db.read, &task_id).await {
+                Ok(Some(task)) => {
+                    match Payload::from_stored(task.model_name, task.task_input, task.metadata) {
+                        Ok(p) => this.spawn_drive(task_id, Step::Reroute, Arc::new(p)),
+                        Err(e) => {
+                            tracing::error!(task_id = %task_id, error = %e, "cannot re-route")
+                        }
+                    }
+                }
+                Ok(None) => {
+                    this.state().release(&task_id);
+                }
+                Err(e) => {
+                    tracing::error!(task_id = %task_id, error = ?e, "cannot read task to re-route")
+                }
+            }
+        });
+    }
+
+    fn begin_flight(&self, task_id: &TaskId) -> bool {
+        let mut set = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.insert(task_id.clone())
+    }
+
+    fn end_flight(&self, task_id: &TaskId) {
+        let mut set = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.remove(task_id);
+    }
+
+    fn is_in_flight(&self, task_id: &TaskId) -> bool {
+        let set = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.contains(task_id)
+    }
+
+    async fn drive(&self, task_id: &TaskId, mut step: Step, payload: &Payload) {
+        loop {
+            step = match step {
+                Step::Dispatch(ti) => match self.send(task_id, ti, payload).await {
+                    Sent::Done => return,
+                    Sent::Unusable => Step::Reroute,
+                    Sent::Failed => {
+                        self.mark_unhealthy(ti);
+                        Step::Reroute
+                    }
+                },
+                Step::Reroute => match self.reroute(task_id, payload).await {
+                    Some(ti) => Step::Dispatch(ti),
+                    None => return,
+                },
+            };
+        }
+    }
+
+    fn mark_unhealthy(&self, ti: TiUuid) {
+        if let Some(entry) = self.state().tis.get_mut(&ti) {
+            if entry.healthy {
+                tracing::warn!(ti = %ti, "TI marked unhealthy after failed dispatches");
+            }
+            entry.healthy = false;
+        }
+    }
+
+    /// Sends the task to `ti` with retries.
+    async fn send(&self, task_id: &TaskId, ti: TiUuid, payload: &Payload) -> Sent {
+        let target = {
+            let st = self.state();
+            st.tis.get(&ti).filter(|e| e.usable()).map(|e| {
+                (
+                    e.ti.host.clone(),
+                    e.ti.port,
+                    e.ti.callback_token.clone(),
+                    e.dispatch_slots.clone(),
+                )
+            })
+        };
+        let Some((host, port, token, slots)) = target else {
+            return Sent::Unusable;
+        };
+        let Ok(_permit) = slots.acquire_owned().await else {
+            return Sent::Unusable;
+        };
+        let request = DispatchRequest {
+            task_id: task_id.as_str(),
+            ti_uuid: ti.to_string(),
+            model_name: &payload.model,
+            task_input: &payload.task_input,
+            metadata: &payload.metadata_raw,
+            callback_url: &self.inner.settings.callback_url,
+            callback_token: &token,
+        };
+        let settings = &self.inner.settings.ti;
+        let mut backoff = Duration::from_millis(settings.retry_backoff_ms);
+        for attempt in 1..=settings.dispatch_attempts.max(1) {
+            match self.inner.client.dispatch(&host, port, &request).await {
+                Ok(()) => {
+                    self.note_accepted(task_id, ti).await;
+                    return Sent::Done;
+                }
+                Err(e) => {
+                    metrics::counter!("ti_scheduler_dispatch_failures_total").increment(1);
+                    tracing::warn!(task_id = %task_id, ti = %ti, attempt, error = %e, "dispatch failed");
+                }
+            }
+            if attempt < settings.dispatch_attempts {
+                metrics::counter!("ti_scheduler_dispatch_retries_total").increment(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    // Left `queued`: the next start-up dispatches it again.
+                    _ = self.inner.shutdown.cancelled() => return Sent::Done,
+                }
+                backoff *= 2;
+            }
+        }
+        Sent::Failed
+    }
+
+    async fn note_accepted(&self, task_id: &TaskId, ti: TiUuid) {
+        let id = task_id.clone();
+        let at = unix_now();
+        let marked = self
+            .inner
+            .db
+            .writer
+            .run(move |conn| {
+                Box::pin(async move { TaskRepo::mark_scheduled(conn, &id, ti, at).await })
+            })
+            .await;
+        match marked {
+            Ok(true) => self.state().mark_started(task_id, ti, Instant::now()),
+            // Completed already (a fast TI called back first) or re-routed meanwhile.
+            Ok(false) => {}
+            // The TI has it; the sweep will send it again and the TI dedupes.
+            Err(e) => {
+                tracing::error!(task_id = %task_id, error = ?e, "storing the dispatch failed")
+            }
+        }
+    }
+
+    /// Chooses a new TI for an unfinished task and stores the decision. Returns the TI to
+    /// dispatch to, or `None` if the task completed meanwhile or no TI is usable (it then
+    /// waits, `queued`, for the sweep).
+    async fn reroute(&self, task_id: &TaskId, payload: &Payload) -> Option<TiUuid> {
+        let (decision, mean, error) = {
+            let mut st = self.state();
+            st.release(task_id);
+            let decision = st.decide(
+                task_id,
+                &payload.model,
+                &payload.metadata,
+                DecisionReason::Reroute,
+                Instant::now(),
+                unix_now(),
+            );
+            let (mean, error) = match &decision {
+                Some(d) => (d.predicted_ms, d.predicted_error_ms),
+                None => {
+                    let p = st.predictor.predict(
+                        st.predict_mode,
+                        &payload.model,
+                        None,
+                        &payload.metadata,
+                    );
+                    (p.mean_ms, p.error_ms)
+                }
+            };
+            (decision, mean, error)
+        };
+        let chosen = decision.as_ref().map(|d| d.chosen_ti);
+        let id = task_id.clone();
+        let moved = self
+            .inner
+            .db
+            .writer
+            .run(move |conn| {
+                Box::pin(async move {
+                    let moved = TaskRepo::reassign(conn, &id, chosen, mean, error).await?;
+                    if let (true, Some(d)) = (moved, &decision) {
+                        DecisionRepo::insert(conn, d).await?;
+                    }
+                    Ok(moved)
+                })
+            })
+            .await;
+        match moved {
+            Ok(true) => {
+                match chosen {
+                    Some(ti) => tracing::info!(task_id = %task_id, ti = %ti, "task re-routed"),
+                    None => {
+                        tracing::warn!(task_id = %task_id, model = %payload.model, "no usable TI; task waits")
+                    }
+                }
+                chosen
+            }
+            Ok(false) => {
+                self.state().release(task_id);
+                None
+            }
+            Err(e) => {
+                self.state().release(task_id);
+                tracing::error!(task_id = %task_id, error = ?e, "storing the re-route failed; the sweep retries");
+                None
+            }
+        }
+    }
+
+    /// The TI's callback (`POST /result/submit`).
+    pub async fn accept_result(&self, callback: ResultCallback) -> Result<(), Error> {
+        let task_id = TaskId::from_stored(callback.task_id.clone());
+        let task = self
+            .task(&task_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("task '{}' not found", callback.task_id)))?;
+        let forbidden = || {
+            Error::Forbidden(format!(
+                "ti_uuid '{}' with this callback_token is not a TaskInstance that task '{}' was dispatched to",
+                callback.ti_uuid, callback.task_id
+            ))
+        };
+        let ti: TiUuid = callback.ti_uuid.parse().map_err(|_| forbidden())?;
+        let token_ok = self
+            .state()
+            .tis
+            .get(&ti)
+            .is_some_and(|e| same_secret(&e.ti.callback_token, &callback.callback_token));
+        if !token_ok || !DecisionRepo::was_chosen(&self.inner.db.read, &task_id, ti).await? {
+            return Err(forbidden());
+        }
+        if task.status == TaskStatus::Completed {
+            return Ok(());
+        }
+        if !callback.execution_time.is_finite() || callback.execution_time < 0.0 {
+            return Err(Error::Invalid(format!(
+                "execution_time must be a non-negative number of ms, got {}",
+                callback.execution_time
+            )));
+        }
+        self.complete(
+            &task_id,
+            &task.model_name,
+            ti,
+            callback.execution_time,
+            callback.result,
+            callback.error,
+        )
+        .await
+    }
+
+    /// Stores a task's outcome (the first one wins) and takes its prediction off its TI.
+    async fn complete(
+        &self,
+        task_id: &TaskId,
+        model: &str,
+        ti: TiUuid,
+        execution_ms: f64,
+        result: Option<Value>,
+        error: Option<String>,
+    ) -> Result<(), Error> {
+        let (result, outcome) = match error {
+            Some(e) => (serde_json::json!({ "error": e }), Outcome::Failed),
+            None => (result.unwrap_or(Value::Null), Outcome::Succeeded),
+        };
+        let completion = Completion {
+            result,
+            outcome,
+            execution_time_ms: execution_ms,
+            completion_time: unix_now(),
+        };
+        let hardware = self
+            .state()
+            .tis
+            .get(&ti)
+            .and_then(|e| e.ti.hardware.clone());
+        let id = task_id.clone();
+        let model = model.to_string();
+        let this = self.clone();
+        let applied = self
+            .inner
+            .db
+            .writer
+            .run(move |conn| {
+                Box::pin(async move {
+                    let applied = TaskRepo::mark_completed(conn, &id, &completion).await?;
+                    if applied && outcome == Outcome::Succeeded {
+                        // Inside the writer, so observations are applied in commit order.
+                        let changed = this.state().predictor.observe(
+                            &model,
+                            hardware.as_deref(),
+                            execution_ms,
+                        );
+                        for stats in &changed {
+                            StatsRepo::save(conn, stats).await?;
+                        }
+                    }
+                    Ok(applied)
+                })
+            })
+            .await?;
+        if applied {
+            self.state().release(task_id);
+            let label = match outcome {
+                Outcome::Succeeded => "ti_scheduler_completions_total",
+                Outcome::Failed => "ti_scheduler_failures_total",
+            };
+            metrics::counter!(label).increment(1);
+        }
+        Ok(())
+    }
+
+    /// Asks the TI what became of a scheduled task and acts on the answer.
+    async fn reconcile(&self, task: UnfinishedTask, ti: TiUuid) {
+        let target = {
+            let st = self.state();
+            st.tis.get(&ti).map(|e| (e.ti.host.clone(), e.ti.port))
+        };
+        let Some((host, port)) = target else { return };
+        match self
+            .inner
+            .client
+            .task_report(&host, port, task.task_id.as_str())
+            .await
+        {
+            Ok(Some(report)) => match report.status {
+                TiTaskStatus::Completed | TiTaskStatus::Failed => {
+                    let error = (report.status == TiTaskStatus::Failed).then(|| {
+                        report
+                            .error
+                            .unwrap_or_else(|| "the TI reported the task failed".into())
+                    });
+                    let exec = report.execution_time.unwrap_or(0.0);
+                    if let Err(e) = self
+                        .complete(
+                            &task.task_id,
+                            &task.model_name,
+                            ti,
+                            exec,
+                            report.result,
+                            error,
+                        )
+                        .await
+                    {
+                        tracing::error!(task_id = %task.task_id, error = ?e, "storing a reconciled result failed");
+                    } else {
+                        tracing::info!(task_id = %task.task_id, ti = %ti, "result recovered by reconciliation");
+                    }
+                }
+                TiTaskStatus::Queued | TiTaskStatus::Running => {}
+            },
+            Ok(None) => {
+                // The TI never saw it (it restarted, or the dispatch was lost): send again.
+                tracing::info!(task_id = %task.task_id, ti = %ti, "TI does not know the task; dispatching again");
+                match Payload::from_stored(task.model_name, task.task_input, task.metadata) {
+                    Ok(p) => self.spawn_drive(task.task_id, Step::Dispatch(ti), Arc::new(p)),
+                    Err(e) => tracing::error!(error = %e, "cannot dispatch again"),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(task_id = %task.task_id, ti = %ti, error = %e, "reconciliation failed; the health probe decides");
+            }
+        }
+    }
+
+    /// One pass over the unfinished tasks: drives what nobody drives. With
+    /// `reconcile_all`, every scheduled task is checked with its TI (start-up); otherwise
+    /// only those whose callback is overdue.
+    pub async fn sweep(&self, reconcile_all: bool) -> Result<SweepReport, Error> {
+        let tasks = TaskRepo::unfinished(&self.inner.db.read).await?;
+        let overdue_before = if reconcile_all {
+            f64::INFINITY
+        } else {
+            unix_now() - self.inner.settings.ti.reconcile_after_ms as f64 / 1000.0
+        };
+        let mut report = SweepReport::default();
+        for task in tasks {
+            if self.is_in_flight(&task.task_id) {
+                continue;
+            }
+            let (usable_ti, model_usable) = {
+                let st = self.state();
+                let usable = |id: &TiUuid| st.tis.get(id).is_some_and(|e| e.usable());
+                (
+                    task.ti_uuid.filter(|id| usable(id)),
+                    st.models
+                        .get(&task.model_name)
+                        .is_some_and(|ids| ids.iter().any(usable)),
+                )
+            };
+            match (task.status, task.ti_uuid) {
+                (TaskStatus::Queued, _) if usable_ti.is_some() || model_usable => {
+                    let step = usable_ti.map_or(Step::Reroute, Step::Dispatch);
+                    match Payload::from_stored(task.model_name, task.task_input, task.metadata) {
+                        Ok(p) => {
+                            report.dispatched += 1;
+                            self.spawn_drive(task.task_id, step, Arc::new(p));
+                        }
+                        Err(e) => {
+                            tracing::error!(task_id = %task.task_id, error = %e, "cannot dispatch")
+                        }
+                    }
+                }
+                (TaskStatus::Queued, _) => report.waiting += 1,
+                (TaskStatus::Scheduled, Some(ti))
+                    if task.dispatch_time.is_some_and(|t| t < overdue_before) =>
+                {
+                    report.reconciled += 1;
+                    let id = task.task_id.clone();
+                    if self.begin_flight(&id) {
+                        let this = self.clone();
+                        self.inner.tracker.spawn(async move {
+                            this.reconcile(task, ti).await;
+                            this.end_flight(&id);
+                        });
+                    }
+                }
+                _ => report.running += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs [`Scheduler::sweep`] in the background.
+    pub(super) fn spawn_sweep(&self) {
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            if let Err(e) = this.sweep(false).await {
+                tracing::error!(error = ?e, "sweep failed");
+            }
+        });
+    }
+
+    /// Probes every registered TI once; re-routes the tasks of TIs that failed too many
+    /// probes in a row. Returns how many TIs are healthy.
+    pub async fn probe_health(&self) -> usize {
+        let targets: Vec<(TiUuid, String, u16)> = {
+            let st = self.state();
+            st.tis
+                .values()
+                .filter(|e| e.ti.removed_at.is_none())
+                .map(|e| (e.ti.ti_uuid, e.ti.host.clone(), e.ti.port))
+                .collect()
+        };
+        let probes = targets.into_iter().map(|(id, host, port)| {
+            let client = self.inner.client.clone();
+            async move { (id, client.health(&host, port).await) }
+        });
+        let results = futures::future::join_all(probes).await;
+        let threshold = self.inner.settings.ti.reroute_after_failed_probes.max(1);
+        let mut recovered = false;
+        let mut dead = Vec::new();
+        let mut healthy = 0;
+        {
+            let mut st = self.state();
+            for (id, result) in results {
+                let Some(entry) = st.tis.get_mut(&id) else {
+                    continue;
+                };
+                match result {
+                    Ok(()) => {
+                        healthy += 1;
+                        if !entry.healthy {
+                            tracing::info!(ti = %id, "TI healthy again");
+                            recovered = true;
+                        }
+                        entry.healthy = true;
+                        entry.failed_probes = 0;
+                    }
+                    Err(e) => {
+                        if entry.healthy {
+                            tracing::warn!(ti = %id, error = %e, "TI failed its health probe");
+                        }
+                        entry.healthy = false;
+                        entry.failed_probes += 1;
+                        if entry.failed_probes == threshold {
+                            dead.extend(entry.queue.task_ids().cloned());
+                        }
+                    }
+                }
+            }
+        }
+        for task_id in dead {
+            self.spawn_reroute(task_id);
+        }
+        if recovered {
+            self.spawn_sweep();
+        }
+        healthy
+    }
+
+    /// Starts the health-probe and sweep loops, and a first sweep that reconciles every
+    /// scheduled task with its TI (start-up recovery).
+    pub fn start_background(&self) {
+        let interval = Duration::from_millis(self.inner.settings.ti.health_interval_ms.max(10));
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            let started = std::time::Instant::now();
+            match this.sweep(true).await {
+                Ok(r) => tracing::info!(
+                    dispatched = r.dispatched,
+                    reconciled = r.reconciled,
+                    waiting = r.waiting,
+                    running = r.running,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "recovery sweep done"
+                ),
+                Err(e) => tracing::error!(error = ?e, "recovery sweep failed"),
+            }
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                tokio::select! {
+                    _ = ticks.tick() => {}
+                    _ = this.inner.shutdown.cancelled() => return,
+                }
+                this.probe_health().await;
+                if let Err(e) = this.sweep(false).await {
+                    tracing::error!(error = ?e, "sweep failed");
+                }
+            }
+        });
+    }
+
+    /// Stops the background work and waits (a little) for dispatches under way. Tasks left
+    /// `queued` are dispatched again at the next start.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "background work still running at shutdown; it resumes at the next start"
+            );
+        }
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SweepReport {
+    /// Queued tasks sent to a TI (or re-routed).
+    pub dispatched: usize,
+    /// Scheduled tasks checked with their TI.
+    pub reconciled: usize,
+    /// Queued tasks with no usable TI.
+    pub waiting: usize,
+    /// Scheduled tasks left alone.
+    pub running: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn allow_list_matches_names_addresses_and_networks() {
+        let rules: Vec<HostRule> = ["localhost", "10.1.0.0/16", "::1"]
+            .iter()
+            .map(|r| HostRule::parse(r).unwrap())
+            .collect();
+        assert!(host_allowed(&rules, "LOCALHOST").await);
+        assert!(host_allowed(&rules, "10.1.200.3").await);
+        assert!(!host_allowed(&rules, "10.2.0.1").await);
+        assert!(host_allowed(&rules, "::1").await);
+        assert!(!host_allowed(&rules, "127.0.0.2").await);
+        assert!(HostRule::parse("10.0.0.0/33").is_err());
+        assert!(HostRule::parse("").is_err());
+    }
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "abcd"));
+    }
+}

@@ -1,0 +1,125 @@
+//! The `decisions` table: one row per choice of a TI for a task, with every candidate.
+
+use serde::Serialize;
+use sqlx::{SqliteConnection, SqliteExecutor};
+
+use super::StoreError;
+use crate::domain::{TaskId, TiUuid};
+
+/// Repository of scheduling decisions.
+pub struct DecisionRepo;
+
+/// Why a decision was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionReason {
+    /// The task was submitted.
+    Submit,
+    /// Its TI failed or went away and it was moved.
+    Reroute,
+}
+
+impl DecisionReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Submit => "submit",
+            Self::Reroute => "reroute",
+        }
+    }
+}
+
+/// A TI that was considered, with the estimates it had at that moment.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Candidate {
+    /// The TI.
+    pub ti_uuid: TiUuid,
+    /// Its expected wait, ms.
+    pub wait_ms: f64,
+    /// The error of that wait, ms.
+    pub wait_error_ms: f64,
+    /// Tasks dispatched to it and not completed.
+    pub queue_length: usize,
+    /// This task's predicted execution time there, ms.
+    pub predicted_ms: f64,
+    /// The error of that prediction, ms.
+    pub predicted_error_ms: f64,
+    /// Which predictor gave it.
+    pub prediction_source: &'static str,
+    /// The strategy's score (lower is better; for round_robin the position in the cycle).
+    pub score: f64,
+}
+
+/// A decision about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewDecision {
+    /// The task.
+    pub task_id: TaskId,
+    /// Unix seconds.
+    pub decided_at: f64,
+    /// Why.
+    pub reason: DecisionReason,
+    /// Strategy name.
+    pub strategy: &'static str,
+    /// Predict mode name.
+    pub predict_mode: &'static str,
+    /// Prediction on the chosen TI, ms.
+    pub predicted_ms: f64,
+    /// Its error, ms.
+    pub predicted_error_ms: f64,
+    /// Which predictor gave it.
+    pub prediction_source: &'static str,
+    /// lookup_table mode found no row and the default chain answered.
+    pub lookup_fallback: bool,
+    /// The TI chosen.
+    pub chosen_ti: TiUuid,
+    /// Every TI considered.
+    pub candidates: Vec<Candidate>,
+}
+
+impl DecisionRepo {
+    /// Stores a decision.
+    pub async fn insert(conn: &mut SqliteConnection, d: &NewDecision) -> Result<(), StoreError> {
+        let task_id = d.task_id.as_str();
+        let reason = d.reason.as_str();
+        let chosen = d.chosen_ti.to_string();
+        let candidates = serde_json::to_string(&d.candidates)
+            .map_err(|e| StoreError::Corrupt(format!("candidates: {e}")))?;
+        sqlx::query!(
+            "INSERT INTO decisions (task_id, decided_at, reason, strategy, predict_mode,
+                                    predicted_ms, predicted_error_ms, prediction_source,
+                                    lookup_fallback, chosen_ti, candidates)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            task_id,
+            d.decided_at,
+            reason,
+            d.strategy,
+            d.predict_mode,
+            d.predicted_ms,
+            d.predicted_error_ms,
+            d.prediction_source,
+            d.lookup_fallback,
+            chosen,
+            candidates
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// True if `ti` was ever chosen for the task (so its result callback is legitimate).
+    pub async fn was_chosen(
+        exec: impl SqliteExecutor<'_>,
+        task_id: &TaskId,
+        ti: TiUuid,
+    ) -> Result<bool, StoreError> {
+        let task_id = task_id.as_str();
+        let ti = ti.to_string();
+        let found = sqlx::query_scalar!(
+            r#"SELECT EXISTS (SELECT 1 FROM decisions WHERE task_id = ? AND chosen_ti = ?) AS "found!: bool""#,
+            task_id,
+            ti
+        )
+        .fetch_one(exec)
+        .await?;
+        Ok(found)
+    }
+}

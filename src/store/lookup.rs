@@ -1,0 +1,66 @@
+//! The `lookup_rows` table: the pre-computed predictions of lookup_table mode.
+
+use sqlx::{SqliteConnection, SqliteExecutor};
+
+use super::StoreError;
+use crate::predictor::LookupRow;
+
+/// Repository of lookup-table rows.
+pub struct LookupRepo;
+
+impl LookupRepo {
+    /// Every row, in import order.
+    pub async fn all(exec: impl SqliteExecutor<'_>) -> Result<Vec<LookupRow>, StoreError> {
+        let rows = sqlx::query!(
+            "SELECT model_name, hardware, features, expect_ms, error_ms, quantiles
+             FROM lookup_rows ORDER BY id"
+        )
+        .fetch_all(exec)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let corrupt =
+                    |e: serde_json::Error| StoreError::Corrupt(format!("lookup row: {e}"));
+                Ok(LookupRow {
+                    model_name: row.model_name,
+                    hardware: row.hardware,
+                    features: serde_json::from_str(&row.features).map_err(corrupt)?,
+                    expect_ms: row.expect_ms,
+                    error_ms: row.error_ms,
+                    quantiles: serde_json::from_str(&row.quantiles).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes every row.
+    pub async fn clear(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        sqlx::query!("DELETE FROM lookup_rows")
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Appends rows.
+    pub async fn insert(conn: &mut SqliteConnection, rows: &[LookupRow]) -> Result<(), StoreError> {
+        for row in rows {
+            let features = serde_json::to_string(&row.features)
+                .map_err(|e| StoreError::Corrupt(format!("features: {e}")))?;
+            let quantiles = serde_json::to_string(&row.quantiles)
+                .map_err(|e| StoreError::Corrupt(format!("quantiles: {e}")))?;
+            sqlx::query!(
+                "INSERT INTO lookup_rows (model_name, hardware, features, expect_ms, error_ms, quantiles)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+                row.model_name,
+                row.hardware,
+                features,
+                row.expect_ms,
+                row.error_ms,
+                quantiles
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,57 @@
+//! The `execution_stats` table: running mean and variance of actual execution times.
+
+use sqlx::{SqliteConnection, SqliteExecutor};
+
+use super::StoreError;
+
+/// Repository of execution statistics.
+pub struct StatsRepo;
+
+/// Welford's running statistics of one (model, hardware) pair; hardware `""` means any.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecutionStats {
+    /// Model name.
+    pub model_name: String,
+    /// Hardware, or `""` for all hardware together.
+    pub hardware: String,
+    /// Completions seen.
+    pub n: i64,
+    /// Mean execution time, ms.
+    pub mean_ms: f64,
+    /// Sum of squared deviations from the mean.
+    pub m2: f64,
+}
+
+impl StatsRepo {
+    /// Every row.
+    pub async fn all(exec: impl SqliteExecutor<'_>) -> Result<Vec<ExecutionStats>, StoreError> {
+        let rows = sqlx::query_as!(
+            ExecutionStats,
+            "SELECT model_name, hardware, n, mean_ms, m2 FROM execution_stats"
+        )
+        .fetch_all(exec)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Stores one row, replacing the previous values.
+    pub async fn save(
+        conn: &mut SqliteConnection,
+        stats: &ExecutionStats,
+    ) -> Result<(), StoreError> {
+        sqlx::query!(
+            "INSERT INTO execution_stats (model_name, hardware, n, mean_ms, m2)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (model_name, hardware) DO UPDATE SET
+                 n = excluded.n, mean_ms = excluded.mean_ms, m2 = excluded.m2",
+            stats.model_name,
+            stats.hardware,
+            stats.n,
+            stats.mean_ms,
+            stats.m2
+        )
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}

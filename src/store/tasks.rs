@@ -1,0 +1,350 @@
+//! The `tasks` table: every accepted task from submit to completion.
+
+use serde_json::Value;
+use sqlx::{SqliteConnection, SqliteExecutor};
+
+use super::StoreError;
+use crate::domain::{Outcome, TaskId, TaskStatus, TiUuid};
+
+/// Repository of tasks.
+pub struct TaskRepo;
+
+/// A task about to be committed by a submit.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// Its id.
+    pub task_id: TaskId,
+    /// The model it asks for.
+    pub model_name: String,
+    /// The client's input, as JSON text.
+    pub task_input: String,
+    /// The client's metadata, as JSON text (`{}` when none was given).
+    pub metadata: String,
+    /// The TI the strategy chose; `None` while no TI of the model is usable.
+    pub ti_uuid: Option<TiUuid>,
+    /// Predicted execution time on that TI, ms.
+    pub predicted_ms: f64,
+    /// Error of that prediction, ms.
+    pub predicted_error_ms: f64,
+    /// Unix seconds.
+    pub submit_time: f64,
+}
+
+/// A task as `/task/query` shows it.
+#[derive(Debug, Clone)]
+pub struct StoredTask {
+    /// Its id.
+    pub task_id: TaskId,
+    /// The model it asked for.
+    pub model_name: String,
+    /// Where it is in its life.
+    pub status: TaskStatus,
+    /// The TI currently chosen for it, if any.
+    pub ti_uuid: Option<TiUuid>,
+    /// Unix seconds.
+    pub submit_time: f64,
+    /// Unix seconds, once completed.
+    pub completion_time: Option<f64>,
+    /// As reported by the TI, ms.
+    pub execution_time_ms: Option<f64>,
+    /// The result (or `{"error": ...}`), until it expires.
+    pub result: Option<Value>,
+    /// How it ended, once completed.
+    pub outcome: Option<Outcome>,
+    /// True once the cleanup job cleared the result.
+    pub result_expired: bool,
+}
+
+/// An unfinished task, with what is needed to dispatch it again and rebuild the queue
+/// estimate of its TI.
+#[derive(Debug, Clone)]
+pub struct UnfinishedTask {
+    /// Its id.
+    pub task_id: TaskId,
+    /// The model it asks for.
+    pub model_name: String,
+    /// JSON text.
+    pub task_input: String,
+    /// JSON text.
+    pub metadata: String,
+    /// `queued` or `scheduled`.
+    pub status: TaskStatus,
+    /// The TI currently chosen for it, if any.
+    pub ti_uuid: Option<TiUuid>,
+    /// Prediction on that TI, ms.
+    pub predicted_ms: f64,
+    /// Its error, ms.
+    pub predicted_error_ms: f64,
+    /// When that TI accepted it (Unix seconds), if it did.
+    pub dispatch_time: Option<f64>,
+}
+
+/// What a TI reported for a finished task.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The result, or `{"error": ...}`.
+    pub result: Value,
+    /// Success or failure.
+    pub outcome: Outcome,
+    /// ms, as measured by the TI.
+    pub execution_time_ms: f64,
+    /// Unix seconds.
+    pub completion_time: f64,
+}
+
+fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
+    raw.map(|s| {
+        s.parse()
+            .map_err(|_| StoreError::Corrupt(format!("bad ti_uuid {s:?}")))
+    })
+    .transpose()
+}
+
+fn parse_status(raw: &str) -> Result<TaskStatus, StoreError> {
+    TaskStatus::from_stored(raw).ok_or_else(|| StoreError::Corrupt(format!("bad status {raw:?}")))
+}
+
+impl TaskRepo {
+    /// Reads from the table: proves the database is open and migrated.
+    pub async fn probe(exec: impl SqliteExecutor<'_>) -> Result<(), StoreError> {
+        sqlx::query_scalar!("SELECT COUNT(*) FROM (SELECT 1 FROM tasks LIMIT 1)")
+            .fetch_one(exec)
+            .await?;
+        Ok(())
+    }
+
+    /// Inserts a submitted task; returns false (changing nothing) if the id exists.
+    pub async fn insert_submitted(
+        conn: &mut SqliteConnection,
+        task: &NewTask,
+    ) -> Result<bool, StoreError> {
+        let task_id = task.task_id.as_str();
+        let ti = task.ti_uuid.map(|t| t.to_string());
+        let done = sqlx::query!(
+            "INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
+                                predicted_ms, predicted_error_ms, submit_time)
+             VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)
+             ON CONFLICT (task_id) DO NOTHING",
+            task_id,
+            task.model_name,
+            task.task_input,
+            task.metadata,
+            ti,
+            task.predicted_ms,
+            task.predicted_error_ms,
+            task.submit_time,
+        )
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The task with this id, if it exists.
+    pub async fn find(
+        exec: impl SqliteExecutor<'_>,
+        task_id: &TaskId,
+    ) -> Result<Option<StoredTask>, StoreError> {
+        let id = task_id.as_str();
+        let row = sqlx::query!(
+            r#"SELECT task_id, model_name, status, ti_uuid, submit_time, completion_time,
+                      execution_time_ms, result, outcome, result_expired AS "result_expired: bool"
+               FROM tasks WHERE task_id = ?"#,
+            id
+        )
+        .fetch_optional(exec)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let result = row
+            .result
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("result of {id}: {e}")))?;
+        let outcome = match row.outcome.as_deref() {
+            None => None,
+            Some("succeeded") => Some(Outcome::Succeeded),
+            Some("failed") => Some(Outcome::Failed),
+            Some(other) => return Err(StoreError::Corrupt(format!("bad outcome {other:?}"))),
+        };
+        Ok(Some(StoredTask {
+            task_id: TaskId::from_stored(row.task_id),
+            model_name: row.model_name,
+            status: parse_status(&row.status)?,
+            ti_uuid: parse_ti(row.ti_uuid)?,
+            submit_time: row.submit_time,
+            completion_time: row.completion_time,
+            execution_time_ms: row.execution_time_ms,
+            result,
+            outcome,
+            result_expired: row.result_expired,
+        }))
+    }
+
+    /// Records that `ti` accepted the task. Returns false if the task is no longer queued
+    /// for that TI (it completed already, or was re-routed meanwhile).
+    pub async fn mark_scheduled(
+        conn: &mut SqliteConnection,
+        task_id: &TaskId,
+        ti: TiUuid,
+        at: f64,
+    ) -> Result<bool, StoreError> {
+        let id = task_id.as_str();
+        let ti = ti.to_string();
+        let done = sqlx::query!(
+            "UPDATE tasks SET status = 'scheduled', dispatch_time = ?
+             WHERE task_id = ? AND status = 'queued' AND ti_uuid = ?",
+            at,
+            id,
+            ti
+        )
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Moves an unfinished task to another TI (or to none), back in `queued`.
+    /// Returns false if it had completed meanwhile.
+    pub async fn reassign(
+        conn: &mut SqliteConnection,
+        task_id: &TaskId,
+        ti: Option<TiUuid>,
+        predicted_ms: f64,
+        predicted_error_ms: f64,
+    ) -> Result<bool, StoreError> {
+        let id = task_id.as_str();
+        let ti = ti.map(|t| t.to_string());
+        let done = sqlx::query!(
+            "UPDATE tasks SET status = 'queued', ti_uuid = ?, dispatch_time = NULL,
+                              predicted_ms = ?, predicted_error_ms = ?
+             WHERE task_id = ? AND status <> 'completed'",
+            ti,
+            predicted_ms,
+            predicted_error_ms,
+            id
+        )
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Stores a task's result. Returns false (changing nothing) if it was already completed:
+    /// the first result wins.
+    pub async fn mark_completed(
+        conn: &mut SqliteConnection,
+        task_id: &TaskId,
+        done: &Completion,
+    ) -> Result<bool, StoreError> {
+        let id = task_id.as_str();
+        let result = done.result.to_string();
+        let outcome = done.outcome.as_str();
+        let updated = sqlx::query!(
+            "UPDATE tasks SET status = 'completed', result = ?, outcome = ?,
+                              execution_time_ms = ?, completion_time = ?
+             WHERE task_id = ? AND status <> 'completed'",
+            result,
+            outcome,
+            done.execution_time_ms,
+            done.completion_time,
+            id
+        )
+        .execute(conn)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Every task not yet completed, oldest first.
+    pub async fn unfinished(
+        exec: impl SqliteExecutor<'_>,
+    ) -> Result<Vec<UnfinishedTask>, StoreError> {
+        let rows = sqlx::query!(
+            "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
+                    predicted_ms, predicted_error_ms, dispatch_time
+             FROM tasks WHERE status <> 'completed' ORDER BY submit_time"
+        )
+        .fetch_all(exec)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(UnfinishedTask {
+                    task_id: TaskId::from_stored(row.task_id),
+                    model_name: row.model_name,
+                    task_input: row.task_input,
+                    metadata: row.metadata,
+                    status: parse_status(&row.status)?,
+                    ti_uuid: parse_ti(row.ti_uuid)?,
+                    predicted_ms: row.predicted_ms,
+                    predicted_error_ms: row.predicted_error_ms,
+                    dispatch_time: row.dispatch_time,
+                })
+            })
+            .collect()
+    }
+
+    /// One unfinished task, to dispatch it again.
+    pub async fn find_unfinished(
+        exec: impl SqliteExecutor<'_>,
+        task_id: &TaskId,
+    ) -> Result<Option<UnfinishedTask>, StoreError> {
+        let id = task_id.as_str();
+        let row = sqlx::query!(
+            "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
+                    predicted_ms, predicted_error_ms, dispatch_time
+             FROM tasks WHERE task_id = ? AND status <> 'completed'",
+            id
+        )
+        .fetch_optional(exec)
+        .await?;
+        row.map(|row| {
+            Ok(UnfinishedTask {
+                task_id: TaskId::from_stored(row.task_id),
+                model_name: row.model_name,
+                task_input: row.task_input,
+                metadata: row.metadata,
+                status: parse_status(&row.status)?,
+                ti_uuid: parse_ti(row.ti_uuid)?,
+                predicted_ms: row.predicted_ms,
+                predicted_error_ms: row.predicted_error_ms,
+                dispatch_time: row.dispatch_time,
+            })
+        })
+        .transpose()
+    }
+
+    /// Clears the results of up to `limit` tasks completed before `before` (Unix seconds).
+    pub async fn expire_results(
+        conn: &mut SqliteConnection,
+        before: f64,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query!(
+            "UPDATE tasks SET result = NULL, result_expired = 1
+             WHERE task_id IN (SELECT task_id FROM tasks
+                               WHERE status = 'completed' AND completion_time < ?
+                                 AND result_expired = 0
+                               LIMIT ?)",
+            before,
+            limit
+        )
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Deletes up to `limit` tasks completed before `before` (their decisions go with them).
+    pub async fn purge_completed(
+        conn: &mut SqliteConnection,
+        before: f64,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query!(
+            "DELETE FROM tasks
+             WHERE task_id IN (SELECT task_id FROM tasks
+                               WHERE status = 'completed' AND completion_time < ?
+                               LIMIT ?)",
+            before,
+            limit
+        )
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected())
+    }
+}

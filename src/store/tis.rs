@@ -1,0 +1,128 @@
+//! The `task_instances` table: every TI ever registered, removed ones included.
+
+use sqlx::{SqliteConnection, SqliteExecutor};
+
+use super::StoreError;
+use crate::domain::TiUuid;
+
+/// Repository of Task Instances.
+pub struct TiRepo;
+
+/// A TI as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTi {
+    /// Its id.
+    pub ti_uuid: TiUuid,
+    /// Host it serves on.
+    pub host: String,
+    /// Port it serves on.
+    pub port: u16,
+    /// The model it serves.
+    pub model_name: String,
+    /// Its hardware, when it reported one.
+    pub hardware: Option<String>,
+    /// Secret it must echo in result callbacks.
+    pub callback_token: String,
+    /// Unix seconds.
+    pub registered_at: f64,
+    /// Unix seconds; `None` while registered.
+    pub removed_at: Option<f64>,
+}
+
+struct TiRow {
+    ti_uuid: String,
+    host: String,
+    port: i64,
+    model_name: String,
+    hardware: Option<String>,
+    callback_token: String,
+    registered_at: f64,
+    removed_at: Option<f64>,
+}
+
+impl TryFrom<TiRow> for StoredTi {
+    type Error = StoreError;
+
+    fn try_from(row: TiRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            ti_uuid: row
+                .ti_uuid
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("bad ti_uuid {:?}", row.ti_uuid)))?,
+            port: u16::try_from(row.port)
+                .map_err(|_| StoreError::Corrupt(format!("bad port {}", row.port)))?,
+            host: row.host,
+            model_name: row.model_name,
+            hardware: row.hardware,
+            callback_token: row.callback_token,
+            registered_at: row.registered_at,
+            removed_at: row.removed_at,
+        })
+    }
+}
+
+impl TiRepo {
+    /// Every TI, in registration order.
+    pub async fn all(exec: impl SqliteExecutor<'_>) -> Result<Vec<StoredTi>, StoreError> {
+        let rows = sqlx::query_as!(
+            TiRow,
+            "SELECT ti_uuid, host, port, model_name, hardware, callback_token,
+                    registered_at, removed_at
+             FROM task_instances ORDER BY registered_at, ti_uuid"
+        )
+        .fetch_all(exec)
+        .await?;
+        rows.into_iter().map(StoredTi::try_from).collect()
+    }
+
+    /// Registers a TI, or revives the row of the same host:port (keeping its ti_uuid and
+    /// token, taking the new model and hardware). Returns the stored row.
+    pub async fn upsert_registered(
+        conn: &mut SqliteConnection,
+        ti: &StoredTi,
+    ) -> Result<StoredTi, StoreError> {
+        let uuid = ti.ti_uuid.to_string();
+        let port = i64::from(ti.port);
+        let row = sqlx::query_as!(
+            TiRow,
+            "INSERT INTO task_instances (ti_uuid, host, port, model_name, hardware,
+                                         callback_token, registered_at, removed_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, NULL)
+             ON CONFLICT (host, port) DO UPDATE SET
+                 model_name = excluded.model_name,
+                 hardware = excluded.hardware,
+                 registered_at = CASE WHEN removed_at IS NULL THEN registered_at
+                                      ELSE excluded.registered_at END,
+                 removed_at = NULL
+             RETURNING ti_uuid, host, port, model_name, hardware, callback_token,
+                       registered_at, removed_at",
+            uuid,
+            ti.host,
+            port,
+            ti.model_name,
+            ti.hardware,
+            ti.callback_token,
+            ti.registered_at,
+        )
+        .fetch_one(conn)
+        .await?;
+        row.try_into()
+    }
+
+    /// Marks a registered TI removed. Returns false if it is unknown or already removed.
+    pub async fn mark_removed(
+        conn: &mut SqliteConnection,
+        ti: TiUuid,
+        at: f64,
+    ) -> Result<bool, StoreError> {
+        let uuid = ti.to_string();
+        let done = sqlx::query!(
+            "UPDATE task_instances SET removed_at = ? WHERE ti_uuid = ? AND removed_at IS NULL",
+            at,
+            uuid
+        )
+        .execute(conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}

@@ -1,0 +1,228 @@
+//! The scheduler's side of the TI protocol (SPEC.md §4): one keep-alive HTTP client.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::protocol::{DispatchRequest, TiTaskReport};
+
+/// Why a TI could not be used; the message is what `/ti/register` shows.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TiError {
+    /// Nothing listens there.
+    #[error("Connection refused")]
+    ConnectionRefused,
+    /// No answer in time.
+    #[error("timed out after {0} ms")]
+    Timeout(u64),
+    /// `GET /health` answered with a non-2xx code.
+    #[error("Health check failed: HTTP {0}")]
+    Unhealthy(u16),
+    /// Another request answered with a non-2xx code.
+    #[error("{what} failed: HTTP {status}")]
+    Status {
+        /// Which request.
+        what: &'static str,
+        /// Its HTTP code.
+        status: u16,
+    },
+    /// The answer was not what the protocol says.
+    #[error("{0}")]
+    Protocol(String),
+    /// Any other transport failure.
+    #[error("{0}")]
+    Transport(String),
+}
+
+impl TiError {
+    fn from_reqwest(e: reqwest::Error, timeout: Duration) -> Self {
+        if e.is_timeout() {
+            return Self::Timeout(timeout.as_millis() as u64);
+        }
+        if e.is_connect() {
+            let mut source: Option<&dyn std::error::Error> = Some(&e);
+            while let Some(s) = source {
+                if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                    if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                        return Self::ConnectionRefused;
+                    }
+                }
+                source = s.source();
+            }
+            return Self::Transport(format!("Connection failed: {}", root_cause(&e)));
+        }
+        Self::Transport(root_cause(&e))
+    }
+}
+
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
+}
+
+/// What a TI says of itself in `GET /info`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TiInfo {
+    /// The model it serves, if it says.
+    pub model_name: Option<String>,
+    /// Its hardware, if it says.
+    pub hardware: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct InfoBody {
+    model_name: Option<String>,
+    hardware: Option<String>,
+    deployed_model: Option<DeployedModel>,
+}
+
+#[derive(Deserialize)]
+struct DeployedModel {
+    model_name: Option<String>,
+    hardware: Option<String>,
+}
+
+/// HTTP client for Task Instances.
+#[derive(Clone)]
+pub struct TiClient {
+    http: reqwest::Client,
+    health_timeout: Duration,
+    dispatch_timeout: Duration,
+}
+
+impl TiClient {
+    /// A client with these timeouts.
+    pub fn new(health_timeout: Duration, dispatch_timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            // TIs live on our own network; no system proxy should sit in between.
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        Self {
+            http,
+            health_timeout,
+            dispatch_timeout,
+        }
+    }
+
+    fn url(host: &str, port: u16, path: &str) -> String {
+        if host.contains(':') && !host.starts_with('[') {
+            format!("http://[{host}]:{port}{path}")
+        } else {
+            format!("http://{host}:{port}{path}")
+        }
+    }
+
+    /// `GET /health`: Ok if it answers 2xx in time.
+    pub async fn health(&self, host: &str, port: u16) -> Result<(), TiError> {
+        let t = self.health_timeout;
+        let resp = self
+            .http
+            .get(Self::url(host, port, "/health"))
+            .timeout(t)
+            .send()
+            .await
+            .map_err(|e| TiError::from_reqwest(e, t))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(TiError::Unhealthy(resp.status().as_u16()))
+        }
+    }
+
+    /// `GET /info`: the model and hardware the TI reports.
+    pub async fn info(&self, host: &str, port: u16) -> Result<TiInfo, TiError> {
+        let t = self.health_timeout;
+        let resp = self
+            .http
+            .get(Self::url(host, port, "/info"))
+            .timeout(t)
+            .send()
+            .await
+            .map_err(|e| TiError::from_reqwest(e, t))?;
+        if !resp.status().is_success() {
+            return Err(TiError::Status {
+                what: "GET /info",
+                status: resp.status().as_u16(),
+            });
+        }
+        let body: InfoBody = resp
+            .json()
+            .await
+            .map_err(|e| TiError::Protocol(format!("GET /info answered invalid JSON: {e}")))?;
+        let deployed = body.deployed_model;
+        let non_empty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+        Ok(TiInfo {
+            model_name: non_empty(body.model_name)
+                .or_else(|| non_empty(deployed.as_ref().and_then(|d| d.model_name.clone()))),
+            hardware: non_empty(body.hardware)
+                .or_else(|| non_empty(deployed.and_then(|d| d.hardware))),
+        })
+    }
+
+    /// `POST /queue/submit`: Ok once the TI accepted the task.
+    pub async fn dispatch(
+        &self,
+        host: &str,
+        port: u16,
+        request: &DispatchRequest<'_>,
+    ) -> Result<(), TiError> {
+        let t = self.dispatch_timeout;
+        let resp = self
+            .http
+            .post(Self::url(host, port, "/queue/submit"))
+            .timeout(t)
+            .json(request)
+            .send()
+            .await
+            .map_err(|e| TiError::from_reqwest(e, t))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(TiError::Status {
+                what: "dispatch",
+                status: resp.status().as_u16(),
+            })
+        }
+    }
+
+    /// `GET /results/{task_id}`: what the TI knows of a task; `None` if it never saw it.
+    pub async fn task_report(
+        &self,
+        host: &str,
+        port: u16,
+        task_id: &str,
+    ) -> Result<Option<TiTaskReport>, TiError> {
+        let t = self.dispatch_timeout;
+        let path = format!("/results/{task_id}");
+        let resp = self
+            .http
+            .get(Self::url(host, port, &path))
+            .timeout(t)
+            .send()
+            .await
+            .map_err(|e| TiError::from_reqwest(e, t))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !resp.status().is_success() {
+            return Err(TiError::Status {
+                what: "GET /results",
+                status: resp.status().as_u16(),
+            });
+        }
+        let body: Value = resp
+            .json()
+            .await
+            .map_err(|e| TiError::Protocol(format!("GET /results answered invalid JSON: {e}")))?;
+        serde_json::from_value(body)
+            .map(Some)
+            .map_err(|e| TiError::Protocol(format!("GET /results answered an unknown shape: {e}")))
+    }
+}
