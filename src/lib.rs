@@ -38,7 +38,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -75,7 +75,8 @@ impl App {
         )
         .await
         .with_context(|| format!("opening database {}", settings.database.path.display()))?;
-        let scheduler = Scheduler::load(db.clone(), &settings, settings.public_url(addr))
+        let callback_url = format!("{}/result/submit", settings.public_url(addr));
+        let scheduler = Scheduler::load(db.clone(), &settings, callback_url)
             .await
             .context("loading state from the database")?;
         scheduler.start_background();
@@ -138,12 +139,20 @@ fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
+            const SECONDS: &[f64] = &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0, 2.5,
+            ];
+            const SIZES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
             let builder = || {
-                PrometheusBuilder::new()
-                    .set_buckets(&[
-                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                        0.25, 0.5, 1.0, 2.5,
-                    ])
+                let seconds = PrometheusBuilder::new().set_buckets(SECONDS);
+                seconds
+                    .and_then(|b| {
+                        b.set_buckets_for_metric(
+                            Matcher::Full("ti_scheduler_db_batch_size".into()),
+                            SIZES,
+                        )
+                    })
                     .unwrap_or_else(|_| PrometheusBuilder::new())
             };
             builder().install_recorder().unwrap_or_else(|e| {

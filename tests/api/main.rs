@@ -1,1 +1,14 @@
-//! Integration tests.
+//! Integration tests over real HTTP, real SQLite files in temp dirs and real simulated
+//! Task Instances on ephemeral loopback ports.
+
+mod helpers;
+
+mod faults;
+mod ops;
+mod queue;
+mod restart;
+mod result;
+mod scheduler;
+mod strategies;
+mod task;
+mod ti;
