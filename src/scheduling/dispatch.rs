@@ -610,14 +610,15 @@ impl Scheduler {
         });
     }
 
-    /// Probes every registered TI once; re-routes the tasks of TIs that failed too many
-    /// probes in a row. Returns how many TIs are healthy.
+    /// Probes every registered TI, and every removed one still holding tasks, once;
+    /// re-routes the tasks of TIs that failed too many probes in a row. Returns how many
+    /// TIs are healthy.
     pub async fn probe_health(&self) -> usize {
         let targets: Vec<(TiUuid, String, u16)> = {
             let st = self.state();
             st.tis
                 .values()
-                .filter(|e| e.ti.removed_at.is_none())
+                .filter(|e| e.ti.removed_at.is_none() || !e.queue.is_empty())
                 .map(|e| (e.ti.ti_uuid, e.ti.host.clone(), e.ti.port))
                 .collect()
         };

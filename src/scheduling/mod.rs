@@ -521,8 +521,9 @@ impl Scheduler {
                 });
             }
         }
+        let repeated: HashSet<usize> = repeats.iter().map(|(r, _)| *r).collect();
         let fresh: Vec<usize> = (0..items.len())
-            .filter(|&i| answers[i].is_none() && !repeats.iter().any(|(r, _)| *r == i))
+            .filter(|&i| answers[i].is_none() && !repeated.contains(&i))
             .collect();
 
         let mut rows: Vec<(NewTask, Option<NewDecision>)> = Vec::with_capacity(fresh.len());

@@ -46,7 +46,10 @@ async fn a_ti_refusing_dispatches_is_retried_then_its_tasks_go_elsewhere() {
     let working = spawn_ti("llama-7b", "A100", 10.0).await;
     let refusing_id = app.register(&refusing).await;
     let working_id = app.register(&working).await;
-    refusing.set_faults(Faults { refuse_submits: true, ..Faults::default() });
+    refusing.set_faults(Faults {
+        refuse_submits: true,
+        ..Faults::default()
+    });
     app.set_strategy("round_robin").await;
     let mut tasks = Vec::new();
     for _ in 0..4 {
@@ -60,7 +63,10 @@ async fn a_ti_refusing_dispatches_is_retried_then_its_tasks_go_elsewhere() {
     let retries: i64 = app.count(&format!(
         "SELECT COUNT(*) FROM decisions WHERE reason = 'reroute' AND json_extract(candidates, '$[0].ti_uuid') = '{working_id}'"
     ));
-    assert!(retries >= 1, "the refused tasks were re-routed with a decision row");
+    assert!(
+        retries >= 1,
+        "the refused tasks were re-routed with a decision row"
+    );
     let _ = refusing_id;
 }
 
@@ -72,7 +78,10 @@ async fn an_unhealthy_ti_gets_no_tasks_and_is_used_again_once_healthy() {
     let flaky_id = app.register(&flaky).await;
     let steady_id = app.register(&steady).await;
     app.set_strategy("round_robin").await;
-    flaky.set_faults(Faults { fail_health: true, ..Faults::default() });
+    flaky.set_faults(Faults {
+        fail_health: true,
+        ..Faults::default()
+    });
     wait_for("the probe to mark it unhealthy", || async {
         (!app.healthy(&flaky_id).await).then_some(())
     })
@@ -96,12 +105,19 @@ async fn an_unhealthy_ti_gets_no_tasks_and_is_used_again_once_healthy() {
 async fn a_lost_callback_is_reconciled_from_the_ti() {
     let app = spawn_app().await;
     let ti = spawn_ti("llama-7b", "A100", 10.0).await;
-    ti.set_faults(Faults { drop_callbacks: true, ..Faults::default() });
+    ti.set_faults(Faults {
+        drop_callbacks: true,
+        ..Faults::default()
+    });
     app.register(&ti).await;
     let (task_id, _) = app.submit("llama-7b", json!({})).await;
     let done = app.wait_completed(&task_id).await;
     assert_eq!(done["result"]["model"], "llama-7b");
-    assert_eq!(ti.stats().callbacks_delivered, 0, "the result came by reconciliation");
+    assert_eq!(
+        ti.stats().callbacks_delivered,
+        0,
+        "the result came by reconciliation"
+    );
 }
 
 #[tokio::test]
@@ -109,7 +125,10 @@ async fn a_task_with_no_usable_ti_stays_queued_and_is_dispatched_when_one_is() {
     let app = spawn_app().await;
     let ti = spawn_ti("llama-7b", "A100", 5.0).await;
     let id = app.register(&ti).await;
-    ti.set_faults(Faults { fail_health: true, ..Faults::default() });
+    ti.set_faults(Faults {
+        fail_health: true,
+        ..Faults::default()
+    });
     wait_for("the probe to mark it unhealthy", || async {
         (!app.healthy(&id).await).then_some(())
     })

@@ -84,11 +84,22 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
-        let resp = self.client.post(self.url(path)).json(&body).send().await.unwrap();
+        let resp = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         read(resp).await
     }
 
-    pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
         let resp = self
             .client
             .post(self.url(path))
@@ -108,7 +119,10 @@ impl TestApp {
     /// Registers a simulated TI; returns its ti_uuid.
     pub async fn register(&self, ti: &SimTi) -> String {
         let (status, body) = self
-            .post("/ti/register", json!({"host": "127.0.0.1", "port": ti.addr().port()}))
+            .post(
+                "/ti/register",
+                json!({"host": "127.0.0.1", "port": ti.addr().port()}),
+            )
             .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body["ti_uuid"].as_str().unwrap().to_string()
@@ -167,7 +181,11 @@ impl TestApp {
     }
 
     /// Runs a query on the database file (read-only, beside the running service).
-    pub fn sql<T>(&self, query: &str, read: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>) -> T {
+    pub fn sql<T>(
+        &self,
+        query: &str,
+        read: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> T {
         let conn = rusqlite::Connection::open_with_flags(
             self.db_path(),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod cleanup;
 mod faults;
 mod ops;
 mod queue;

@@ -7,9 +7,15 @@ use crate::helpers::{spawn_app, spawn_ti};
 async fn health_and_ready_answer_success() {
     let app = spawn_app().await;
     let (status, body) = app.get("/health").await;
-    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("success")));
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("success"))
+    );
     let (status, body) = app.get("/ready").await;
-    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("success")));
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("success"))
+    );
 }
 
 #[tokio::test]
@@ -37,9 +43,14 @@ async fn openapi_document_covers_every_endpoint() {
         "/metrics",
         "/openapi.json",
     ] {
-        assert!(paths.contains_key(path), "{path} missing from the OpenAPI document");
+        assert!(
+            paths.contains_key(path),
+            "{path} missing from the OpenAPI document"
+        );
     }
-    assert!(paths["/queue/info"].get("post").is_some() && paths["/queue/info"].get("get").is_some());
+    assert!(
+        paths["/queue/info"].get("post").is_some() && paths["/queue/info"].get("get").is_some()
+    );
 }
 
 #[tokio::test]
@@ -51,14 +62,25 @@ async fn metrics_are_prometheus_text_with_submits_and_queue_gauges() {
     app.wait_completed(&task_id).await;
     let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     let text = resp.text().await.unwrap();
     assert!(text.contains("ti_scheduler_submits_total"), "{text}");
     assert!(text.contains("ti_scheduler_completions_total"), "{text}");
-    assert!(text.contains("ti_scheduler_db_commit_seconds_bucket"), "{text}");
-    assert!(text.contains("ti_scheduler_http_request_duration_seconds_bucket"), "{text}");
     assert!(
-        text.contains(&format!("ti_scheduler_ti_queue_length{{ti_uuid=\"{ti_uuid}\"")),
+        text.contains("ti_scheduler_db_commit_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ti_scheduler_http_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "ti_scheduler_ti_queue_length{{ti_uuid=\"{ti_uuid}\""
+        )),
         "{text}"
     );
 }

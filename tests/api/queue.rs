@@ -29,22 +29,54 @@ async fn invalid_submits_are_400_naming_the_field_and_store_nothing() {
     app.register(&ti).await;
     let cases = [
         (json!({"task_input": {}}), "missing field `model_name`"),
-        (json!({"model_name": "llama-7b"}), "missing field `task_input`"),
-        (json!({"model_name": "", "task_input": {}}), "model_name must not be empty"),
-        (json!({"model_name": "llama-7b", "task_input": "text"}), "task_input must be a JSON object"),
-        (json!({"model_name": "llama-7b", "task_input": [1]}), "task_input must be a JSON object"),
-        (json!({"model_name": "llama-7b", "task_input": {}, "metadata": 5}), "metadata: invalid type"),
-        (json!({"model_name": 7, "task_input": {}}), "model_name: invalid type"),
-        (json!({"model_name": "llama-7b", "task_input": {}, "task_id": "a b"}), "task_id may only contain"),
-        (json!({"model_name": "llama-7b", "task_input": {}, "task_id": ""}), "task_id must be 1 to 128"),
+        (
+            json!({"model_name": "llama-7b"}),
+            "missing field `task_input`",
+        ),
+        (
+            json!({"model_name": "", "task_input": {}}),
+            "model_name must not be empty",
+        ),
+        (
+            json!({"model_name": "llama-7b", "task_input": "text"}),
+            "task_input must be a JSON object",
+        ),
+        (
+            json!({"model_name": "llama-7b", "task_input": [1]}),
+            "task_input must be a JSON object",
+        ),
+        (
+            json!({"model_name": "llama-7b", "task_input": {}, "metadata": 5}),
+            "metadata: invalid type",
+        ),
+        (
+            json!({"model_name": 7, "task_input": {}}),
+            "model_name: invalid type",
+        ),
+        (
+            json!({"model_name": "llama-7b", "task_input": {}, "task_id": "a b"}),
+            "task_id may only contain",
+        ),
+        (
+            json!({"model_name": "llama-7b", "task_input": {}, "task_id": ""}),
+            "task_id must be 1 to 128",
+        ),
     ];
     for (body, expected) in cases {
         let (status, answer) = app.post("/queue/submit", body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(answer["message"].as_str().unwrap().contains(expected), "{body} → {answer}");
-        assert_eq!((answer["task_id"].as_str(), answer["scheduled_ti"].as_str()), (Some(""), Some("")));
+        assert!(
+            answer["message"].as_str().unwrap().contains(expected),
+            "{body} → {answer}"
+        );
+        assert_eq!(
+            (answer["task_id"].as_str(), answer["scheduled_ti"].as_str()),
+            (Some(""), Some(""))
+        );
     }
-    let (status, _) = app.post_raw("/queue/submit", "application/json", "{\"model_name\":").await;
+    let (status, _) = app
+        .post_raw("/queue/submit", "application/json", "{\"model_name\":")
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
     assert_eq!(app.count("SELECT COUNT(*) FROM decisions"), 0);
@@ -66,7 +98,11 @@ async fn a_client_task_id_makes_submit_idempotent() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again, first);
     assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 1);
-    assert_eq!(app.query("job-42").await["result"], done["result"], "nothing was run again");
+    assert_eq!(
+        app.query("job-42").await["result"],
+        done["result"],
+        "nothing was run again"
+    );
     assert_eq!(ti.stats().accepted, 1);
 }
 
@@ -77,10 +113,16 @@ async fn a_batch_is_committed_whole_with_one_answer_per_task() {
     let ti_id = app.register(&ti).await;
     let tasks: Vec<Value> = (0..5)
         .map(|i| json!({"task_input": {"i": i}, "metadata": {"input_tokens": i}}))
-        .chain([json!({"task_input": {}, "task_id": "batch-x"}), json!({"task_input": {}, "task_id": "batch-x"})])
+        .chain([
+            json!({"task_input": {}, "task_id": "batch-x"}),
+            json!({"task_input": {}, "task_id": "batch-x"}),
+        ])
         .collect();
     let (status, body) = app
-        .post("/queue/submit_batch", json!({"model_name": "llama-7b", "tasks": tasks}))
+        .post(
+            "/queue/submit_batch",
+            json!({"model_name": "llama-7b", "tasks": tasks}),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let results = body["results"].as_array().unwrap();
@@ -90,7 +132,10 @@ async fn a_batch_is_committed_whole_with_one_answer_per_task() {
         assert_eq!(r["scheduled_ti"], ti_id.as_str());
     }
     assert_eq!(results[5]["task_id"], "batch-x");
-    assert_eq!(results[6]["task_id"], "batch-x", "a repeated id inside a batch is the same task");
+    assert_eq!(
+        results[6]["task_id"], "batch-x",
+        "a repeated id inside a batch is the same task"
+    );
     assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 6);
     for r in results {
         app.wait_completed(r["task_id"].as_str().unwrap()).await;
@@ -104,21 +149,39 @@ async fn an_invalid_batch_item_is_400_naming_its_index_and_nothing_is_stored() {
     app.register(&ti).await;
     let tasks = json!([{"task_input": {}}, {"task_input": {}}, {"task_input": 3}]);
     let (status, body) = app
-        .post("/queue/submit_batch", json!({"model_name": "llama-7b", "tasks": tasks}))
+        .post(
+            "/queue/submit_batch",
+            json!({"model_name": "llama-7b", "tasks": tasks}),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(body["message"], "tasks[2]: task_input must be a JSON object");
+    assert_eq!(
+        body["message"],
+        "tasks[2]: task_input must be a JSON object"
+    );
     let (status, body) = app
-        .post("/queue/submit_batch", json!({"model_name": "llama-7b", "tasks": [{"task_input": {}}, {}]}))
+        .post(
+            "/queue/submit_batch",
+            json!({"model_name": "llama-7b", "tasks": [{"task_input": {}}, {}]}),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["message"].as_str().unwrap().contains("tasks[1]"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("tasks[1]"),
+        "{body}"
+    );
     let (status, _) = app
-        .post("/queue/submit_batch", json!({"model_name": "llama-7b", "tasks": []}))
+        .post(
+            "/queue/submit_batch",
+            json!({"model_name": "llama-7b", "tasks": []}),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = app
-        .post("/queue/submit_batch", json!({"model_name": "none", "tasks": [{"task_input": {}}]}))
+        .post(
+            "/queue/submit_batch",
+            json!({"model_name": "none", "tasks": [{"task_input": {}}]}),
+        )
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
@@ -136,7 +199,14 @@ async fn queue_info_lists_registered_tis_filtered_by_model_by_get_and_post() {
     assert_eq!(all["status"], "success");
     assert_eq!(all["queues"].as_array().unwrap().len(), 2);
     let entry = &all["queues"][0];
-    for field in ["model_name", "ti_uuid", "waiting_time_expect", "waiting_time_error", "queue_length", "healthy"] {
+    for field in [
+        "model_name",
+        "ti_uuid",
+        "waiting_time_expect",
+        "waiting_time_error",
+        "queue_length",
+        "healthy",
+    ] {
         assert!(entry.get(field).is_some(), "{field} missing in {entry}");
     }
     let (_, llama) = app.get("/queue/info?model_name=llama-7b").await;
@@ -158,10 +228,17 @@ async fn queue_info_is_positive_while_tasks_run_and_exactly_zero_when_drained() 
     let id = app.register(&ti).await;
     let mut tasks = Vec::new();
     for _ in 0..3 {
-        tasks.push(app.submit("llama-7b", json!({"expected_ms": 150.0})).await.0);
+        tasks.push(
+            app.submit("llama-7b", json!({"expected_ms": 150.0}))
+                .await
+                .0,
+        );
     }
     let busy = app.queue_of(&id).await;
-    assert!(busy["waiting_time_expect"].as_f64().unwrap() > 0.0, "{busy}");
+    assert!(
+        busy["waiting_time_expect"].as_f64().unwrap() > 0.0,
+        "{busy}"
+    );
     assert!(busy["waiting_time_error"].as_f64().unwrap() > 0.0, "{busy}");
     assert_eq!(busy["queue_length"], 3);
     for t in &tasks {

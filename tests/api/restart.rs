@@ -11,8 +11,11 @@ async fn tasks_results_tis_strategy_and_mode_survive_a_restart() {
     app.register(&b).await;
     app.set_strategy("round_robin").await;
     let csv = include_str!("../data/lookup.csv");
-    app.post_raw("/predictor/lookup_table", "text/csv", csv).await;
-    let (status, _) = app.post("/scheduler/predict_mode", json!({"mode": "lookup_table"})).await;
+    app.post_raw("/predictor/lookup_table", "text/csv", csv)
+        .await;
+    let (status, _) = app
+        .post("/scheduler/predict_mode", json!({"mode": "lookup_table"}))
+        .await;
     assert_eq!(status, reqwest::StatusCode::OK);
     let mut before = Vec::new();
     for _ in 0..4 {
@@ -44,7 +47,11 @@ async fn unfinished_tasks_complete_after_a_restart() {
     let ti_id = app.register(&ti).await;
     let mut tasks = Vec::new();
     for _ in 0..4 {
-        tasks.push(app.submit("llama-7b", json!({"expected_ms": 200.0})).await.0);
+        tasks.push(
+            app.submit("llama-7b", json!({"expected_ms": 200.0}))
+                .await
+                .0,
+        );
     }
     let app = app.restart().await;
     // The TI calls back to the old address: the results come through reconciliation.

@@ -7,7 +7,10 @@ use crate::helpers::{spawn_app, spawn_ti, wait_for, TestApp};
 /// A task whose TI will not call back, so the test plays the TI.
 async fn silent_task(app: &TestApp) -> (SimTi, String, String, String) {
     let ti = spawn_ti("llama-7b", "A100", 5.0).await;
-    ti.set_faults(Faults { drop_callbacks: true, ..Faults::default() });
+    ti.set_faults(Faults {
+        drop_callbacks: true,
+        ..Faults::default()
+    });
     let ti_id = app.register(&ti).await;
     let (task_id, _) = app.submit("llama-7b", json!({})).await;
     let token: String = app.sql(
@@ -27,7 +30,10 @@ async fn a_callback_with_the_wrong_token_or_ti_is_403_and_stores_nothing() {
     let app = spawn_app_long_reconcile().await;
     let (_ti, task_id, ti_id, token) = silent_task(&app).await;
     let (status, body) = app
-        .post("/result/submit", callback(&task_id, &ti_id, "wrong", json!({"x": 1})))
+        .post(
+            "/result/submit",
+            callback(&task_id, &ti_id, "wrong", json!({"x": 1})),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let other = spawn_ti("llama-7b", "H100", 5.0).await;
@@ -37,11 +43,21 @@ async fn a_callback_with_the_wrong_token_or_ti_is_403_and_stores_nothing() {
         |r| r.get(0),
     );
     let (status, _) = app
-        .post("/result/submit", callback(&task_id, &other_id, &other_token, json!({"x": 1})))
+        .post(
+            "/result/submit",
+            callback(&task_id, &other_id, &other_token, json!({"x": 1})),
+        )
         .await;
-    assert_eq!(status, StatusCode::FORBIDDEN, "a TI the task was not sent to");
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "a TI the task was not sent to"
+    );
     let (status, _) = app
-        .post("/result/submit", callback(&task_id, "not-a-uuid", &token, json!({"x": 1})))
+        .post(
+            "/result/submit",
+            callback(&task_id, "not-a-uuid", &token, json!({"x": 1})),
+        )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     let stored: Option<String> = app.sql(
@@ -56,7 +72,15 @@ async fn a_callback_with_the_wrong_token_or_ti_is_403_and_stores_nothing() {
 async fn a_callback_for_an_unknown_task_is_404() {
     let app = spawn_app().await;
     let (status, body) = app
-        .post("/result/submit", callback("task-unknown", "3f8e2b9c-1d4a-4c5e-9f7a-2b6c8d0e1f3a", "t", json!(1)))
+        .post(
+            "/result/submit",
+            callback(
+                "task-unknown",
+                "3f8e2b9c-1d4a-4c5e-9f7a-2b6c8d0e1f3a",
+                "t",
+                json!(1),
+            ),
+        )
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["message"], "task 'task-unknown' not found");
@@ -71,17 +95,27 @@ async fn a_second_callback_changes_nothing_and_answers_success() {
     })
     .await;
     let (status, body) = app
-        .post("/result/submit", callback(&task_id, &ti_id, &token, json!({"answer": 1})))
+        .post(
+            "/result/submit",
+            callback(&task_id, &ti_id, &token, json!({"answer": 1})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "success");
     let (status, _) = app
-        .post("/result/submit", callback(&task_id, &ti_id, &token, json!({"answer": 2})))
+        .post(
+            "/result/submit",
+            callback(&task_id, &ti_id, &token, json!({"answer": 2})),
+        )
         .await;
     assert_eq!(status, StatusCode::OK);
     let done = app.query(&task_id).await;
     assert_eq!(done["task_status"], "completed");
-    assert_eq!(done["result"], json!({"answer": 1}), "the first result wins");
+    assert_eq!(
+        done["result"],
+        json!({"answer": 1}),
+        "the first result wins"
+    );
     assert_eq!(done["execution_time"], 12.5);
 }
 
@@ -93,7 +127,13 @@ async fn a_callback_with_a_negative_execution_time_is_400() {
     body["execution_time"] = json!(-1.0);
     let (status, answer) = app.post("/result/submit", body).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(answer["message"].as_str().unwrap().contains("execution_time"), "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("execution_time"),
+        "{answer}"
+    );
 }
 
 /// Reconciliation would otherwise fetch the result from the TI itself.

@@ -36,7 +36,9 @@ async fn unknown_strategy_is_400_listing_the_valid_ones_and_changes_nothing() {
         body["message"],
         "unknown strategy 'fastest'; valid: shortest_queue, round_robin, weighted, probabilistic"
     );
-    let (status, _) = app.post("/scheduler/set", json!({"name": "Round_Robin"})).await;
+    let (status, _) = app
+        .post("/scheduler/set", json!({"name": "Round_Robin"}))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "names are case-sensitive");
     let (_, info) = app.get("/scheduler/info").await;
     assert_eq!(info["strategy"], "shortest_queue");
@@ -45,53 +47,106 @@ async fn unknown_strategy_is_400_listing_the_valid_ones_and_changes_nothing() {
 #[tokio::test]
 async fn malformed_or_mistyped_bodies_are_400_naming_the_problem() {
     let app = spawn_app().await;
-    let (status, body) = app.post_raw("/scheduler/set", "application/json", "{").await;
+    let (status, body) = app
+        .post_raw("/scheduler/set", "application/json", "{")
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["message"].as_str().unwrap().starts_with("invalid JSON body"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid JSON body"),
+        "{body}"
+    );
     let (status, body) = app.post("/scheduler/set", json!({})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["message"].as_str().unwrap().contains("missing field `name`"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing field `name`"),
+        "{body}"
+    );
     let (status, body) = app.post("/scheduler/set", json!({"name": 3})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["message"].as_str().unwrap().contains("name: invalid type"), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("name: invalid type"),
+        "{body}"
+    );
 }
 
 #[tokio::test]
 async fn lookup_table_mode_without_a_table_is_409_saying_how_to_load_one() {
     let app = spawn_app().await;
-    let (status, body) = app.post("/scheduler/predict_mode", json!({"mode": "lookup_table"})).await;
+    let (status, body) = app
+        .post("/scheduler/predict_mode", json!({"mode": "lookup_table"}))
+        .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert!(body["message"].as_str().unwrap().contains("/predictor/lookup_table"), "{body}");
-    let (status, body) = app.post("/scheduler/predict_mode", json!({"mode": "fast"})).await;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("/predictor/lookup_table"),
+        "{body}"
+    );
+    let (status, body) = app
+        .post("/scheduler/predict_mode", json!({"mode": "fast"}))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(body["message"], "unknown predict mode 'fast'; valid: default, lookup_table");
+    assert_eq!(
+        body["message"],
+        "unknown predict mode 'fast'; valid: default, lookup_table"
+    );
 }
 
 #[tokio::test]
 async fn an_imported_csv_table_drives_lookup_table_mode_and_decisions_record_it() {
     let app = spawn_app().await;
-    let (status, body) = app.post_raw("/predictor/lookup_table", "text/csv", CSV).await;
+    let (status, body) = app
+        .post_raw("/predictor/lookup_table", "text/csv", CSV)
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["rows"], 4);
-    let (status, _) = app.post("/scheduler/predict_mode", json!({"mode": "lookup_table"})).await;
+    let (status, _) = app
+        .post("/scheduler/predict_mode", json!({"mode": "lookup_table"}))
+        .await;
     assert_eq!(status, StatusCode::OK);
     let (_, info) = app.get("/scheduler/info").await;
-    assert_eq!((info["predict_mode"].as_str(), info["lookup_table_rows"].as_i64()), (Some("lookup_table"), Some(4)));
+    assert_eq!(
+        (
+            info["predict_mode"].as_str(),
+            info["lookup_table_rows"].as_i64()
+        ),
+        (Some("lookup_table"), Some(4))
+    );
 
     let ti = spawn_ti("llama-7b", "A100", 10.0).await;
     app.register(&ti).await;
-    let (hit, _) = app.submit("llama-7b", json!({"input_tokens": 500, "output_tokens": 64})).await;
+    let (hit, _) = app
+        .submit(
+            "llama-7b",
+            json!({"input_tokens": 500, "output_tokens": 64}),
+        )
+        .await;
     let (row, source, fallback): (f64, String, bool) = app.sql(
         &format!("SELECT predicted_ms, prediction_source, lookup_fallback FROM decisions WHERE task_id = '{hit}'"),
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     );
-    assert_eq!((row, source.as_str(), fallback), (1010.0, "lookup_table", false));
+    assert_eq!(
+        (row, source.as_str(), fallback),
+        (1010.0, "lookup_table", false)
+    );
 
     let other = spawn_ti("other-model", "A100", 10.0).await;
     app.register(&other).await;
     let (miss, _) = app.submit("other-model", json!({})).await;
     let (source, fallback): (String, bool) = app.sql(
-        &format!("SELECT prediction_source, lookup_fallback FROM decisions WHERE task_id = '{miss}'"),
+        &format!(
+            "SELECT prediction_source, lookup_fallback FROM decisions WHERE task_id = '{miss}'"
+        ),
         |r| Ok((r.get(0)?, r.get(1)?)),
     );
     assert_eq!((source.as_str(), fallback), ("prior", true));
@@ -100,7 +155,9 @@ async fn an_imported_csv_table_drives_lookup_table_mode_and_decisions_record_it(
 #[tokio::test]
 async fn a_swarmpilot_json_table_is_imported_and_appended() {
     let app = spawn_app().await;
-    let (status, body) = app.post_raw("/predictor/lookup_table", "application/json", SWARMPILOT).await;
+    let (status, body) = app
+        .post_raw("/predictor/lookup_table", "application/json", SWARMPILOT)
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["rows"], 2, "the failed record is skipped");
     let (status, body) = app
@@ -114,21 +171,42 @@ async fn a_swarmpilot_json_table_is_imported_and_appended() {
 #[tokio::test]
 async fn a_malformed_table_is_400_naming_line_and_column_and_changes_nothing() {
     let app = spawn_app().await;
-    let (status, _) = app.post_raw("/predictor/lookup_table", "text/csv", CSV).await;
+    let (status, _) = app
+        .post_raw("/predictor/lookup_table", "text/csv", CSV)
+        .await;
     assert_eq!(status, StatusCode::OK);
     let bad = "model_name,hardware,input_tokens,expect,error\nm,A100,10,5,1\nm,A100,ten,5,1\n";
-    let (status, body) = app.post_raw("/predictor/lookup_table", "text/csv", bad).await;
+    let (status, body) = app
+        .post_raw("/predictor/lookup_table", "text/csv", bad)
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert!(
-        body["message"].as_str().unwrap().contains("line 3, column 3 (input_tokens)"),
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 3, column 3 (input_tokens)"),
         "{body}"
     );
     let (status, body) = app
-        .post_raw("/predictor/lookup_table", "application/json", "[{\"status\": \"success\",}")
+        .post_raw(
+            "/predictor/lookup_table",
+            "application/json",
+            "[{\"status\": \"success\",}",
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["message"].as_str().unwrap().starts_with("line 1, column"), "{body}");
-    assert_eq!(app.count("SELECT COUNT(*) FROM lookup_rows"), 4, "the old table is intact");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 1, column"),
+        "{body}"
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM lookup_rows"),
+        4,
+        "the old table is intact"
+    );
 }
 
 #[tokio::test]
@@ -140,7 +218,10 @@ async fn the_admin_token_guards_admin_endpoints_when_configured() {
         ("/scheduler/set", json!({"name": "round_robin"})),
         ("/scheduler/predict_mode", json!({"mode": "default"})),
         ("/ti/register", register.clone()),
-        ("/ti/remove", json!({"ti_uuid": "00000000-0000-4000-8000-000000000000"})),
+        (
+            "/ti/remove",
+            json!({"ti_uuid": "00000000-0000-4000-8000-000000000000"}),
+        ),
     ];
     for (path, body) in &cases {
         let (status, answer) = app.post(path, body.clone()).await;
@@ -156,9 +237,15 @@ async fn the_admin_token_guards_admin_endpoints_when_configured() {
             .unwrap();
         assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED, "{path}");
     }
-    let (status, body) = app.post_raw("/predictor/lookup_table", "text/csv", CSV).await;
+    let (status, body) = app
+        .post_raw("/predictor/lookup_table", "text/csv", CSV)
+        .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
-    assert_eq!(app.count("SELECT COUNT(*) FROM task_instances"), 0, "nothing stored");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM task_instances"),
+        0,
+        "nothing stored"
+    );
 
     let resp = app
         .client

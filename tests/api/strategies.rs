@@ -6,7 +6,10 @@ use crate::helpers::{spawn_app, spawn_ti};
 
 async fn batch(app: &crate::helpers::TestApp, model: &str, tasks: Vec<Value>) -> Vec<String> {
     let (status, body) = app
-        .post("/queue/submit_batch", json!({"model_name": model, "tasks": tasks}))
+        .post(
+            "/queue/submit_batch",
+            json!({"model_name": model, "tasks": tasks}),
+        )
         .await;
     assert_eq!(status, reqwest::StatusCode::OK, "{body}");
     body["results"]
@@ -54,11 +57,21 @@ async fn shortest_queue_avoids_a_loaded_ti() {
     let app = spawn_app().await;
     let loaded = spawn_ti("llama-7b", "A100", 2_000.0).await;
     let loaded_id = app.register(&loaded).await;
-    batch(&app, "llama-7b", vec![json!({"task_input": {}, "metadata": {"expected_ms": 2000.0}}); 4]).await;
+    batch(
+        &app,
+        "llama-7b",
+        vec![json!({"task_input": {}, "metadata": {"expected_ms": 2000.0}}); 4],
+    )
+    .await;
     let idle = spawn_ti("llama-7b", "A100", 10.0).await;
     let idle_id = app.register(&idle).await;
 
-    let chosen = batch(&app, "llama-7b", vec![json!({"task_input": {}, "metadata": {"expected_ms": 100.0}}); 10]).await;
+    let chosen = batch(
+        &app,
+        "llama-7b",
+        vec![json!({"task_input": {}, "metadata": {"expected_ms": 100.0}}); 10],
+    )
+    .await;
     assert!(chosen.iter().all(|t| *t == idle_id), "{chosen:?}");
     let decision: String = app.sql(
         "SELECT candidates FROM decisions ORDER BY id DESC LIMIT 1",
@@ -73,7 +86,10 @@ async fn shortest_queue_avoids_a_loaded_ti() {
         .unwrap()["wait_ms"]
         .as_f64()
         .unwrap();
-    assert!(loaded_wait > 5_000.0, "the decision records the loaded TI's wait: {candidates}");
+    assert!(
+        loaded_wait > 5_000.0,
+        "the decision records the loaded TI's wait: {candidates}"
+    );
 }
 
 #[tokio::test]
@@ -99,7 +115,10 @@ async fn weighted_prefers_the_low_error_ti_at_equal_wait() {
     let chosen = batch(
         &app,
         "llama-7b",
-        vec![json!({"task_input": {}, "metadata": {"expected_ms": 5.0, "expected_error_ms": 0.0}}); 5],
+        vec![
+            json!({"task_input": {}, "metadata": {"expected_ms": 5.0, "expected_error_ms": 0.0}});
+            5
+        ],
     )
     .await;
     assert!(chosen.iter().all(|t| *t == steady_id), "{chosen:?}");
@@ -132,11 +151,20 @@ async fn probabilistic_with_a_fixed_seed_gives_every_ti_a_share_and_the_least_lo
     let chosen = batch(
         &app,
         "llama-7b",
-        vec![json!({"task_input": {}, "metadata": {"expected_ms": 0.0, "expected_error_ms": 0.0}}); 150],
+        vec![
+            json!({"task_input": {}, "metadata": {"expected_ms": 0.0, "expected_error_ms": 0.0}});
+            150
+        ],
     )
     .await;
     let counts = shares(&chosen);
-    let n: Vec<usize> = ids.iter().map(|id| counts.get(id).copied().unwrap_or(0)).collect();
+    let n: Vec<usize> = ids
+        .iter()
+        .map(|id| counts.get(id).copied().unwrap_or(0))
+        .collect();
     assert!(n.iter().all(|&c| c > 0), "every TI gets a share: {n:?}");
-    assert!(n[0] > n[1] && n[1] > n[2], "the least loaded gets the most: {n:?}");
+    assert!(
+        n[0] > n[1] && n[1] > n[2],
+        "the least loaded gets the most: {n:?}"
+    );
 }

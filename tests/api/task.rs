@@ -23,11 +23,21 @@ async fn a_task_goes_from_submit_to_completed_with_the_tis_result() {
     assert_eq!(scheduled, ti_id);
 
     let first = app.query(&task_id).await;
-    assert!(matches!(first["task_status"].as_str(), Some("queued" | "scheduled")), "{first}");
+    assert!(
+        matches!(first["task_status"].as_str(), Some("queued" | "scheduled")),
+        "{first}"
+    );
     assert!(first["result"].is_null());
     let submit_time = first["submit_time"].as_f64().unwrap();
-    assert!(submit_time >= before - 0.002 && submit_time <= after + 0.002, "{submit_time} not in [{before}, {after}]");
-    assert_eq!((submit_time * 1000.0).round() / 1000.0, submit_time, "millisecond precision");
+    assert!(
+        submit_time >= before - 0.002 && submit_time <= after + 0.002,
+        "{submit_time} not in [{before}, {after}]"
+    );
+    assert_eq!(
+        (submit_time * 1000.0).round() / 1000.0,
+        submit_time,
+        "millisecond precision"
+    );
 
     wait_for("the TI to accept the task", || async {
         (app.query(&task_id).await["task_status"] == "scheduled").then_some(())
@@ -46,7 +56,10 @@ async fn a_task_goes_from_submit_to_completed_with_the_tis_result() {
         &format!("SELECT outcome, status FROM tasks WHERE task_id = '{task_id}'"),
         |r| Ok((r.get(0)?, r.get(1)?)),
     );
-    assert_eq!((outcome.as_str(), status.as_str()), ("succeeded", "completed"));
+    assert_eq!(
+        (outcome.as_str(), status.as_str()),
+        ("succeeded", "completed")
+    );
 }
 
 #[tokio::test]
@@ -55,14 +68,20 @@ async fn a_failed_execution_stores_the_error_as_the_result() {
     let ti = spawn_ti_with(SimConfig {
         model: "llama-7b".into(),
         base_ms: 5.0,
-        faults: Faults { fail_tasks: true, ..Faults::default() },
+        faults: Faults {
+            fail_tasks: true,
+            ..Faults::default()
+        },
         ..SimConfig::default()
     })
     .await;
     app.register(&ti).await;
     let (task_id, _) = app.submit("llama-7b", json!({})).await;
     let done = app.wait_completed(&task_id).await;
-    assert_eq!(done["result"], json!({"error": "simulated failure on llama-7b"}));
+    assert_eq!(
+        done["result"],
+        json!({"error": "simulated failure on llama-7b"})
+    );
     let outcome: String = app.sql(
         &format!("SELECT outcome FROM tasks WHERE task_id = '{task_id}'"),
         |r| r.get(0),
@@ -84,7 +103,10 @@ async fn querying_an_unknown_task_is_404_echoing_the_id() {
     assert_eq!(body["task_id"], "other");
     let (status, body) = app.get("/task/query").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(body["message"].as_str().unwrap().contains("task_id"), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("task_id"),
+        "{body}"
+    );
 }
 
 #[tokio::test]

@@ -14,7 +14,10 @@ async fn registering_returns_a_uuid_and_the_same_one_for_the_same_address() {
     assert_eq!(first["status"], "success");
     assert_eq!(first["message"], "TaskInstance registered successfully");
     let id = first["ti_uuid"].as_str().unwrap();
-    assert!(uuid::Uuid::parse_str(id).is_ok_and(|u| u.get_version_num() == 4), "{id}");
+    assert!(
+        uuid::Uuid::parse_str(id).is_ok_and(|u| u.get_version_num() == 4),
+        "{id}"
+    );
     let (_, second) = app.post("/ti/register", body).await;
     assert_eq!(second["ti_uuid"], id);
     assert_eq!(app.count("SELECT COUNT(*) FROM task_instances"), 1);
@@ -35,10 +38,16 @@ async fn registering_an_address_where_nothing_listens_is_502_connection_refused(
         l.local_addr().unwrap().port()
     };
     let (status, body) = app
-        .post("/ti/register", json!({"host": "127.0.0.1", "port": free_port}))
+        .post(
+            "/ti/register",
+            json!({"host": "127.0.0.1", "port": free_port}),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
-    assert_eq!(body, json!({"status": "error", "message": "Connection refused", "ti_uuid": ""}));
+    assert_eq!(
+        body,
+        json!({"status": "error", "message": "Connection refused", "ti_uuid": ""})
+    );
     assert_eq!(app.count("SELECT COUNT(*) FROM task_instances"), 0);
 }
 
@@ -47,12 +56,18 @@ async fn registering_an_unhealthy_ti_is_502_health_check_failed() {
     let app = spawn_app().await;
     let ti = spawn_ti_with(SimConfig {
         model: "llama-7b".into(),
-        faults: Faults { fail_health: true, ..Faults::default() },
+        faults: Faults {
+            fail_health: true,
+            ..Faults::default()
+        },
         ..SimConfig::default()
     })
     .await;
     let (status, body) = app
-        .post("/ti/register", json!({"host": "127.0.0.1", "port": ti.addr().port()}))
+        .post(
+            "/ti/register",
+            json!({"host": "127.0.0.1", "port": ti.addr().port()}),
+        )
         .await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(body["message"], "Health check failed: HTTP 500");
@@ -66,9 +81,18 @@ async fn bad_host_port_or_model_name_is_400_without_connecting() {
     let port = ti.addr().port();
     let cases = [
         (json!({"host": "", "port": port}), "host must not be empty"),
-        (json!({"host": "127.0.0.1", "port": 0}), "port must be in 1..=65535, got 0"),
-        (json!({"host": "127.0.0.1", "port": 70000}), "port must be in 1..=65535, got 70000"),
-        (json!({"host": "127.0.0.1", "port": "80"}), "port: invalid type"),
+        (
+            json!({"host": "127.0.0.1", "port": 0}),
+            "port must be in 1..=65535, got 0",
+        ),
+        (
+            json!({"host": "127.0.0.1", "port": 70000}),
+            "port must be in 1..=65535, got 70000",
+        ),
+        (
+            json!({"host": "127.0.0.1", "port": "80"}),
+            "port: invalid type",
+        ),
         (json!({"port": port}), "missing field `host`"),
         (
             json!({"host": "127.0.0.1", "port": port, "model_name": "gpt-4"}),
@@ -78,7 +102,10 @@ async fn bad_host_port_or_model_name_is_400_without_connecting() {
     for (body, expected) in cases {
         let (status, answer) = app.post("/ti/register", body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(answer["message"].as_str().unwrap().contains(expected), "{body} → {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains(expected),
+            "{body} → {answer}"
+        );
         assert_eq!(answer["ti_uuid"], "");
     }
     assert_eq!(app.count("SELECT COUNT(*) FROM task_instances"), 0);
@@ -87,13 +114,21 @@ async fn bad_host_port_or_model_name_is_400_without_connecting() {
 #[tokio::test]
 async fn removing_checks_the_uuid_and_echoes_it() {
     let app = spawn_app().await;
-    let (status, body) = app.post("/ti/remove", json!({"ti_uuid": "not-a-uuid"})).await;
+    let (status, body) = app
+        .post("/ti/remove", json!({"ti_uuid": "not-a-uuid"}))
+        .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(body, json!({"status": "error", "message": "Invalid UUID format", "ti_uuid": "not-a-uuid"}));
+    assert_eq!(
+        body,
+        json!({"status": "error", "message": "Invalid UUID format", "ti_uuid": "not-a-uuid"})
+    );
     let unknown = "3f8e2b9c-1d4a-4c5e-9f7a-2b6c8d0e1f3a";
     let (status, body) = app.post("/ti/remove", json!({"ti_uuid": unknown})).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert_eq!(body, json!({"status": "error", "message": "TaskInstance not found", "ti_uuid": unknown}));
+    assert_eq!(
+        body,
+        json!({"status": "error", "message": "TaskInstance not found", "ti_uuid": unknown})
+    );
 
     let ti = spawn_ti("llama-7b", "A100", 10.0).await;
     let id = app.register(&ti).await;
@@ -130,13 +165,29 @@ async fn a_removed_ti_gets_no_new_tasks_but_its_in_flight_results_are_stored() {
     assert_eq!(done["result"]["hardware"], "A100");
 
     let (_, info) = app.get("/queue/info").await;
-    let listed: Vec<_> = info["queues"].as_array().unwrap().iter().map(|q| q["ti_uuid"].clone()).collect();
-    assert_eq!(listed, vec![json!(other_id)], "removed TIs leave /queue/info");
+    let listed: Vec<_> = info["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["ti_uuid"].clone())
+        .collect();
+    assert_eq!(
+        listed,
+        vec![json!(other_id)],
+        "removed TIs leave /queue/info"
+    );
     let (_, list) = app.get("/ti/list").await;
-    let removed = list["tis"].as_array().unwrap().iter().find(|t| t["ti_uuid"] == slow_id.as_str()).unwrap();
+    let removed = list["tis"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["ti_uuid"] == slow_id.as_str())
+        .unwrap();
     assert!(removed["removed_at"].as_f64().is_some(), "{removed}");
     assert_eq!(
-        app.count(&format!("SELECT COUNT(*) FROM decisions WHERE chosen_ti = '{slow_id}'")),
+        app.count(&format!(
+            "SELECT COUNT(*) FROM decisions WHERE chosen_ti = '{slow_id}'"
+        )),
         1,
         "history naming it is kept"
     );
