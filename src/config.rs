@@ -211,3 +211,48 @@ impl TiSettings {
         Duration::from_millis(self.health_timeout_ms)
     }
 }
+
+#[cfg(test)]
+// figment's Jail dictates the closures' error type.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_file_equals_the_built_in_defaults() {
+        let shipped = Settings::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/default.toml"
+        )))
+        .unwrap();
+        assert_eq!(shipped, Settings::default());
+    }
+
+    #[test]
+    fn environment_variables_override_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "settings.toml",
+                "[cleanup]\nresult_ttl_secs = 10\n[server]\nadmin_token = \"from-file\"\n",
+            )?;
+            jail.set_env("TI_SCHEDULER__CLEANUP__RESULT_TTL_SECS", "60");
+            jail.set_env("TI_SCHEDULER__SCHEDULING__STRATEGY", "round_robin");
+            let s = Settings::load(Path::new("settings.toml")).map_err(|e| *e)?;
+            assert_eq!(s.cleanup.result_ttl_secs, 60);
+            assert_eq!(s.server.admin_token, "from-file");
+            assert_eq!(s.scheduling.strategy, StrategyKind::RoundRobin);
+            assert_eq!(s.database.path, PathBuf::from("data/ti-scheduler.db"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_misspelled_key_is_an_error_naming_it() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("settings.toml", "[server]\nbnid = \"x\"\n")?;
+            let err = Settings::load(Path::new("settings.toml")).unwrap_err();
+            assert!(err.to_string().contains("bnid"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -19,6 +19,12 @@ impl TaskId {
     }
 
     /// Checks a client-chosen id, naming what is wrong with it.
+    ///
+    /// ```
+    /// use ti_scheduler::domain::TaskId;
+    /// assert_eq!(TaskId::parse_client("job-42").unwrap().as_str(), "job-42");
+    /// assert!(TaskId::parse_client("no spaces").is_err());
+    /// ```
     pub fn parse_client(raw: &str) -> Result<Self, String> {
         if raw.is_empty() || raw.len() > 128 {
             return Err(format!(

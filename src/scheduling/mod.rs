@@ -72,6 +72,15 @@ impl StrategyKind {
     }
 
     /// Parses an API name; the error lists the valid ones.
+    ///
+    /// ```
+    /// use ti_scheduler::scheduling::StrategyKind;
+    /// assert_eq!(StrategyKind::parse("round_robin"), Ok(StrategyKind::RoundRobin));
+    /// assert_eq!(
+    ///     StrategyKind::parse("fastest").unwrap_err(),
+    ///     "unknown strategy 'fastest'; valid: shortest_queue, round_robin, weighted, probabilistic"
+    /// );
+    /// ```
     pub fn parse(name: &str) -> Result<Self, String> {
         Self::ALL
             .into_iter()
