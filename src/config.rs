@@ -83,7 +83,8 @@ pub struct TiSettings {
     /// Dispatches in flight to one TI at most.
     pub max_inflight_dispatches: usize,
     /// When non-empty, TIs may only be registered at these hosts or networks
-    /// (`10.0.0.5`, `localhost`, `192.168.0.0/16`).
+    /// (`10.0.0.5`, `localhost`, `192.168.0.0/16`). Names match names (never resolved);
+    /// addresses match addresses and networks.
     pub allowed_hosts: Vec<String>,
 }
 

@@ -17,6 +17,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
@@ -124,23 +125,17 @@ impl HostRule {
     }
 }
 
-/// True if `host` is named by a rule, or is (or resolves to) an address inside one.
-pub(super) async fn host_allowed(rules: &[HostRule], host: &str) -> bool {
+/// True if `host` is named by a rule, or is an address inside one. Host names are
+/// matched by name only: they are never resolved for this check (no DNS traffic, and no
+/// answer that depends on a resolver).
+pub(super) fn host_allowed(rules: &[HostRule], host: &str) -> bool {
     let name = host.to_ascii_lowercase();
-    if rules
-        .iter()
-        .any(|r| matches!(r, HostRule::Name(n) if *n == name))
-    {
-        return true;
+    match host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        Ok(ip) => rules.iter().any(|r| r.contains(ip)),
+        Err(_) => rules
+            .iter()
+            .any(|r| matches!(r, HostRule::Name(n) if *n == name)),
     }
-    let addrs: Vec<IpAddr> = match host.trim_matches(['[', ']']).parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => match tokio::net::lookup_host((host, 0)).await {
-            Ok(found) => found.map(|a| a.ip()).collect(),
-            Err(_) => Vec::new(),
-        },
-    };
-    !addrs.is_empty() && addrs.iter().all(|ip| rules.iter().any(|r| r.contains(*ip)))
 }
 
 /// Compares secrets in time independent of where they differ.
@@ -222,7 +217,7 @@ impl Scheduler {
                     Sent::Done => return,
                     Sent::Unusable => Step::Reroute,
                     Sent::Failed => {
-                        self.mark_unhealthy(ti);
+                        self.mark_unhealthy(ti, "dispatches failed");
                         Step::Reroute
                     }
                 },
@@ -234,10 +229,11 @@ impl Scheduler {
         }
     }
 
-    fn mark_unhealthy(&self, ti: TiUuid) {
+    /// Takes a TI out of scheduling until a health probe succeeds.
+    fn mark_unhealthy(&self, ti: TiUuid, why: &str) {
         if let Some(entry) = self.state().tis.get_mut(&ti) {
             if entry.healthy {
-                tracing::warn!(ti = %ti, "TI marked unhealthy after failed dispatches");
+                tracing::warn!(ti = %ti, why, "TI marked unhealthy");
             }
             entry.healthy = false;
         }
@@ -489,113 +485,153 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Asks the TI what became of a scheduled task and acts on the answer.
-    async fn reconcile(&self, task: UnfinishedTask, ti: TiUuid) {
+    /// Drives one unfinished task from where the database says it stands: a scheduled
+    /// task is first checked with its TI (`GET /results/{id}`); a queued one is sent to
+    /// its TI, or re-routed when that TI is not usable. `reroute_unreachable` moves a
+    /// scheduled task whose TI does not answer (start-up); otherwise the health probes
+    /// decide. Does nothing if someone else is driving the task.
+    async fn settle(&self, task: UnfinishedTask, reroute_unreachable: bool) -> Settled {
+        let task_id = task.task_id.clone();
+        if !self.begin_flight(&task_id) {
+            return Settled::Skipped;
+        }
+        let settled = self.settle_in_flight(task, reroute_unreachable).await;
+        self.end_flight(&task_id);
+        settled
+    }
+
+    async fn settle_in_flight(&self, task: UnfinishedTask, reroute_unreachable: bool) -> Settled {
+        let step = match (task.status, task.ti_uuid) {
+            (TaskStatus::Scheduled, Some(ti)) => match self.ask_ti(&task, ti).await {
+                Asked::Finished => return Settled::Stored,
+                Asked::Running => return Settled::Kept,
+                // The TI never saw it (it restarted, or the dispatch was lost).
+                Asked::Unknown => Step::Dispatch(ti),
+                Asked::Unreachable if reroute_unreachable => {
+                    self.mark_unhealthy(ti, "unreachable during recovery");
+                    Step::Reroute
+                }
+                Asked::Unreachable => return Settled::Unreachable,
+            },
+            _ => {
+                let (usable_ti, model_usable) = self.usability(task.ti_uuid, &task.model_name);
+                match usable_ti {
+                    Some(ti) => Step::Dispatch(ti),
+                    None if model_usable => Step::Reroute,
+                    None => return Settled::Waiting,
+                }
+            }
+        };
+        let payload = match Payload::from_stored(task.model_name, task.task_input, task.metadata) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(task_id = %task.task_id, error = %e, "cannot dispatch");
+                return Settled::Skipped;
+            }
+        };
+        self.drive(&task.task_id, step, &payload).await;
+        match step {
+            Step::Dispatch(_) => Settled::Sent,
+            Step::Reroute => Settled::Rerouted,
+        }
+    }
+
+    /// The task's TI if it is usable, and whether any TI of the model is.
+    fn usability(&self, ti: Option<TiUuid>, model: &str) -> (Option<TiUuid>, bool) {
+        let st = self.state();
+        let usable = |id: &TiUuid| st.tis.get(id).is_some_and(|e| e.usable());
+        (
+            ti.filter(|id| usable(id)),
+            st.models
+                .get(model)
+                .is_some_and(|ids| ids.iter().any(usable)),
+        )
+    }
+
+    /// Asks the TI what became of a scheduled task; stores the outcome if it is finished.
+    async fn ask_ti(&self, task: &UnfinishedTask, ti: TiUuid) -> Asked {
         let target = {
             let st = self.state();
             st.tis.get(&ti).map(|e| (e.ti.host.clone(), e.ti.port))
         };
-        let Some((host, port)) = target else { return };
-        match self
+        let Some((host, port)) = target else {
+            return Asked::Unknown;
+        };
+        let report = match self
             .inner
             .client
             .task_report(&host, port, task.task_id.as_str())
             .await
         {
-            Ok(Some(report)) => match report.status {
-                TiTaskStatus::Completed | TiTaskStatus::Failed => {
-                    let error = (report.status == TiTaskStatus::Failed).then(|| {
-                        report
-                            .error
-                            .unwrap_or_else(|| "the TI reported the task failed".into())
-                    });
-                    let exec = report.execution_time.unwrap_or(0.0);
-                    if let Err(e) = self
-                        .complete(
-                            &task.task_id,
-                            &task.model_name,
-                            ti,
-                            exec,
-                            report.result,
-                            error,
-                        )
-                        .await
-                    {
-                        tracing::error!(task_id = %task.task_id, error = ?e, "storing a reconciled result failed");
-                    } else {
-                        tracing::info!(task_id = %task.task_id, ti = %ti, "result recovered by reconciliation");
-                    }
-                }
-                TiTaskStatus::Queued | TiTaskStatus::Running => {}
-            },
-            Ok(None) => {
-                // The TI never saw it (it restarted, or the dispatch was lost): send again.
-                tracing::info!(task_id = %task.task_id, ti = %ti, "TI does not know the task; dispatching again");
-                match Payload::from_stored(task.model_name, task.task_input, task.metadata) {
-                    Ok(p) => self.spawn_drive(task.task_id, Step::Dispatch(ti), Arc::new(p)),
-                    Err(e) => tracing::error!(error = %e, "cannot dispatch again"),
-                }
+            Ok(Some(report)) => report,
+            Ok(None) => return Asked::Unknown,
+            Err(e) => {
+                tracing::debug!(task_id = %task.task_id, ti = %ti, error = %e, "reconciliation failed");
+                return Asked::Unreachable;
+            }
+        };
+        let error = match report.status {
+            TiTaskStatus::Queued | TiTaskStatus::Running => return Asked::Running,
+            TiTaskStatus::Completed => None,
+            TiTaskStatus::Failed => Some(
+                report
+                    .error
+                    .unwrap_or_else(|| "the TI reported the task failed".into()),
+            ),
+        };
+        let exec = report.execution_time.unwrap_or(0.0);
+        match self
+            .complete(
+                &task.task_id,
+                &task.model_name,
+                ti,
+                exec,
+                report.result,
+                error,
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(task_id = %task.task_id, ti = %ti, "result recovered from the TI");
+                Asked::Finished
             }
             Err(e) => {
-                tracing::debug!(task_id = %task.task_id, ti = %ti, error = %e, "reconciliation failed; the health probe decides");
+                tracing::error!(task_id = %task.task_id, error = ?e, "storing a recovered result failed");
+                Asked::Unreachable
             }
         }
     }
 
-    /// One pass over the unfinished tasks: drives what nobody drives. With
-    /// `reconcile_all`, every scheduled task is checked with its TI (start-up); otherwise
-    /// only those whose callback is overdue.
-    pub async fn sweep(&self, reconcile_all: bool) -> Result<SweepReport, Error> {
+    /// One pass over the unfinished tasks: drives in the background what nobody drives:
+    /// queued tasks (after a failed write, or waiting for a usable TI) and scheduled
+    /// tasks whose callback is overdue.
+    pub async fn sweep(&self) -> Result<SweepReport, Error> {
         let tasks = TaskRepo::unfinished(&self.inner.db.read).await?;
-        let overdue_before = if reconcile_all {
-            f64::INFINITY
-        } else {
-            unix_now() - self.inner.settings.ti.reconcile_after_ms as f64 / 1000.0
-        };
+        let overdue_before = unix_now() - self.inner.settings.ti.reconcile_after_ms as f64 / 1000.0;
         let mut report = SweepReport::default();
         for task in tasks {
             if self.is_in_flight(&task.task_id) {
                 continue;
             }
-            let (usable_ti, model_usable) = {
-                let st = self.state();
-                let usable = |id: &TiUuid| st.tis.get(id).is_some_and(|e| e.usable());
-                (
-                    task.ti_uuid.filter(|id| usable(id)),
-                    st.models
-                        .get(&task.model_name)
-                        .is_some_and(|ids| ids.iter().any(usable)),
-                )
+            let due = match task.status {
+                TaskStatus::Queued => {
+                    let (usable_ti, model_usable) = self.usability(task.ti_uuid, &task.model_name);
+                    if usable_ti.is_none() && !model_usable {
+                        report.waiting += 1;
+                    }
+                    usable_ti.is_some() || model_usable
+                }
+                TaskStatus::Scheduled => task.dispatch_time.is_some_and(|t| t < overdue_before),
+                TaskStatus::Completed => false,
             };
-            match (task.status, task.ti_uuid) {
-                (TaskStatus::Queued, _) if usable_ti.is_some() || model_usable => {
-                    let step = usable_ti.map_or(Step::Reroute, Step::Dispatch);
-                    match Payload::from_stored(task.model_name, task.task_input, task.metadata) {
-                        Ok(p) => {
-                            report.dispatched += 1;
-                            self.spawn_drive(task.task_id, step, Arc::new(p));
-                        }
-                        Err(e) => {
-                            tracing::error!(task_id = %task.task_id, error = %e, "cannot dispatch")
-                        }
-                    }
-                }
-                (TaskStatus::Queued, _) => report.waiting += 1,
-                (TaskStatus::Scheduled, Some(ti))
-                    if task.dispatch_time.is_some_and(|t| t < overdue_before) =>
-                {
-                    report.reconciled += 1;
-                    let id = task.task_id.clone();
-                    if self.begin_flight(&id) {
-                        let this = self.clone();
-                        self.inner.tracker.spawn(async move {
-                            this.reconcile(task, ti).await;
-                            this.end_flight(&id);
-                        });
-                    }
-                }
-                _ => report.running += 1,
+            if !due {
+                continue;
             }
+            report.driven += 1;
+            let this = self.clone();
+            self.inner.tracker.spawn(async move {
+                this.settle(task, false).await;
+            });
         }
         Ok(report)
     }
@@ -604,10 +640,50 @@ impl Scheduler {
     pub(super) fn spawn_sweep(&self) {
         let this = self.clone();
         self.inner.tracker.spawn(async move {
-            if let Err(e) = this.sweep(false).await {
+            if let Err(e) = this.sweep().await {
                 tracing::error!(error = ?e, "sweep failed");
             }
         });
+    }
+
+    /// Start-up recovery: settles every unfinished task with its TI (finished → stored;
+    /// queued or running there → kept; unknown there → sent again; TI unreachable →
+    /// re-routed; queued → dispatched) and logs a one-line summary.
+    pub async fn recover(&self) -> Result<RecoveryReport, Error> {
+        let started = std::time::Instant::now();
+        let tasks = TaskRepo::unfinished(&self.inner.db.read).await?;
+        let mut report = RecoveryReport {
+            unfinished: tasks.len(),
+            ..RecoveryReport::default()
+        };
+        let settled: Vec<Settled> = futures::stream::iter(tasks)
+            .map(|task| self.settle(task, true))
+            .buffer_unordered(RECOVERY_CONCURRENCY)
+            .collect()
+            .await;
+        for s in settled {
+            match s {
+                Settled::Stored => report.stored += 1,
+                Settled::Kept => report.kept += 1,
+                Settled::Sent => report.sent += 1,
+                Settled::Rerouted => report.rerouted += 1,
+                Settled::Waiting => report.waiting += 1,
+                Settled::Unreachable | Settled::Skipped => report.skipped += 1,
+            }
+        }
+        report.elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            unfinished = report.unfinished,
+            results_recovered = report.stored,
+            still_running = report.kept,
+            sent_again = report.sent,
+            rerouted = report.rerouted,
+            waiting_for_a_ti = report.waiting,
+            skipped = report.skipped,
+            elapsed_ms = report.elapsed_ms,
+            "recovery done"
+        );
+        Ok(report)
     }
 
     /// Probes every registered TI, and every removed one still holding tasks, once;
@@ -669,23 +745,13 @@ impl Scheduler {
         healthy
     }
 
-    /// Starts the health-probe and sweep loops, and a first sweep that reconciles every
-    /// scheduled task with its TI (start-up recovery).
+    /// Starts start-up recovery, then the loop of health probes and sweeps.
     pub fn start_background(&self) {
         let interval = Duration::from_millis(self.inner.settings.ti.health_interval_ms.max(10));
         let this = self.clone();
         self.inner.tracker.spawn(async move {
-            let started = std::time::Instant::now();
-            match this.sweep(true).await {
-                Ok(r) => tracing::info!(
-                    dispatched = r.dispatched,
-                    reconciled = r.reconciled,
-                    waiting = r.waiting,
-                    running = r.running,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "recovery sweep done"
-                ),
-                Err(e) => tracing::error!(error = ?e, "recovery sweep failed"),
+            if let Err(e) = this.recover().await {
+                tracing::error!(error = ?e, "recovery failed; the sweeps will retry");
             }
             let mut ticks = tokio::time::interval(interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -696,7 +762,7 @@ impl Scheduler {
                     _ = this.inner.shutdown.cancelled() => return,
                 }
                 this.probe_health().await;
-                if let Err(e) = this.sweep(false).await {
+                if let Err(e) = this.sweep().await {
                     tracing::error!(error = ?e, "sweep failed");
                 }
             }
@@ -722,31 +788,76 @@ impl Scheduler {
 /// What one sweep did.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct SweepReport {
-    /// Queued tasks sent to a TI (or re-routed).
-    pub dispatched: usize,
-    /// Scheduled tasks checked with their TI.
-    pub reconciled: usize,
+    /// Tasks handed to a worker (dispatch, re-route or reconciliation).
+    pub driven: usize,
     /// Queued tasks with no usable TI.
     pub waiting: usize,
-    /// Scheduled tasks left alone.
-    pub running: usize,
 }
+
+/// What start-up recovery did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct RecoveryReport {
+    /// Unfinished tasks found in the database.
+    pub unfinished: usize,
+    /// Finished on their TI while we were down: outcome stored.
+    pub stored: usize,
+    /// Still queued or running on their TI.
+    pub kept: usize,
+    /// Sent to their TI (again).
+    pub sent: usize,
+    /// Moved to another TI.
+    pub rerouted: usize,
+    /// No usable TI for their model yet.
+    pub waiting: usize,
+    /// Left for the sweeps (unreadable, or driven by someone else).
+    pub skipped: usize,
+    /// Time taken, ms.
+    pub elapsed_ms: u64,
+}
+
+/// What settling one unfinished task did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    Stored,
+    Kept,
+    Sent,
+    Rerouted,
+    Waiting,
+    Unreachable,
+    Skipped,
+}
+
+/// What a TI said of a task.
+enum Asked {
+    Finished,
+    Running,
+    Unknown,
+    Unreachable,
+}
+
+/// Reconciliations in flight at once during start-up recovery.
+const RECOVERY_CONCURRENCY: usize = 64;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn allow_list_matches_names_addresses_and_networks() {
+    #[test]
+    fn allow_list_matches_names_addresses_and_networks() {
         let rules: Vec<HostRule> = ["localhost", "10.1.0.0/16", "::1"]
             .iter()
             .map(|r| HostRule::parse(r).unwrap())
             .collect();
-        assert!(host_allowed(&rules, "LOCALHOST").await);
-        assert!(host_allowed(&rules, "10.1.200.3").await);
-        assert!(!host_allowed(&rules, "10.2.0.1").await);
-        assert!(host_allowed(&rules, "::1").await);
-        assert!(!host_allowed(&rules, "127.0.0.2").await);
+        assert!(host_allowed(&rules, "LOCALHOST"));
+        assert!(host_allowed(&rules, "10.1.200.3"));
+        assert!(!host_allowed(&rules, "10.2.0.1"));
+        assert!(host_allowed(&rules, "::1"));
+        assert!(host_allowed(&rules, "[::1]"));
+        assert!(!host_allowed(&rules, "127.0.0.2"));
+        assert!(
+            !host_allowed(&rules, "example.com"),
+            "names are not resolved"
+        );
         assert!(HostRule::parse("10.0.0.0/33").is_err());
         assert!(HostRule::parse("").is_err());
     }

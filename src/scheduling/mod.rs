@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 
+pub use dispatch::{RecoveryReport, SweepReport};
 pub use queue::QueueEstimate;
 pub use state::{State, TiEntry};
 
@@ -395,7 +396,7 @@ impl Scheduler {
         model_name: Option<&str>,
     ) -> Result<TiUuid, Error> {
         if !self.inner.settings.allowed_hosts.is_empty()
-            && !dispatch::host_allowed(&self.inner.settings.allowed_hosts, host).await
+            && !dispatch::host_allowed(&self.inner.settings.allowed_hosts, host)
         {
             return Err(Error::Invalid(format!(
                 "host '{host}' is not in the allowed TI hosts (ti.allowed_hosts)"

@@ -5,7 +5,7 @@
 //! `(base_ms + per_input_token_ms · input_tokens + per_output_token_ms · output_tokens)`
 //! times a mean-one lognormal noise times the slowdown factor, then POSTs the result to
 //! the task's callback URL. Fault switches (`POST /admin/faults`) make it fail its health
-//! check, refuse submits, drop callbacks, fail tasks or slow down; `GET /admin/stats`
+//! check, refuse or hang on submits, drop callbacks, fail tasks or slow down; `GET /admin/stats`
 //! counts what it received and executed. Tests, the demo and benchmarks start it on
 //! ephemeral ports with [`SimTi::spawn`]; `ti-scheduler sim-ti` runs one from the shell.
 
@@ -86,6 +86,8 @@ pub struct Faults {
     pub fail_tasks: bool,
     /// Execution times are multiplied by this.
     pub slowdown: f64,
+    /// `POST /queue/submit` answers only after this long, ms (a hanging TI).
+    pub submit_delay_ms: u64,
 }
 
 impl Default for Faults {
@@ -96,6 +98,7 @@ impl Default for Faults {
             drop_callbacks: false,
             fail_tasks: false,
             slowdown: 1.0,
+            submit_delay_ms: 0,
         }
     }
 }
@@ -365,6 +368,10 @@ async fn info(State(sim): State<Arc<Sim>>) -> Json<Value> {
 }
 
 async fn submit(State(sim): State<Arc<Sim>>, body: axum::body::Bytes) -> Response {
+    let delay = lock(&sim.faults).submit_delay_ms;
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     if lock(&sim.faults).refuse_submits {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -142,3 +142,58 @@ async fn a_task_with_no_usable_ti_stays_queued_and_is_dispatched_when_one_is() {
     let done = app.wait_completed(&task_id).await;
     assert_eq!(done["scheduled_ti"], id.as_str());
 }
+
+#[tokio::test]
+async fn a_ti_that_hangs_on_dispatch_times_out_and_the_task_goes_elsewhere() {
+    let app = crate::helpers::spawn_app_with(|s| s.ti.dispatch_timeout_ms = 150).await;
+    let hanging = spawn_ti("llama-7b", "A100", 5.0).await;
+    let working = spawn_ti("llama-7b", "A100", 5.0).await;
+    hanging.set_faults(Faults {
+        submit_delay_ms: 5_000,
+        ..Faults::default()
+    });
+    let hanging_id = app.register(&hanging).await;
+    let working_id = app.register(&working).await;
+    app.set_strategy("round_robin").await;
+    let (task, first_choice) = app.submit("llama-7b", json!({})).await;
+    assert_eq!(first_choice, hanging_id);
+    let done = app.wait_completed(&task).await;
+    assert_eq!(done["scheduled_ti"], working_id.as_str());
+    assert!(!app.healthy(&hanging_id).await || hanging.stats().accepted == 0);
+    let attempts = app.count(&format!(
+        "SELECT COUNT(*) FROM decisions WHERE task_id = '{task}'"
+    ));
+    assert_eq!(attempts, 2, "one decision at submit, one for the re-route");
+}
+
+#[tokio::test]
+async fn a_task_its_ti_forgot_is_sent_to_it_again() {
+    // A TI that restarts loses its queue; reconciliation finds it does not know the task.
+    let app = crate::helpers::spawn_app_with(|s| s.ti.reroute_after_failed_probes = 1_000).await;
+    let first = spawn_ti("llama-7b", "A100", 400.0).await;
+    let addr = first.addr();
+    let id = app.register(&first).await;
+    let (task, _) = app.submit("llama-7b", json!({})).await;
+    wait_for("the TI to accept", || async {
+        (app.query(&task).await["task_status"] == "scheduled").then_some(())
+    })
+    .await;
+    first.stop().await;
+    let reborn = ti_scheduler::ti::sim::SimTi::spawn(
+        ti_scheduler::ti::sim::SimConfig {
+            model: "llama-7b".into(),
+            base_ms: 5.0,
+            ..Default::default()
+        },
+        addr,
+    )
+    .await
+    .expect("the TI restarts on the same port");
+    let done = app.wait_completed(&task).await;
+    assert_eq!(done["scheduled_ti"], id.as_str());
+    assert_eq!(
+        reborn.stats().accepted,
+        1,
+        "the reborn TI got the task again"
+    );
+}

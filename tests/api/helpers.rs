@@ -214,8 +214,13 @@ impl TestApp {
     /// Stops the service and starts a new one on the same database file.
     pub async fn restart(self) -> TestApp {
         let (settings, dir) = self.stop().await;
-        start(settings, dir).await
+        restart_from(settings, dir).await
     }
+}
+
+/// Starts a service on the settings (and database) of a stopped one.
+pub async fn restart_from(settings: Settings, dir: std::sync::Arc<TempDir>) -> TestApp {
+    start(settings, dir).await
 }
 
 async fn read(resp: reqwest::Response) -> (StatusCode, Value) {

@@ -64,3 +64,34 @@ async fn unfinished_tasks_complete_after_a_restart() {
     let q = app.queue_of(&ti_id).await;
     assert_eq!(q["queue_length"], 0, "{q}");
 }
+
+#[tokio::test]
+async fn tasks_of_a_ti_unreachable_at_start_up_are_rerouted() {
+    let app = spawn_app().await;
+    let doomed = spawn_ti("llama-7b", "A100", 5_000.0).await;
+    let survivor = spawn_ti("llama-7b", "A100", 5.0).await;
+    app.register(&doomed).await;
+    let survivor_id = app.register(&survivor).await;
+    app.set_strategy("round_robin").await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        tasks.push(app.submit("llama-7b", json!({})).await.0);
+    }
+    let (settings, dir) = app.stop().await;
+    doomed.stop().await;
+    let app = crate::helpers::restart_from(settings, dir).await;
+    for task in &tasks {
+        let done = app.wait_completed(task).await;
+        assert_eq!(done["scheduled_ti"], survivor_id.as_str());
+    }
+    assert_eq!(survivor.stats().accepted, 4);
+    let history: String = app.sql(
+        "SELECT group_concat(task_id || ' ' || reason || ' ' || chosen_ti, char(10)) FROM decisions",
+        |r| r.get(0),
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM decisions WHERE reason = 'reroute'"),
+        2,
+        "{history}"
+    );
+}

@@ -206,3 +206,42 @@ async fn registering_a_removed_address_again_revives_the_same_uuid() {
     let (_, ti_chosen) = app.submit("llama-7b", json!({})).await;
     assert_eq!(ti_chosen, id);
 }
+
+#[tokio::test]
+async fn registering_outside_the_allow_list_is_400_without_connecting() {
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.ti.allowed_hosts = vec!["10.0.0.0/8".into(), "ti.internal".into()]
+    })
+    .await;
+    let ti = spawn_ti("llama-7b", "A100", 10.0).await;
+    let (status, body) = app
+        .post(
+            "/ti/register",
+            json!({"host": "127.0.0.1", "port": ti.addr().port()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body["message"],
+        "host '127.0.0.1' is not in the allowed TI hosts (ti.allowed_hosts)"
+    );
+    assert_eq!(body["ti_uuid"], "");
+
+    let allowed =
+        crate::helpers::spawn_app_with(|s| s.ti.allowed_hosts = vec!["127.0.0.0/8".into()]).await;
+    allowed.register(&ti).await;
+}
+
+#[tokio::test]
+async fn registering_a_ti_that_does_not_answer_is_502_timed_out() {
+    let app = spawn_app().await;
+    // Accepts connections (the kernel does) but never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let (status, body) = app
+        .post("/ti/register", json!({"host": "127.0.0.1", "port": port}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(body["message"], "timed out after 500 ms");
+    drop(silent);
+}
