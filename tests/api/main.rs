@@ -5,6 +5,7 @@ mod helpers;
 
 mod cleanup;
 mod faults;
+mod fuzz;
 mod ops;
 mod queue;
 mod restart;

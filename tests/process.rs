@@ -1,0 +1,345 @@
+//! The real binary as a child process: graceful shutdown on SIGTERM, and the crash test
+//! (SIGKILL at random moments under concurrent load, restart on the same database, then
+//! every acknowledged task must exist and complete, each executed once).
+//!
+//! `CRASH_KILLS` sets the number of kill points (default 5; `scripts/crash-loop.sh` runs
+//! more) and `CRASH_SEED` the seed of the kill moments (default: random, printed).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use ti_scheduler::ti::sim::{SimConfig, SimTi};
+
+/// The service under test, as a child process on a fixed port and database file.
+struct Service {
+    child: Child,
+    port: u16,
+    db: PathBuf,
+    log: PathBuf,
+}
+
+impl Service {
+    fn start(port: u16, db: &Path, log: &Path) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ti-scheduler"))
+            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+            .arg("--db")
+            .arg(db)
+            .env("TI_SCHEDULER__TI__HEALTH_INTERVAL_MS", "200")
+            .env("TI_SCHEDULER__TI__RECONCILE_AFTER_MS", "1000")
+            .env("TI_SCHEDULER__CLEANUP__SCHEDULE", "* * * * * *")
+            .env("TI_SCHEDULER__CLEANUP__RESULT_TTL_SECS", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("the binary starts");
+        Self {
+            child,
+            port,
+            db: db.to_path_buf(),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    async fn wait_ready(&self, client: &reqwest::Client) {
+        for _ in 0..400 {
+            if let Ok(r) = client.get(self.url("/ready")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the service did not get ready; log:\n{}", self.log_tail());
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// kill -9.
+    fn kill(mut self) -> (u16, PathBuf, PathBuf) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        (self.port, self.db, self.log)
+    }
+
+    /// SIGTERM; returns the exit code.
+    fn terminate(mut self) -> Option<i32> {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) with a valid signal on our own child's pid has no memory effects.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0);
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.child.kill().unwrap();
+        panic!(
+            "the service did not stop on SIGTERM; log:\n{}",
+            self.log_tail()
+        );
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+async fn spawn_tis(n: usize, base_ms: f64) -> Vec<SimTi> {
+    let mut tis = Vec::new();
+    for i in 0..n {
+        let config = SimConfig {
+            model: "llama-7b".into(),
+            hardware: Some(if i % 2 == 0 { "A100" } else { "H100" }.into()),
+            parallelism: 4,
+            base_ms,
+            noise: 0.3,
+            seed: i as u64 + 1,
+            ..SimConfig::default()
+        };
+        tis.push(
+            SimTi::spawn(config, "127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    tis
+}
+
+async fn register(client: &reqwest::Client, service: &Service, ti: &SimTi) {
+    let resp = client
+        .post(service.url("/ti/register"))
+        .json(&json!({"host": "127.0.0.1", "port": ti.addr().port()}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+}
+
+async fn get_json(client: &reqwest::Client, url: String) -> (u16, Value) {
+    let resp = client.get(url).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_service_cleanly_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, log) = (dir.path().join("s.db"), dir.path().join("s.log"));
+    let tis = spawn_tis(1, 50.0).await;
+    let client = client();
+    let service = Service::start(free_port(), &db, &log);
+    service.wait_ready(&client).await;
+    register(&client, &service, &tis[0]).await;
+    let resp: Value = client
+        .post(service.url("/queue/submit"))
+        .json(&json!({"model_name": "llama-7b", "task_input": {"p": 1}, "task_id": "term-1"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(resp["task_id"], "term-1");
+    let port = service.port;
+    assert_eq!(service.terminate(), Some(0), "exit code 0 on SIGTERM");
+
+    let service = Service::start(port, &db, &log);
+    service.wait_ready(&client).await;
+    for _ in 0..200 {
+        let (status, body) = get_json(&client, service.url("/task/query?task_id=term-1")).await;
+        assert_eq!(status, 200, "{body}");
+        if body["task_status"] == "completed" {
+            assert_eq!(service.terminate(), Some(0));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "term-1 did not complete after the restart; log:\n{}",
+        service.log_tail()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_acknowledged_task_is_lost_when_the_service_is_killed() {
+    let kills: usize = std::env::var("CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("crash test: {kills} kill points, CRASH_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (db, log) = (dir.path().join("crash.db"), dir.path().join("crash.log"));
+    let tis = spawn_tis(3, 20.0).await;
+    let client = client();
+    let mut service = Service::start(free_port(), &db, &log);
+    service.wait_ready(&client).await;
+    for ti in &tis {
+        register(&client, &service, ti).await;
+    }
+
+    // Clients submit with their own task_id and, when the service does not answer,
+    // submit the same id again until it does (the idempotent resubmit).
+    let base_url = service.url("");
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let resubmits = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (acked, resubmits, stop, base) = (
+            acked.clone(),
+            resubmits.clone(),
+            stop.clone(),
+            base_url.clone(),
+        );
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let id = format!("crash-c{c}-{n}");
+                let body = json!({"model_name": "llama-7b", "task_id": id,
+                                  "task_input": {"n": n}, "metadata": {"output_tokens": n % 50}});
+                loop {
+                    match http
+                        .post(format!("{base}/queue/submit"))
+                        .json(&body)
+                        .send()
+                        .await
+                    {
+                        Ok(r) if r.status().is_success() => {
+                            let answer: Value = r.json().await.unwrap();
+                            assert_eq!(answer["task_id"], id.as_str());
+                            acked.lock().unwrap().push(id.clone());
+                            break;
+                        }
+                        Ok(r) => panic!("submit answered {}", r.status()),
+                        Err(_) => {
+                            resubmits.fetch_add(1, Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+                n += 1;
+            }
+        }));
+    }
+
+    for k in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
+        let before = acked.lock().unwrap().len();
+        let (port, db, log) = service.kill();
+        println!("kill {}: {before} tasks acknowledged so far", k + 1);
+        service = Service::start(port, &db, &log);
+        service.wait_ready(&client).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    let acked: Vec<String> = acked.lock().unwrap().clone();
+    let distinct: HashSet<&String> = acked.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        acked.len(),
+        "an id was acknowledged twice as new"
+    );
+
+    // Every task in the database finishes (results come by callback or reconciliation).
+    let unfinished = || {
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        conn.query_row(
+            "SELECT COUNT(*) FROM tasks WHERE status <> 'completed'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+    };
+    let mut waited = 0;
+    while unfinished() > 0 {
+        assert!(
+            waited < 600,
+            "tasks still unfinished after 30 s; log:\n{}",
+            service.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+
+    let mut lost = Vec::new();
+    for id in &acked {
+        let (status, body) =
+            get_json(&client, service.url(&format!("/task/query?task_id={id}"))).await;
+        if status != 200 || body["task_status"] != "completed" {
+            lost.push((id.clone(), status, body));
+        }
+    }
+    let stored: i64 = {
+        let conn =
+            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .unwrap();
+        conn.query_row("SELECT COUNT(*) FROM tasks", [], |r| r.get(0))
+            .unwrap()
+    };
+    let executed: u64 = tis.iter().map(|t| t.stats().accepted).sum();
+    let twice = executed.saturating_sub(stored as u64);
+    println!(
+        "crash test result: kill points {kills}, tasks acknowledged {}, tasks stored {stored}, \
+         lost {}, executed twice {twice}, resubmits {} (seed {seed})",
+        acked.len(),
+        lost.len(),
+        resubmits.load(Ordering::Relaxed)
+    );
+    assert!(lost.is_empty(), "acknowledged tasks lost: {lost:?}");
+    assert!(stored as usize >= acked.len());
+    assert_eq!(
+        executed, stored as u64,
+        "every stored task ran exactly once on the TIs"
+    );
+    assert_eq!(service.terminate(), Some(0));
+}
