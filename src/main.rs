@@ -47,6 +47,13 @@ enum Command {
         #[arg(long)]
         append: bool,
     },
+    /// Rebuild the learned models and running statistics from the task history in a
+    /// database. Run it while the server is stopped.
+    Retrain {
+        /// The database file.
+        #[arg(long, default_value = "data/ti-scheduler.db")]
+        db: PathBuf,
+    },
     /// Run a simulated Task Instance.
     SimTi(SimArgs),
 }
@@ -120,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::ImportLookup { file, db, append } => import_lookup(&file, &db, append).await,
+        Command::Retrain { db } => retrain(&db).await,
         Command::SimTi(args) => sim_ti(args).await,
     }
 }
@@ -196,6 +204,21 @@ async fn import_lookup(file: &Path, db_path: &Path, append: bool) -> anyhow::Res
         "{}: imported {count} rows from {} ({total} rows in the table)",
         db_path.display(),
         file.display()
+    );
+    Ok(())
+}
+
+async fn retrain(db_path: &Path) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let (db, writer) = store::open(db_path, store::Durability::Full, 1, 1, stop.clone()).await?;
+    let report = predictor::retrain(&db).await?;
+    stop.cancel();
+    writer.await?;
+    println!(
+        "{}: retrained {} models from {} successful executions",
+        db_path.display(),
+        report.models,
+        report.executions
     );
     Ok(())
 }

@@ -24,7 +24,9 @@ use tokio::time::Instant;
 
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid};
-use crate::store::{Completion, DecisionReason, DecisionRepo, StatsRepo, TaskRepo, UnfinishedTask};
+use crate::store::{
+    Completion, DecisionReason, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo, UnfinishedTask,
+};
 use crate::ti::protocol::{DispatchRequest, ResultCallback, TiTaskStatus};
 
 /// What a dispatcher needs of a task.
@@ -458,19 +460,28 @@ impl Scheduler {
             .writer
             .run(move |conn| {
                 Box::pin(async move {
-                    let applied = TaskRepo::mark_completed(conn, &id, &completion).await?;
-                    if applied && outcome == Outcome::Succeeded {
+                    let Some(metadata) = TaskRepo::mark_completed(conn, &id, &completion).await?
+                    else {
+                        return Ok(false);
+                    };
+                    if outcome == Outcome::Succeeded {
+                        let metadata: Map<String, Value> =
+                            serde_json::from_str(&metadata).unwrap_or_default();
                         // Inside the writer, so observations are applied in commit order.
                         let changed = this.state().predictor.observe(
                             &model,
                             hardware.as_deref(),
+                            &metadata,
                             execution_ms,
                         );
-                        for stats in &changed {
+                        for stats in &changed.stats {
                             StatsRepo::save(conn, stats).await?;
                         }
+                        for learned in &changed.models {
+                            LearnedRepo::save(conn, learned).await?;
+                        }
                     }
-                    Ok(applied)
+                    Ok(true)
                 })
             })
             .await?;

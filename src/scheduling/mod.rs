@@ -34,8 +34,8 @@ use crate::config::Settings;
 use crate::domain::{unix_now, TaskId, TiUuid};
 use crate::predictor::{LookupRow, Predictor};
 use crate::store::{
-    Db, DecisionReason, DecisionRepo, LookupRepo, NewDecision, NewTask, SettingsRepo, StatsRepo,
-    StoreError, StoredTask, StoredTi, TaskRepo, TiRepo,
+    Db, DecisionReason, DecisionRepo, LearnedRepo, LookupRepo, NewDecision, NewTask, SettingsRepo,
+    StatsRepo, StoreError, StoredTask, StoredTi, TaskRepo, TiRepo,
 };
 use crate::ti::{TiClient, TiError};
 
@@ -242,6 +242,7 @@ impl Scheduler {
             settings.scheduling.prior_error_ms,
             LookupRepo::all(&db.read).await?,
             StatsRepo::all(&db.read).await?,
+            LearnedRepo::all(&db.read).await?,
         );
         let rng = match settings.scheduling.rng_seed {
             0 => StdRng::from_os_rng(),

@@ -6,6 +6,7 @@
 //! checked at compile time against the migrated schema (offline metadata in `sqlx-data/`).
 
 mod decisions;
+mod learned;
 mod lookup;
 mod settings;
 mod stats;
@@ -25,10 +26,11 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, SqliteConnection};
 
 pub use decisions::{Candidate, DecisionReason, DecisionRepo, NewDecision};
+pub use learned::{LearnedRepo, StoredModel};
 pub use lookup::LookupRepo;
 pub use settings::SettingsRepo;
 pub use stats::{ExecutionStats, StatsRepo};
-pub use tasks::{Completion, NewTask, StoredTask, TaskRepo, UnfinishedTask};
+pub use tasks::{Completion, Execution, NewTask, StoredTask, TaskRepo, UnfinishedTask};
 pub use tis::{StoredTi, TiRepo};
 pub use writer::Writer;
 

@@ -34,6 +34,14 @@ impl StatsRepo {
         Ok(rows)
     }
 
+    /// Deletes every row (before a retrain).
+    pub async fn clear(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+        sqlx::query!("DELETE FROM execution_stats")
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+
     /// Stores one row, replacing the previous values.
     pub async fn save(
         conn: &mut SqliteConnection,

@@ -79,6 +79,19 @@ pub struct UnfinishedTask {
     pub dispatch_time: Option<f64>,
 }
 
+/// A successful execution, as `ti-scheduler retrain` learns from it.
+#[derive(Debug, Clone)]
+pub struct Execution {
+    /// The model.
+    pub model_name: String,
+    /// The hardware of the TI it ran on, if known.
+    pub hardware: Option<String>,
+    /// The task's metadata, JSON text.
+    pub metadata: String,
+    /// ms, as reported by the TI.
+    pub execution_time_ms: f64,
+}
+
 /// What a TI reported for a finished task.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -226,29 +239,46 @@ impl TaskRepo {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Stores a task's result. Returns false (changing nothing) if it was already completed:
-    /// the first result wins.
+    /// Stores a task's result. Returns the task's metadata (JSON text) if it did, `None`
+    /// (changing nothing) if the task was already completed: the first result wins.
     pub async fn mark_completed(
         conn: &mut SqliteConnection,
         task_id: &TaskId,
         done: &Completion,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<String>, StoreError> {
         let id = task_id.as_str();
         let result = done.result.to_string();
         let outcome = done.outcome.as_str();
-        let updated = sqlx::query!(
+        let metadata = sqlx::query_scalar!(
             "UPDATE tasks SET status = 'completed', result = ?, outcome = ?,
                               execution_time_ms = ?, completion_time = ?
-             WHERE task_id = ? AND status <> 'completed'",
+             WHERE task_id = ? AND status <> 'completed'
+             RETURNING metadata",
             result,
             outcome,
             done.execution_time_ms,
             done.completion_time,
             id
         )
-        .execute(conn)
+        .fetch_optional(conn)
         .await?;
-        Ok(updated.rows_affected() == 1)
+        Ok(metadata)
+    }
+
+    /// Every successful execution, oldest first, with the hardware it ran on: the
+    /// training data of `ti-scheduler retrain`.
+    pub async fn executions(exec: impl SqliteExecutor<'_>) -> Result<Vec<Execution>, StoreError> {
+        let rows = sqlx::query_as!(
+            Execution,
+            r#"SELECT t.model_name, ti.hardware, t.metadata,
+                      t.execution_time_ms AS "execution_time_ms!: f64"
+               FROM tasks t LEFT JOIN task_instances ti ON ti.ti_uuid = t.ti_uuid
+               WHERE t.outcome = 'succeeded' AND t.execution_time_ms IS NOT NULL
+               ORDER BY t.completion_time"#
+        )
+        .fetch_all(exec)
+        .await?;
+        Ok(rows)
     }
 
     /// Every task not yet completed, oldest first.

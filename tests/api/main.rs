@@ -7,6 +7,7 @@ mod cleanup;
 mod faults;
 mod fuzz;
 mod ops;
+mod prediction;
 mod queue;
 mod restart;
 mod result;
