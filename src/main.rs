@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use ti_scheduler::config::Settings;
+use ti_scheduler::scheduling::{PredictMode, StrategyKind};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
-use ti_scheduler::{predictor, store, App};
+use ti_scheduler::{bench, predictor, store, App};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +57,60 @@ enum Command {
     },
     /// Run a simulated Task Instance.
     SimTi(SimArgs),
+    /// Benchmarks: measurements for the README, not tests.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Accuracy of the default predictor against the running mean (offline, no HTTP).
+    Prediction {
+        /// Completions after which accuracy is measured.
+        #[arg(long, value_delimiter = ',', default_value = "20,50,200,1000")]
+        checkpoints: Vec<usize>,
+        /// σ of the lognormal noise on execution times.
+        #[arg(long, default_value_t = 0.1)]
+        noise: f64,
+        /// Held-out tasks.
+        #[arg(long, default_value_t = 500)]
+        test_tasks: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+    /// Job completion time per strategy and predict mode on a heterogeneous cluster, and
+    /// the calibration of the queue estimates (real service and simulated TIs in-process).
+    Strategies {
+        /// Measured tasks per run.
+        #[arg(long, default_value_t = 600)]
+        tasks: usize,
+        /// Warm-up tasks per run.
+        #[arg(long, default_value_t = 150)]
+        warmup: usize,
+        /// Arrival rates as shares of capacity.
+        #[arg(long, value_delimiter = ',', default_value = "0.7,0.9")]
+        loads: Vec<f64>,
+        /// Strategies to compare.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "shortest_queue,round_robin,weighted,probabilistic"
+        )]
+        strategies: Vec<String>,
+        /// Predict modes to compare.
+        #[arg(long, value_delimiter = ',', default_value = "default,lookup_table")]
+        modes: Vec<String>,
+        /// Multiplies every execution time.
+        #[arg(long, default_value_t = 0.25)]
+        time_scale: f64,
+        /// σ of the lognormal noise on execution times.
+        #[arg(long, default_value_t = 0.1)]
+        noise: f64,
+        /// Seed.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
 }
 
 #[derive(Args, Default)]
@@ -110,12 +165,17 @@ struct SimArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Benchmarks print tables; the service's own logs would drown them.
+    let default_level = match cli.command {
+        Some(Command::Bench(_)) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .init();
-    let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve(ServeArgs {
         config: PathBuf::from("config/default.toml"),
         ..ServeArgs::default()
@@ -129,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
         Command::ImportLookup { file, db, append } => import_lookup(&file, &db, append).await,
         Command::Retrain { db } => retrain(&db).await,
         Command::SimTi(args) => sim_ti(args).await,
+        Command::Bench(which) => bench(which).await,
     }
 }
 
@@ -220,6 +281,58 @@ async fn retrain(db_path: &Path) -> anyhow::Result<()> {
         report.models,
         report.executions
     );
+    Ok(())
+}
+
+async fn bench(which: BenchCommand) -> anyhow::Result<()> {
+    match which {
+        BenchCommand::Prediction {
+            checkpoints,
+            noise,
+            test_tasks,
+            seed,
+        } => {
+            let args = bench::prediction::PredictionArgs {
+                checkpoints,
+                noise,
+                test_tasks,
+                seed,
+            };
+            let results = bench::prediction::run(&args);
+            bench::prediction::print(&args, &results);
+        }
+        BenchCommand::Strategies {
+            tasks,
+            warmup,
+            loads,
+            strategies,
+            modes,
+            time_scale,
+            noise,
+            seed,
+        } => {
+            let args = bench::strategies::StrategyArgs {
+                tasks,
+                warmup,
+                loads,
+                strategies: strategies
+                    .iter()
+                    .map(|s| StrategyKind::parse(s))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?,
+                modes: modes
+                    .iter()
+                    .map(|m| PredictMode::parse(m))
+                    .collect::<Result<_, _>>()
+                    .map_err(anyhow::Error::msg)?,
+                time_scale,
+                noise,
+                seed,
+            };
+            let results = bench::strategies::run(&args).await?;
+            bench::strategies::print(&args, &results);
+        }
+    }
     Ok(())
 }
 

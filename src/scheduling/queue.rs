@@ -64,13 +64,27 @@ impl QueueEstimate {
     }
 
     /// Removes exactly this task's prediction. Returns false if it was not queued here.
-    pub fn remove(&mut self, task_id: &TaskId) -> bool {
+    ///
+    /// When the oldest task leaves, the TI goes on with the next one, so that one's clock
+    /// starts now if it was accepted earlier (it was waiting, not running).
+    pub fn remove(&mut self, task_id: &TaskId, now: Instant) -> bool {
         let Some(seq) = self.position.remove(task_id) else {
             return false;
         };
+        let was_head = self.entries.keys().next() == Some(&seq);
         if let Some(entry) = self.entries.remove(&seq) {
             self.sum_mean_ms -= entry.mean_ms;
             self.sum_var_ms2 -= entry.var_ms2;
+        }
+        if was_head {
+            if let Some(started) = self
+                .entries
+                .values_mut()
+                .next()
+                .and_then(|e| e.started.as_mut())
+            {
+                *started = (*started).max(now);
+            }
         }
         if self.entries.is_empty() {
             // A drained queue is exactly zero, whatever rounding the sums gathered.
@@ -149,10 +163,11 @@ mod tests {
         let mut q = QueueEstimate::default();
         q.push(id(1), 0.1, 0.3);
         q.push(id(2), 0.2, 0.7);
-        assert!(q.remove(&id(2)));
-        assert!((q.wait_ms(Instant::now()) - 0.1).abs() < 1e-12);
-        assert!(!q.remove(&id(2)), "removing twice changes nothing");
-        assert!(q.remove(&id(1)));
+        let now = Instant::now();
+        assert!(q.remove(&id(2), now));
+        assert!((q.wait_ms(now) - 0.1).abs() < 1e-12);
+        assert!(!q.remove(&id(2), now), "removing twice changes nothing");
+        assert!(q.remove(&id(1), now));
         assert_eq!(q.wait_ms(Instant::now()), 0.0);
         assert_eq!(q.error_ms(), 0.0);
     }
@@ -176,5 +191,18 @@ mod tests {
             160.0,
             "only the oldest counts"
         );
+    }
+
+    #[test]
+    fn the_next_tasks_clock_starts_when_the_oldest_leaves_not_when_it_was_accepted() {
+        let mut q = QueueEstimate::default();
+        let t0 = Instant::now();
+        q.push(id(1), 100.0, 10.0);
+        q.push(id(2), 100.0, 10.0);
+        q.mark_started(&id(1), t0);
+        q.mark_started(&id(2), t0);
+        let done = t0 + Duration::from_millis(100);
+        q.remove(&id(1), done);
+        assert_eq!(q.wait_ms(done + Duration::from_millis(30)), 70.0);
     }
 }

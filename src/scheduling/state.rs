@@ -140,7 +140,7 @@ impl State {
     pub fn release(&mut self, task_id: &TaskId) -> Option<TiUuid> {
         let ti = self.reservations.remove(task_id)?;
         if let Some(entry) = self.tis.get_mut(&ti) {
-            entry.queue.remove(task_id);
+            entry.queue.remove(task_id, Instant::now());
         }
         Some(ti)
     }

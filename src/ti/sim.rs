@@ -55,6 +55,31 @@ pub struct SimConfig {
     pub faults: Faults,
 }
 
+impl SimConfig {
+    /// The execution time law without noise, ms: `base_ms + per_input_token_ms ·
+    /// input_tokens + per_output_token_ms · output_tokens` (`max_tokens` stands in for
+    /// `output_tokens`).
+    pub fn law_ms(&self, metadata: &Value) -> f64 {
+        let feature = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| metadata.get(*n).and_then(Value::as_f64))
+                .unwrap_or(0.0)
+                .max(0.0)
+        };
+        self.base_ms
+            + self.per_input_token_ms * feature(&["input_tokens"])
+            + self.per_output_token_ms * feature(&["output_tokens", "max_tokens"])
+    }
+}
+
+/// The mean-one lognormal noise of σ `sigma`, if any.
+pub fn noise_law(sigma: f64) -> Option<LogNormal<f64>> {
+    (sigma > 0.0)
+        .then(|| LogNormal::new(-sigma * sigma / 2.0, sigma).ok())
+        .flatten()
+}
+
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
@@ -130,7 +155,8 @@ struct Sim {
     config: SimConfig,
     faults: Mutex<Faults>,
     tasks: Mutex<HashMap<String, Record>>,
-    stats: Mutex<SimStats>,
+    stats: Arc<Mutex<SimStats>>,
+    stop: CancellationToken,
     rng: Mutex<StdRng>,
     queue: mpsc::UnboundedSender<ReceivedTask>,
     http: reqwest::Client,
@@ -150,19 +176,20 @@ impl SimTi {
         let listener = tokio::net::TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let (queue, rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
         let sim = Arc::new(Sim {
             faults: Mutex::new(config.faults.clone()),
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
             config,
             tasks: Mutex::new(HashMap::new()),
-            stats: Mutex::new(SimStats::default()),
+            stats: Arc::new(Mutex::new(SimStats::default())),
+            stop: stop.clone(),
             queue,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
                 .map_err(std::io::Error::other)?,
         });
-        let stop = CancellationToken::new();
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..sim.config.parallelism.max(1) {
             let (sim, rx, stop) = (sim.clone(), rx.clone(), stop.clone());
@@ -252,27 +279,12 @@ impl Sim {
         stats
     }
 
-    /// Execution time of a task from the configured law, ms.
+    /// Execution time of a task: the law, times noise, times the slowdown, ms.
     fn execution_ms(&self, metadata: &Value) -> f64 {
-        let c = &self.config;
-        let feature = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| metadata.get(*n).and_then(Value::as_f64))
-                .unwrap_or(0.0)
-                .max(0.0)
-        };
-        let law = c.base_ms
-            + c.per_input_token_ms * feature(&["input_tokens"])
-            + c.per_output_token_ms * feature(&["output_tokens", "max_tokens"]);
-        let noise = if c.noise > 0.0 {
-            LogNormal::new(-c.noise * c.noise / 2.0, c.noise)
-                .map(|d| d.sample(&mut *lock(&self.rng)))
-                .unwrap_or(1.0)
-        } else {
-            1.0
-        };
-        (law * noise * lock(&self.faults).slowdown.max(0.0)).max(0.0)
+        let noise = noise_law(self.config.noise)
+            .map(|d| d.sample(&mut *lock(&self.rng)))
+            .unwrap_or(1.0);
+        (self.config.law_ms(metadata) * noise * lock(&self.faults).slowdown.max(0.0)).max(0.0)
     }
 
     async fn execute(&self, task: ReceivedTask) {
@@ -324,23 +336,45 @@ impl Sim {
             result,
             error,
         };
-        for attempt in 0..3u32 {
-            let sent = self
-                .http
-                .post(&task.callback_url)
-                .timeout(Duration::from_secs(5))
-                .json(&callback)
-                .send()
-                .await;
-            match sent {
-                Ok(resp) if resp.status().is_success() => {
-                    lock(&self.stats).callbacks_delivered += 1;
-                    return;
-                }
-                // The scheduler refused it for good (wrong token, unknown task).
-                Ok(resp) if resp.status().is_client_error() => return,
-                _ => tokio::time::sleep(Duration::from_millis(50 << attempt)).await,
+        // Delivered beside the worker, which goes on with the next task at once, as a real
+        // TI would; a stopped TI sends nothing more.
+        let (http, stats, stop, url) = (
+            self.http.clone(),
+            self.stats.clone(),
+            self.stop.clone(),
+            task.callback_url,
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = deliver(&http, &url, &callback, &stats) => {}
+                _ = stop.cancelled() => {}
             }
+        });
+    }
+}
+
+/// POSTs a result callback, retrying a few times on transport errors and 5xx.
+async fn deliver(
+    http: &reqwest::Client,
+    url: &str,
+    callback: &ResultCallback,
+    stats: &Mutex<SimStats>,
+) {
+    for attempt in 0..3u32 {
+        let sent = http
+            .post(url)
+            .timeout(Duration::from_secs(5))
+            .json(callback)
+            .send()
+            .await;
+        match sent {
+            Ok(resp) if resp.status().is_success() => {
+                lock(stats).callbacks_delivered += 1;
+                return;
+            }
+            // The scheduler refused it for good (wrong token, unknown task).
+            Ok(resp) if resp.status().is_client_error() => return,
+            _ => tokio::time::sleep(Duration::from_millis(50 << attempt)).await,
         }
     }
 }
