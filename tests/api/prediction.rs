@@ -35,7 +35,7 @@ async fn the_learned_model_predicts_per_hardware_survives_a_restart_and_can_be_r
     let app = spawn_app().await;
     let fast = spawn_ti_with(law("A100", 1.0)).await;
     let slow = spawn_ti_with(law("T4", 2.5)).await;
-    app.register(&fast).await;
+    let fast_id = app.register(&fast).await;
     app.register(&slow).await;
     app.set_strategy("round_robin").await;
     let mut tasks = Vec::new();
