@@ -79,6 +79,51 @@ enum BenchCommand {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Submit throughput and latency of the scheduler (a child process) under load, with
+    /// end-to-end latency, CPU time and peak RSS; `--raw-ceiling` also measures the
+    /// machine's ceilings in the same run.
+    Load {
+        /// Concurrent closed-loop clients.
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        /// Open loop at this many submits per second instead.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Measured seconds.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Unmeasured seconds first.
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        /// Simulated TIs (they finish at once).
+        #[arg(long, default_value_t = 4)]
+        tis: usize,
+        /// full or normal.
+        #[arg(long, default_value = "full")]
+        durability: String,
+        /// Also measure the axum echo and SQLite group-commit ceilings.
+        #[arg(long)]
+        raw_ceiling: bool,
+        /// Drive a running scheduler at this URL instead of starting one.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// A minimal server for the load benchmark's ceilings (started by `bench load`).
+    #[command(hide = true)]
+    CeilingServer {
+        /// echo or sqlite.
+        #[arg(long)]
+        mode: String,
+        /// Port.
+        #[arg(long)]
+        port: u16,
+        /// Database file (sqlite mode).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// full or normal (sqlite mode).
+        #[arg(long, default_value = "full")]
+        durability: String,
+    },
     /// Job completion time per strategy and predict mode on a heterogeneous cluster, and
     /// the calibration of the queue estimates (real service and simulated TIs in-process).
     Strategies {
@@ -284,8 +329,50 @@ async fn retrain(db_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn parse_durability(name: &str) -> anyhow::Result<store::Durability> {
+    match name {
+        "full" => Ok(store::Durability::Full),
+        "normal" => Ok(store::Durability::Normal),
+        other => anyhow::bail!("unknown durability '{other}'; valid: full, normal"),
+    }
+}
+
 async fn bench(which: BenchCommand) -> anyhow::Result<()> {
     match which {
+        BenchCommand::Load {
+            clients,
+            rate,
+            duration,
+            warmup,
+            tis,
+            durability,
+            raw_ceiling,
+            url,
+        } => {
+            let args = bench::load::LoadArgs {
+                clients,
+                rate,
+                duration,
+                warmup,
+                tis,
+                durability: parse_durability(&durability)?,
+                raw_ceiling,
+                url,
+            };
+            bench::load::run(&args).await?;
+        }
+        BenchCommand::CeilingServer {
+            mode,
+            port,
+            db,
+            durability,
+        } => match (mode.as_str(), db) {
+            ("echo", _) => bench::ceiling::serve(port, None).await?,
+            ("sqlite", Some(db)) => {
+                bench::ceiling::serve(port, Some((&db, parse_durability(&durability)?))).await?
+            }
+            _ => anyhow::bail!("--mode echo, or --mode sqlite with --db PATH"),
+        },
         BenchCommand::Prediction {
             checkpoints,
             noise,

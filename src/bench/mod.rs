@@ -1,6 +1,8 @@
 //! Benchmarks shipped with the binary (`ti-scheduler bench ...`). They measure; they are
 //! not tests. Each prints a Markdown table for the README.
 
+pub mod ceiling;
+pub mod load;
 pub mod prediction;
 pub mod strategies;
 pub mod workload;

@@ -96,6 +96,8 @@ pub struct Predictor {
     learned: HashMap<String, HashMap<String, OnlineModel>>,
     prior_ms: f64,
     prior_error_ms: f64,
+    /// (model, hardware) pairs changed since the last [`Predictor::take_changed`].
+    changed: std::collections::HashSet<(String, String)>,
 }
 
 /// What one completion changed, for the caller to persist with it.
@@ -131,6 +133,7 @@ impl Predictor {
             learned: HashMap::new(),
             prior_ms,
             prior_error_ms,
+            changed: std::collections::HashSet::new(),
         };
         for s in stats {
             predictor
@@ -297,8 +300,27 @@ impl Predictor {
                 hardware: hw.to_string(),
                 model: m.clone(),
             });
+            self.changed.insert((model.to_string(), hw.to_string()));
         }
         observed
+    }
+
+    /// The current state of everything changed since the last call, to persist.
+    pub fn take_changed(&mut self) -> Observed {
+        let mut out = Observed::default();
+        for (model, hw) in std::mem::take(&mut self.changed) {
+            if let Some(s) = entry_of(&self.stats, &model, &hw) {
+                out.stats.push(s.clone());
+            }
+            if let Some(m) = entry_of(&self.learned, &model, &hw) {
+                out.models.push(StoredModel {
+                    model_name: model,
+                    hardware: hw,
+                    model: m.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// Everything it has learned, as rows to persist.

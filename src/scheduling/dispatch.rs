@@ -385,8 +385,31 @@ impl Scheduler {
     }
 
     /// The TI's callback (`POST /result/submit`).
+    ///
+    /// The usual case is answered from memory: the task's prediction sits on the calling
+    /// TI and the token is that TI's, so one UPDATE stores the result. Anything else (a
+    /// late result from a TI the task was moved away from, an unknown task, a wrong token,
+    /// a repeated callback) takes the checked path through the database.
     pub async fn accept_result(&self, callback: ResultCallback) -> Result<(), Error> {
         let task_id = TaskId::from_stored(callback.task_id.clone());
+        let ti: Option<TiUuid> = callback.ti_uuid.parse().ok();
+        let exec = callback.execution_time;
+        let exec_ok = exec.is_finite() && exec >= 0.0;
+        let expected = ti.filter(|ti| {
+            let st = self.state();
+            st.reservations.get(&task_id) == Some(ti)
+                && st
+                    .tis
+                    .get(ti)
+                    .is_some_and(|e| same_secret(&e.ti.callback_token, &callback.callback_token))
+        });
+        if let (Some(ti), true) = (expected, exec_ok) {
+            // Not applied means it completed meanwhile: a repeat, answered as success.
+            self.complete(&task_id, ti, exec, callback.result, callback.error)
+                .await?;
+            return Ok(());
+        }
+
         let task = self
             .task(&task_id)
             .await?
@@ -397,7 +420,7 @@ impl Scheduler {
                 callback.ti_uuid, callback.task_id
             ))
         };
-        let ti: TiUuid = callback.ti_uuid.parse().map_err(|_| forbidden())?;
+        let ti = ti.ok_or_else(forbidden)?;
         let token_ok = self
             .state()
             .tis
@@ -409,33 +432,26 @@ impl Scheduler {
         if task.status == TaskStatus::Completed {
             return Ok(());
         }
-        if !callback.execution_time.is_finite() || callback.execution_time < 0.0 {
+        if !exec_ok {
             return Err(Error::Invalid(format!(
-                "execution_time must be a non-negative number of ms, got {}",
-                callback.execution_time
+                "execution_time must be a non-negative number of ms, got {exec}"
             )));
         }
-        self.complete(
-            &task_id,
-            &task.model_name,
-            ti,
-            callback.execution_time,
-            callback.result,
-            callback.error,
-        )
-        .await
+        self.complete(&task_id, ti, exec, callback.result, callback.error)
+            .await?;
+        Ok(())
     }
 
-    /// Stores a task's outcome (the first one wins) and takes its prediction off its TI.
+    /// Stores a task's outcome (the first one wins), learns from its execution time and
+    /// takes its prediction off its TI. Returns false if it was already completed.
     async fn complete(
         &self,
         task_id: &TaskId,
-        model: &str,
         ti: TiUuid,
         execution_ms: f64,
         result: Option<Value>,
         error: Option<String>,
-    ) -> Result<(), Error> {
+    ) -> Result<bool, Error> {
         let (result, outcome) = match error {
             Some(e) => (serde_json::json!({ "error": e }), Outcome::Failed),
             None => (result.unwrap_or(Value::Null), Outcome::Succeeded),
@@ -452,7 +468,6 @@ impl Scheduler {
             .get(&ti)
             .and_then(|e| e.ti.hardware.clone());
         let id = task_id.clone();
-        let model = model.to_string();
         let this = self.clone();
         let applied = self
             .inner
@@ -460,26 +475,22 @@ impl Scheduler {
             .writer
             .run(move |conn| {
                 Box::pin(async move {
-                    let Some(metadata) = TaskRepo::mark_completed(conn, &id, &completion).await?
+                    let Some((model, metadata)) =
+                        TaskRepo::mark_completed(conn, &id, &completion).await?
                     else {
                         return Ok(false);
                     };
                     if outcome == Outcome::Succeeded {
                         let metadata: Map<String, Value> =
                             serde_json::from_str(&metadata).unwrap_or_default();
-                        // Inside the writer, so observations are applied in commit order.
-                        let changed = this.state().predictor.observe(
+                        // Inside the writer, so observations are learned in commit order;
+                        // the learned state is saved by the flush loop.
+                        this.state().predictor.observe(
                             &model,
                             hardware.as_deref(),
                             &metadata,
                             execution_ms,
                         );
-                        for stats in &changed.stats {
-                            StatsRepo::save(conn, stats).await?;
-                        }
-                        for learned in &changed.models {
-                            LearnedRepo::save(conn, learned).await?;
-                        }
                     }
                     Ok(true)
                 })
@@ -493,7 +504,32 @@ impl Scheduler {
             };
             metrics::counter!(label).increment(1);
         }
-        Ok(())
+        Ok(applied)
+    }
+
+    /// Saves what the predictor learned since the last flush (one write for all of it).
+    pub async fn flush_learning(&self) -> Result<usize, Error> {
+        let changed = self.state().predictor.take_changed();
+        let n = changed.stats.len() + changed.models.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        self.inner
+            .db
+            .writer
+            .run(move |conn| {
+                Box::pin(async move {
+                    for stats in &changed.stats {
+                        StatsRepo::save(conn, stats).await?;
+                    }
+                    for learned in &changed.models {
+                        LearnedRepo::save(conn, learned).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .await?;
+        Ok(n)
     }
 
     /// Drives one unfinished task from where the database says it stands: a scheduled
@@ -592,17 +628,10 @@ impl Scheduler {
         };
         let exec = report.execution_time.unwrap_or(0.0);
         match self
-            .complete(
-                &task.task_id,
-                &task.model_name,
-                ti,
-                exec,
-                report.result,
-                error,
-            )
+            .complete(&task.task_id, ti, exec, report.result, error)
             .await
         {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!(task_id = %task.task_id, ti = %ti, "result recovered from the TI");
                 Asked::Finished
             }
@@ -756,8 +785,26 @@ impl Scheduler {
         healthy
     }
 
-    /// Starts start-up recovery, then the loop of health probes and sweeps.
+    /// Starts start-up recovery, then the loop of health probes and sweeps, and the loop
+    /// that saves what the predictor learns.
     pub fn start_background(&self) {
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            let mut ticks = tokio::time::interval(LEARNING_FLUSH_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let stopping = tokio::select! {
+                    _ = ticks.tick() => false,
+                    _ = this.inner.shutdown.cancelled() => true,
+                };
+                if let Err(e) = this.flush_learning().await {
+                    tracing::warn!(error = ?e, "saving the learned predictor state failed; retried next time");
+                }
+                if stopping {
+                    return;
+                }
+            }
+        });
         let interval = Duration::from_millis(self.inner.settings.ti.health_interval_ms.max(10));
         let this = self.clone();
         self.inner.tracker.spawn(async move {
@@ -792,6 +839,9 @@ impl Scheduler {
             tracing::warn!(
                 "background work still running at shutdown; it resumes at the next start"
             );
+        }
+        if let Err(e) = self.flush_learning().await {
+            tracing::warn!(error = ?e, "saving the learned predictor state at shutdown failed");
         }
     }
 }
@@ -845,6 +895,10 @@ enum Asked {
     Unknown,
     Unreachable,
 }
+
+/// How often the predictor's learned state is saved. It is derived data: a crash loses at
+/// most this much learning, and `ti-scheduler retrain` rebuilds it from the history.
+const LEARNING_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Reconciliations in flight at once during start-up recovery.
 const RECOVERY_CONCURRENCY: usize = 64;

@@ -44,9 +44,13 @@ pub enum StoreError {
     /// A statement failed.
     #[error("database error")]
     Sql(#[from] sqlx::Error),
-    /// The batch this write belonged to failed to commit.
-    #[error("database commit failed")]
-    Commit(#[source] Arc<sqlx::Error>),
+    /// Another write of the same batch failed, or the commit did: this write was rolled
+    /// back with the batch.
+    #[error("the write was rolled back with its batch")]
+    Batch(#[source] Arc<StoreError>),
+    /// A write of the batch failed, so the batch was rolled back.
+    #[error("a write of the batch failed")]
+    BatchFailed,
     /// Migrating the file failed.
     #[error("database migration failed")]
     Migrate(#[from] refinery::Error),

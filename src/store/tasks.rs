@@ -239,21 +239,22 @@ impl TaskRepo {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Stores a task's result. Returns the task's metadata (JSON text) if it did, `None`
-    /// (changing nothing) if the task was already completed: the first result wins.
+    /// Stores a task's result. Returns the task's model and metadata (JSON text) if it
+    /// did, `None` (changing nothing) if the task is unknown or already completed: the
+    /// first result wins.
     pub async fn mark_completed(
         conn: &mut SqliteConnection,
         task_id: &TaskId,
         done: &Completion,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<(String, String)>, StoreError> {
         let id = task_id.as_str();
         let result = done.result.to_string();
         let outcome = done.outcome.as_str();
-        let metadata = sqlx::query_scalar!(
+        let row = sqlx::query!(
             "UPDATE tasks SET status = 'completed', result = ?, outcome = ?,
                               execution_time_ms = ?, completion_time = ?
              WHERE task_id = ? AND status <> 'completed'
-             RETURNING metadata",
+             RETURNING model_name, metadata",
             result,
             outcome,
             done.execution_time_ms,
@@ -262,7 +263,7 @@ impl TaskRepo {
         )
         .fetch_optional(conn)
         .await?;
-        Ok(metadata)
+        Ok(row.map(|r| (r.model_name, r.metadata)))
     }
 
     /// Every successful execution, oldest first, with the hardware it ran on: the

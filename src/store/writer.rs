@@ -1,11 +1,13 @@
 //! The group-commit writer: the one owner of SQLite's write connection.
 //!
 //! Callers hand it a write (a closure over the connection) and wait for the answer. The
-//! writer takes every write that is waiting, up to `max_batch`, runs them in one
-//! transaction, each inside its own savepoint, and commits once. A write that fails is
-//! rolled back to its savepoint alone; the others still commit. Every caller hears back
-//! only after the commit, so a success answer means the write is durable. Throughput
-//! comes from sharing one commit (one fsync) among many writes, not from weakening it.
+//! writer takes every write that is waiting, up to `max_batch`, runs them one after the
+//! other in one transaction and commits once, so many writes share one commit (one fsync).
+//! Every caller hears back only after the commit: a success answer means the write is
+//! durable. If any write of a batch fails, the whole batch is rolled back and every caller
+//! gets an error: nothing is ever half-written, and no write pays for a savepoint of its
+//! own. (Writes fail only on I/O errors or bugs: expected conflicts, such as an existing
+//! `task_id`, are handled inside the statements.)
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,11 +19,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::StoreError;
 
-/// What a write sends back to its caller once the batch's commit is known.
-type Reply = Box<dyn FnOnce(Result<(), Arc<sqlx::Error>>) + Send>;
+/// How a batch ended, as each of its callers learns it.
+type Outcome = Result<(), Arc<StoreError>>;
 
-/// One queued write: runs on the connection, returns how to answer its caller.
-type Job = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Reply> + Send>;
+/// What a write sends back to its caller once the batch's outcome is known.
+type Reply = Box<dyn FnOnce(Outcome) + Send>;
+
+/// One queued write: runs on the connection; says whether it succeeded and how to answer
+/// its caller.
+type Job = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, (bool, Reply)> + Send>;
 
 /// Handle to the writer task; cheap to clone.
 #[derive(Clone)]
@@ -45,8 +51,8 @@ impl Writer {
 
     /// Runs `write` in the next batch and returns its output once the batch is committed.
     ///
-    /// `write` runs inside a savepoint: if it fails, its own changes are undone and the
-    /// error is returned; if the commit fails, every write of the batch gets that error.
+    /// If `write` fails, or another write of its batch does, or the commit does, the
+    /// batch is rolled back and this returns the error.
     pub async fn run<T, F>(&self, write: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -57,16 +63,20 @@ impl Writer {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |conn| {
             Box::pin(async move {
-                let output = in_savepoint(conn, write).await;
-                Box::new(move |commit: Result<(), Arc<sqlx::Error>>| {
-                    let answer = match commit {
-                        Ok(()) => output,
-                        Err(e) => Err(StoreError::Commit(e)),
+                let output = write(conn).await;
+                let succeeded = output.is_ok();
+                let reply = Box::new(move |batch: Outcome| {
+                    let answer = match (output, batch) {
+                        // Our own error says more than the batch's.
+                        (Err(e), _) => Err(e),
+                        (Ok(value), Ok(())) => Ok(value),
+                        (Ok(_), Err(e)) => Err(StoreError::Batch(e)),
                     };
-                    // The caller may have gone away (client disconnected); the write
+                    // The caller may have gone away (client disconnected); the outcome
                     // stands either way.
                     let _ = tx.send(answer);
-                }) as Reply
+                }) as Reply;
+                (succeeded, reply)
             })
         });
         self.jobs
@@ -75,19 +85,6 @@ impl Writer {
             .map_err(|_| StoreError::WriterClosed)?;
         rx.await.map_err(|_| StoreError::WriterClosed)?
     }
-}
-
-async fn in_savepoint<T, F>(conn: &mut SqliteConnection, write: F) -> Result<T, StoreError>
-where
-    F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>,
-{
-    sqlx::query("SAVEPOINT write").execute(&mut *conn).await?;
-    let output = write(&mut *conn).await;
-    if output.is_err() {
-        sqlx::query("ROLLBACK TO write").execute(&mut *conn).await?;
-    }
-    sqlx::query("RELEASE write").execute(&mut *conn).await?;
-    output
 }
 
 async fn run(
@@ -118,17 +115,25 @@ async fn run(
         let started = Instant::now();
         let size = batch.len();
         let mut replies = Vec::with_capacity(size);
-        let commit = match conn.begin().await {
+        let outcome = match conn.begin().await {
             Ok(mut txn) => {
+                let mut all_succeeded = true;
                 for job in batch.drain(..) {
-                    replies.push(job(&mut txn).await);
+                    let (succeeded, reply) = job(&mut txn).await;
+                    all_succeeded &= succeeded;
+                    replies.push(reply);
                 }
-                txn.commit().await
+                if all_succeeded {
+                    txn.commit().await.map_err(StoreError::from)
+                } else {
+                    let rolled_back = txn.rollback().await;
+                    Err(rolled_back.map_or_else(StoreError::from, |()| StoreError::BatchFailed))
+                }
             }
             Err(e) => {
                 // Nothing ran; dropping the jobs answers each caller with an error.
                 batch.clear();
-                Err(e)
+                Err(StoreError::from(e))
             }
         };
         let elapsed = started.elapsed();
@@ -137,17 +142,85 @@ async fn run(
         tracing::trace!(
             size,
             elapsed_us = elapsed.as_micros() as u64,
-            "batch committed"
+            "batch written"
         );
-        let commit = commit.map_err(|e| {
-            tracing::error!(error = ?e, size, "batch commit failed");
+        let outcome = outcome.map_err(|e| {
+            tracing::error!(error = ?e, size, "batch rolled back");
             Arc::new(e)
         });
         for reply in replies {
-            reply(commit.clone());
+            reply(outcome.clone());
         }
     }
     if let Err(e) = conn.close().await {
         tracing::warn!(error = ?e, "closing the write connection failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::{open, Durability, SettingsRepo};
+
+    #[tokio::test]
+    async fn a_failed_write_rolls_back_its_whole_batch_and_every_caller_hears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let (db, handle) = open(
+            &dir.path().join("w.db"),
+            Durability::Normal,
+            1,
+            64,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        // Keep the writer busy so that the next two writes share a batch.
+        let writer = db.writer.clone();
+        let busy = tokio::spawn(async move {
+            writer
+                .run(|_conn| {
+                    Box::pin(async {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok(())
+                    })
+                })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let good = db.writer.run(|conn| {
+            Box::pin(async move { SettingsRepo::set(conn, "strategy", "weighted").await })
+        });
+        let bad = db.writer.run(|conn| {
+            Box::pin(async move {
+                SettingsRepo::set(conn, "predict_mode", "default").await?;
+                Err::<(), _>(StoreError::Corrupt("refused".into()))
+            })
+        });
+        let (good, bad) = tokio::join!(good, bad);
+        assert!(busy.await.unwrap().is_ok());
+        assert!(matches!(good, Err(StoreError::Batch(_))), "{good:?}");
+        assert!(matches!(bad, Err(StoreError::Corrupt(_))), "{bad:?}");
+        assert_eq!(SettingsRepo::get(&db.read, "strategy").await.unwrap(), None);
+        assert_eq!(
+            SettingsRepo::get(&db.read, "predict_mode").await.unwrap(),
+            None
+        );
+
+        let after = db.writer.run(|conn| {
+            Box::pin(async move { SettingsRepo::set(conn, "strategy", "weighted").await })
+        });
+        assert!(after.await.is_ok(), "the next batch commits");
+        assert_eq!(
+            SettingsRepo::get(&db.read, "strategy")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("weighted")
+        );
+        stop.cancel();
+        handle.await.unwrap();
     }
 }

@@ -3,7 +3,7 @@ use ti_scheduler::store::{self, Durability};
 use ti_scheduler::ti::sim::SimConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{spawn_app, spawn_ti_with, TestApp};
+use crate::helpers::{spawn_app, spawn_ti_with, wait_for, TestApp};
 
 fn law(hardware: &str, factor: f64) -> SimConfig {
     SimConfig {
@@ -48,12 +48,17 @@ async fn the_learned_model_predicts_per_hardware_survives_a_restart_and_can_be_r
         app.wait_completed(t).await;
     }
 
-    let (probe, _) = app
+    app.set_strategy("shortest_queue").await;
+    let (probe, chosen) = app
         .submit(
             "llama-7b",
             json!({"input_tokens": 500, "output_tokens": 50}),
         )
         .await;
+    assert_eq!(
+        chosen, fast_id,
+        "both idle: the faster hardware completes first"
+    );
     let candidates = last_candidates(&app);
     let predicted: Vec<f64> = candidates
         .iter()
@@ -66,11 +71,11 @@ async fn the_learned_model_predicts_per_hardware_survives_a_restart_and_can_be_r
     assert!((40.0..60.0).contains(&predicted[0]), "{predicted:?}");
     let ratio = predicted[1] / predicted[0];
     assert!((2.0..3.0).contains(&ratio), "{predicted:?}");
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM learned_models"),
-        3,
-        "A100, T4 and all hardware"
-    );
+    // The learned state is saved every second.
+    wait_for("the learned models to be saved", || async {
+        (app.count("SELECT COUNT(*) FROM learned_models") == 3).then_some(())
+    })
+    .await;
 
     app.wait_completed(&probe).await;
     let app = app.restart().await;

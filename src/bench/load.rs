@@ -1,0 +1,539 @@
+//! `ti-scheduler bench load`: the scheduler's own throughput and latency, next to the
+//! ceilings of the machine it runs on.
+//!
+//! The scheduler runs as a child process (`serve`, the release binary itself) on a fresh
+//! database, so its CPU time and peak RSS can be read from /proc; simulated TIs that finish
+//! at once run in this process. Clients drive `POST /queue/submit` closed-loop (each sends
+//! its next submit when the previous one is answered) or open-loop at a fixed rate.
+//! Submit latency goes to an HDR histogram; end-to-end latency (submit → result stored)
+//! and completions per second are read from the database afterwards.
+//!
+//! With `--raw-ceiling` the same clients, in the same run, also drive two minimal servers
+//! (`bench ceiling-server`, also child processes): a bare axum JSON echo, and axum plus one
+//! SQLite WAL insert per request committed in one transaction per batch (group commit, at
+//! synchronous NORMAL and FULL). Every figure is then given as a share of its ceiling.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+
+use super::workload::MODEL;
+use crate::store::Durability;
+use crate::ti::sim::{SimConfig, SimTi};
+
+/// Options of the load benchmark.
+#[derive(Debug, Clone)]
+pub struct LoadArgs {
+    /// Concurrent closed-loop clients (ignored with `rate`).
+    pub clients: usize,
+    /// Open-loop submits per second instead of closed loop.
+    pub rate: Option<f64>,
+    /// Measured seconds (after the warm-up).
+    pub duration: f64,
+    /// Unmeasured seconds first.
+    pub warmup: f64,
+    /// Simulated TIs (they finish every task at once).
+    pub tis: usize,
+    /// Synchronous level of the scheduler's database.
+    pub durability: Durability,
+    /// Also measure the two ceilings.
+    pub raw_ceiling: bool,
+    /// Target a running scheduler instead of starting one (its TIs must be registered
+    /// for `llama-7b`; CPU, RSS and end-to-end figures are then not available).
+    pub url: Option<String>,
+}
+
+/// What the clients measured against one server.
+#[derive(Debug, Clone)]
+pub struct Drive {
+    /// Answered submits per second.
+    pub rate: f64,
+    /// Submits answered with success.
+    pub ok: u64,
+    /// Submits answered otherwise or not at all.
+    pub errors: u64,
+    /// Latency of answered submits, µs.
+    pub latency: Histogram<u64>,
+}
+
+/// Scheduler-side figures.
+#[derive(Debug, Clone, Default)]
+pub struct ServerFigures {
+    /// CPU seconds (user + system) the scheduler used during the measured window.
+    pub cpu_seconds: f64,
+    /// Peak resident set, MiB.
+    pub peak_rss_mib: f64,
+    /// Tasks whose result was stored in the window, per second.
+    pub completed_per_s: f64,
+    /// End-to-end latency of the tasks submitted in the window, ms.
+    pub e2e_ms: Option<Histogram<u64>>,
+}
+
+/// A child process serving HTTP on a port.
+struct ChildServer {
+    child: Child,
+    port: u16,
+}
+
+impl ChildServer {
+    fn spawn(
+        args: &[&str],
+        envs: &[(&str, String)],
+        port: u16,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let out = std::fs::File::create(log)?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(args)
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()?;
+        Ok(Self { child, port })
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn wait_ready(&self, path: &str) -> anyhow::Result<()> {
+        let http = reqwest::Client::builder().no_proxy().build()?;
+        for _ in 0..400 {
+            if let Ok(r) = http.get(format!("{}{path}", self.url())).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        anyhow::bail!("server on port {} did not get ready", self.port)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn stop(mut self) {
+        // SIGTERM would be gentler; the figures are taken before this.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// CPU seconds (user + system) of a process, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which ends with ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux architecture this runs on.
+    Some((utime + stime) / 100.0)
+}
+
+/// Peak resident set of a process, MiB, from /proc.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+fn submit_body(n: u64) -> Value {
+    json!({
+        "model_name": MODEL,
+        "task_input": {"prompt": "Summarise the following text in one sentence."},
+        "metadata": {"input_tokens": 100 + n % 900, "output_tokens": 16 + n % 200},
+    })
+}
+
+/// Drives `url` + `/queue/submit` for `warmup` then `duration` seconds; measures the latter.
+pub async fn drive(url: &str, args: &LoadArgs) -> anyhow::Result<Drive> {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(args.clients.max(64))
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let submit_url = format!("{url}/queue/submit");
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let counter = Arc::new(AtomicU64::new(0));
+
+    let one = {
+        let (http, submit_url, measuring, ok, errors, counter) = (
+            http.clone(),
+            submit_url.clone(),
+            measuring.clone(),
+            ok.clone(),
+            errors.clone(),
+            counter.clone(),
+        );
+        move || {
+            let (http, submit_url, measuring, ok, errors, counter) = (
+                http.clone(),
+                submit_url.clone(),
+                measuring.clone(),
+                ok.clone(),
+                errors.clone(),
+                counter.clone(),
+            );
+            async move {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let answered = http.post(&submit_url).json(&submit_body(n)).send().await;
+                let success = match answered {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                };
+                let micros = started.elapsed().as_micros() as u64;
+                if measuring.load(Ordering::Relaxed) {
+                    if success {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                (success && measuring.load(Ordering::Relaxed), micros)
+            }
+        }
+    };
+
+    let mut workers = Vec::new();
+    match args.rate {
+        None => {
+            for _ in 0..args.clients.max(1) {
+                let (one, stop) = (one.clone(), stop.clone());
+                workers.push(tokio::spawn(async move {
+                    let mut h =
+                        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                    while !stop.load(Ordering::Relaxed) {
+                        let (measured, micros) = one().await;
+                        if measured {
+                            let _ = h.record(micros.max(1));
+                        }
+                    }
+                    h
+                }));
+            }
+        }
+        Some(rate) => {
+            let (one, stop) = (one.clone(), stop.clone());
+            workers.push(tokio::spawn(async move {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+                let start = tokio::time::Instant::now();
+                let mut k = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    k += 1;
+                    tokio::time::sleep_until(start + Duration::from_secs_f64(k as f64 / rate))
+                        .await;
+                    let (one, tx) = (one.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let (measured, micros) = one().await;
+                        if measured {
+                            let _ = tx.send(micros.max(1));
+                        }
+                    });
+                }
+                drop(tx);
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                while let Some(micros) = rx.recv().await {
+                    let _ = h.record(micros);
+                }
+                h
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for w in workers {
+        latency.add(w.await?)?;
+    }
+    let ok = ok.load(Ordering::Relaxed);
+    Ok(Drive {
+        rate: ok as f64 / elapsed,
+        ok,
+        errors: errors.load(Ordering::Relaxed),
+        latency,
+    })
+}
+
+/// End-to-end figures of the tasks submitted within `[from, to]` (Unix seconds).
+fn end_to_end(db: &Path, from: f64, to: f64) -> anyhow::Result<(f64, Histogram<u64>)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let completed: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM tasks WHERE completion_time BETWEEN ?1 AND ?2",
+        [from, to],
+        |r| r.get(0),
+    )?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
+    let mut rows = conn.prepare(
+        "SELECT (completion_time - submit_time) * 1000.0 FROM tasks
+         WHERE submit_time BETWEEN ?1 AND ?2 AND completion_time IS NOT NULL",
+    )?;
+    for ms in rows.query_map([from, to], |r| r.get::<_, f64>(0))? {
+        let _ = h.record(ms?.round().max(1.0) as u64);
+    }
+    Ok((completed as f64 / (to - from), h))
+}
+
+async fn wait_drained(db: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let conn =
+            rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let left: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM tasks WHERE status <> 'completed'",
+            [],
+            |r| r.get(0),
+        )?;
+        if left == 0 {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{left} tasks still unfinished after 2 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Simulated TIs that finish every task at once.
+async fn instant_tis(n: usize) -> anyhow::Result<Vec<SimTi>> {
+    let mut tis = Vec::new();
+    for i in 0..n {
+        let config = SimConfig {
+            model: MODEL.into(),
+            hardware: Some("A100".into()),
+            parallelism: 64,
+            base_ms: 0.0,
+            noise: 0.0,
+            seed: i as u64,
+            ..SimConfig::default()
+        };
+        tis.push(SimTi::spawn(config, "127.0.0.1:0".parse()?).await?);
+    }
+    Ok(tis)
+}
+
+fn scratch_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "ti-scheduler-load-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn durability_name(d: Durability) -> &'static str {
+    match d {
+        Durability::Full => "full",
+        Durability::Normal => "normal",
+    }
+}
+
+/// The scheduler under load: its drive, and its own figures.
+pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<ServerFigures>)> {
+    if let Some(url) = &args.url {
+        return Ok((drive(url.trim_end_matches('/'), args).await?, None));
+    }
+    let dir = scratch_dir()?;
+    let db = dir.join("load.db");
+    let tis = instant_tis(args.tis).await?;
+    let port = free_port()?;
+    let server = ChildServer::spawn(
+        &[
+            "serve",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--db",
+            &db.to_string_lossy(),
+        ],
+        &[(
+            "TI_SCHEDULER__DATABASE__DURABILITY",
+            durability_name(args.durability).to_string(),
+        )],
+        port,
+        &dir.join("scheduler.log"),
+    )?;
+    server.wait_ready("/ready").await?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    for ti in &tis {
+        let r = http
+            .post(format!("{}/ti/register", server.url()))
+            .json(&json!({"host": "127.0.0.1", "port": ti.addr().port()}))
+            .send()
+            .await?;
+        anyhow::ensure!(r.status().is_success(), "register: {}", r.text().await?);
+    }
+    let cpu_before = Arc::new(std::sync::Mutex::new(None));
+    let window = {
+        // CPU time is read at the edges of the measured window.
+        let pid = server.pid();
+        let cpu_before = cpu_before.clone();
+        let warmup = args.warmup;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
+            *cpu_before.lock().unwrap_or_else(|p| p.into_inner()) = cpu_seconds(pid);
+            crate::domain::unix_now()
+        })
+    };
+    let result = drive(&server.url(), args).await?;
+    let to = crate::domain::unix_now();
+    let cpu_after = cpu_seconds(server.pid());
+    let from = window.await?;
+    let cpu_before = *cpu_before.lock().unwrap_or_else(|p| p.into_inner());
+    wait_drained(&db).await?;
+    let peak = peak_rss_mib(server.pid()).unwrap_or(f64::NAN);
+    let (completed_per_s, e2e) = end_to_end(&db, from, to)?;
+    server.stop();
+    for ti in tis {
+        ti.stop().await;
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    Ok((
+        result,
+        Some(ServerFigures {
+            cpu_seconds: match (cpu_before, cpu_after) {
+                (Some(a), Some(b)) => b - a,
+                _ => f64::NAN,
+            },
+            peak_rss_mib: peak,
+            completed_per_s,
+            e2e_ms: Some(e2e),
+        }),
+    ))
+}
+
+/// A ceiling server under the same load.
+pub async fn run_ceiling(
+    mode: &str,
+    durability: Option<Durability>,
+    args: &LoadArgs,
+) -> anyhow::Result<Drive> {
+    let dir = scratch_dir()?;
+    let port = free_port()?;
+    let mut argv = vec!["bench", "ceiling-server", "--mode", mode, "--port"];
+    let port_text = port.to_string();
+    argv.push(&port_text);
+    let db = dir.join("ceiling.db").to_string_lossy().to_string();
+    let sync = durability.map(durability_name).unwrap_or("full");
+    if mode == "sqlite" {
+        argv.extend(["--db", &db, "--durability", sync]);
+    }
+    let server = ChildServer::spawn(&argv, &[], port, &dir.join("ceiling.log"))?;
+    server.wait_ready("/health").await?;
+    let result = drive(&server.url(), args).await;
+    server.stop();
+    std::fs::remove_dir_all(&dir).ok();
+    result
+}
+
+fn pct(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// Runs the benchmark and prints its table.
+pub async fn run(args: &LoadArgs) -> anyhow::Result<()> {
+    let ceilings = if args.raw_ceiling {
+        let echo = run_ceiling("echo", None, args)
+            .await
+            .context("echo ceiling")?;
+        let sqlite = run_ceiling("sqlite", Some(args.durability), args)
+            .await
+            .context("SQLite ceiling")?;
+        Some((echo, sqlite))
+    } else {
+        None
+    };
+    let (sched, figures) = run_scheduler(args).await?;
+
+    let mode = match args.rate {
+        Some(r) => format!("open loop at {r:.0} submits/s"),
+        None => format!("closed loop, {} clients", args.clients),
+    };
+    println!(
+        "Load: {mode}, {:.0} s measured after {:.0} s warm-up, {} simulated TIs that finish at once, synchronous={}",
+        args.duration,
+        args.warmup,
+        args.tis,
+        durability_name(args.durability).to_uppercase()
+    );
+    println!();
+    println!("| server | submits/s | share of ceiling | p50 | p90 | p99 | p99.9 | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let row = |name: &str, d: &Drive, ceiling: Option<f64>| {
+        println!(
+            "| {name} | {:.0} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {} |",
+            d.rate,
+            ceiling.map_or("".to_string(), |c| format!("{:.0}%", 100.0 * d.rate / c)),
+            pct(&d.latency, 0.5),
+            pct(&d.latency, 0.9),
+            pct(&d.latency, 0.99),
+            pct(&d.latency, 0.999),
+            d.errors
+        );
+    };
+    if let Some((echo, sqlite)) = &ceilings {
+        row("ceiling: axum JSON echo", echo, None);
+        row(
+            &format!(
+                "ceiling: axum + SQLite group commit ({})",
+                durability_name(args.durability)
+            ),
+            sqlite,
+            Some(echo.rate),
+        );
+        row("ti-scheduler", &sched, Some(sqlite.rate));
+    } else {
+        row("ti-scheduler", &sched, None);
+    }
+    if let Some(f) = figures {
+        println!();
+        if let Some(e2e) = &f.e2e_ms {
+            println!(
+                "End to end (submit → result stored): p50 {} ms, p90 {} ms, p99 {} ms, p99.9 {} ms over {} tasks; completed {:.0} tasks/s.",
+                e2e.value_at_quantile(0.5),
+                e2e.value_at_quantile(0.9),
+                e2e.value_at_quantile(0.99),
+                e2e.value_at_quantile(0.999),
+                e2e.len(),
+                f.completed_per_s
+            );
+        }
+        println!(
+            "Scheduler process: {:.1} CPU seconds in the {:.0} s window ({:.0}% of one core; {:.1} µs of CPU per submit), peak RSS {:.1} MiB.",
+            f.cpu_seconds,
+            args.duration,
+            100.0 * f.cpu_seconds / args.duration,
+            1e6 * f.cpu_seconds / (sched.ok.max(1) as f64),
+            f.peak_rss_mib
+        );
+    }
+    Ok(())
+}
