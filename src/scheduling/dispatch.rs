@@ -296,15 +296,10 @@ impl Scheduler {
     }
 
     async fn note_accepted(&self, task_id: &TaskId, ti: TiUuid) {
-        let id = task_id.clone();
-        let at = unix_now();
         let marked = self
             .inner
-            .db
-            .writer
-            .run(move |conn| {
-                Box::pin(async move { TaskRepo::mark_scheduled(conn, &id, ti, at).await })
-            })
+            .accepted
+            .run((task_id.clone(), ti, unix_now()))
             .await;
         match marked {
             Ok(true) => self.state().mark_started(task_id, ti, Instant::now()),
@@ -467,44 +462,29 @@ impl Scheduler {
             .tis
             .get(&ti)
             .and_then(|e| e.ti.hardware.clone());
-        let id = task_id.clone();
-        let this = self.clone();
-        let applied = self
+        let stored = self
             .inner
-            .db
-            .writer
-            .run(move |conn| {
-                Box::pin(async move {
-                    let Some((model, metadata)) =
-                        TaskRepo::mark_completed(conn, &id, &completion).await?
-                    else {
-                        return Ok(false);
-                    };
-                    if outcome == Outcome::Succeeded {
-                        let metadata: Map<String, Value> =
-                            serde_json::from_str(&metadata).unwrap_or_default();
-                        // Inside the writer, so observations are learned in commit order;
-                        // the learned state is saved by the flush loop.
-                        this.state().predictor.observe(
-                            &model,
-                            hardware.as_deref(),
-                            &metadata,
-                            execution_ms,
-                        );
-                    }
-                    Ok(true)
-                })
-            })
+            .completions
+            .run((task_id.clone(), completion))
             .await?;
-        if applied {
-            self.state().release(task_id);
-            let label = match outcome {
-                Outcome::Succeeded => "ti_scheduler_completions_total",
-                Outcome::Failed => "ti_scheduler_failures_total",
-            };
-            metrics::counter!(label).increment(1);
+        let Some((model, metadata)) = stored else {
+            return Ok(false);
+        };
+        let mut st = self.state();
+        if outcome == Outcome::Succeeded {
+            let metadata: Map<String, Value> = serde_json::from_str(&metadata).unwrap_or_default();
+            // The learned state is saved by the flush loop.
+            st.predictor
+                .observe(&model, hardware.as_deref(), &metadata, execution_ms);
         }
-        Ok(applied)
+        st.release(task_id);
+        drop(st);
+        let label = match outcome {
+            Outcome::Succeeded => "ti_scheduler_completions_total",
+            Outcome::Failed => "ti_scheduler_failures_total",
+        };
+        metrics::counter!(label).increment(1);
+        Ok(true)
     }
 
     /// Saves what the predictor learned since the last flush (one write for all of it).

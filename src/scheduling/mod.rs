@@ -33,8 +33,9 @@ pub use state::{State, TiEntry};
 use crate::config::Settings;
 use crate::domain::{unix_now, TaskId, TiUuid};
 use crate::predictor::{LookupRow, Predictor};
+use crate::store::coalesce::{self, Accepted, Coalescer, SubmitRows};
 use crate::store::{
-    Db, DecisionReason, DecisionRepo, LearnedRepo, LookupRepo, NewDecision, NewTask, SettingsRepo,
+    Completion, Db, DecisionReason, LearnedRepo, LookupRepo, NewDecision, NewTask, SettingsRepo,
     StatsRepo, StoreError, StoredTask, StoredTi, TaskRepo, TiRepo,
 };
 use crate::ti::{TiClient, TiError};
@@ -203,6 +204,10 @@ struct CoreSettings {
 struct Inner {
     /// Held for microseconds, never across an `.await`.
     state: Mutex<State>,
+    /// The hot-path writes, each coalesced into one statement per batch.
+    submits: Coalescer<SubmitRows, Vec<bool>>,
+    accepted: Coalescer<Accepted, bool>,
+    completions: Coalescer<(TaskId, Completion), Option<(String, String)>>,
     /// Tasks with a dispatch or re-route under way, so the sweep leaves them alone.
     in_flight: Mutex<HashSet<TaskId>>,
     db: Db,
@@ -292,9 +297,13 @@ impl Scheduler {
             .map(|rule| dispatch::HostRule::parse(rule))
             .collect::<Result<_, _>>()
             .map_err(Error::Invalid)?;
+        let batch = settings.database.max_batch;
         Ok(Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
+                submits: Coalescer::spawn(db.writer.clone(), batch, coalesce::insert_submits),
+                accepted: Coalescer::spawn(db.writer.clone(), batch, coalesce::mark_scheduled),
+                completions: Coalescer::spawn(db.writer.clone(), batch, coalesce::complete),
                 in_flight: Mutex::new(HashSet::new()),
                 db,
                 client: TiClient::new(
@@ -583,27 +592,10 @@ impl Scheduler {
             }
         }
 
-        let to_store = rows.clone();
         let inserted = if rows.is_empty() {
             Ok(Vec::new())
         } else {
-            self.inner
-                .db
-                .writer
-                .run(move |conn| {
-                    Box::pin(async move {
-                        let mut inserted = Vec::with_capacity(to_store.len());
-                        for (task, decision) in &to_store {
-                            let new = TaskRepo::insert_submitted(conn, task).await?;
-                            if let (true, Some(d)) = (new, decision) {
-                                DecisionRepo::insert(conn, d).await?;
-                            }
-                            inserted.push(new);
-                        }
-                        Ok(inserted)
-                    })
-                })
-                .await
+            self.inner.submits.run(rows.clone()).await
         };
         let inserted = match inserted {
             Ok(flags) => flags,

@@ -19,7 +19,8 @@ pub enum DecisionReason {
 }
 
 impl DecisionReason {
-    fn as_str(self) -> &'static str {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Submit => "submit",
             Self::Reroute => "reroute",

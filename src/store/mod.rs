@@ -5,6 +5,7 @@
 //! group-commit [`Writer`]. The repositories hold every SQL statement the service runs,
 //! checked at compile time against the migrated schema (offline metadata in `sqlx-data/`).
 
+pub mod coalesce;
 mod decisions;
 mod learned;
 mod lookup;

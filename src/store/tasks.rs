@@ -126,32 +126,6 @@ impl TaskRepo {
         Ok(())
     }
 
-    /// Inserts a submitted task; returns false (changing nothing) if the id exists.
-    pub async fn insert_submitted(
-        conn: &mut SqliteConnection,
-        task: &NewTask,
-    ) -> Result<bool, StoreError> {
-        let task_id = task.task_id.as_str();
-        let ti = task.ti_uuid.map(|t| t.to_string());
-        let done = sqlx::query!(
-            "INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
-                                predicted_ms, predicted_error_ms, submit_time)
-             VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)
-             ON CONFLICT (task_id) DO NOTHING",
-            task_id,
-            task.model_name,
-            task.task_input,
-            task.metadata,
-            ti,
-            task.predicted_ms,
-            task.predicted_error_ms,
-            task.submit_time,
-        )
-        .execute(conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
     /// The task with this id, if it exists.
     pub async fn find(
         exec: impl SqliteExecutor<'_>,
@@ -192,28 +166,6 @@ impl TaskRepo {
         }))
     }
 
-    /// Records that `ti` accepted the task. Returns false if the task is no longer queued
-    /// for that TI (it completed already, or was re-routed meanwhile).
-    pub async fn mark_scheduled(
-        conn: &mut SqliteConnection,
-        task_id: &TaskId,
-        ti: TiUuid,
-        at: f64,
-    ) -> Result<bool, StoreError> {
-        let id = task_id.as_str();
-        let ti = ti.to_string();
-        let done = sqlx::query!(
-            "UPDATE tasks SET status = 'scheduled', dispatch_time = ?
-             WHERE task_id = ? AND status = 'queued' AND ti_uuid = ?",
-            at,
-            id,
-            ti
-        )
-        .execute(conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
     /// Moves an unfinished task to another TI (or to none), back in `queued`.
     /// Returns false if it had completed meanwhile.
     pub async fn reassign(
@@ -237,33 +189,6 @@ impl TaskRepo {
         .execute(conn)
         .await?;
         Ok(done.rows_affected() == 1)
-    }
-
-    /// Stores a task's result. Returns the task's model and metadata (JSON text) if it
-    /// did, `None` (changing nothing) if the task is unknown or already completed: the
-    /// first result wins.
-    pub async fn mark_completed(
-        conn: &mut SqliteConnection,
-        task_id: &TaskId,
-        done: &Completion,
-    ) -> Result<Option<(String, String)>, StoreError> {
-        let id = task_id.as_str();
-        let result = done.result.to_string();
-        let outcome = done.outcome.as_str();
-        let row = sqlx::query!(
-            "UPDATE tasks SET status = 'completed', result = ?, outcome = ?,
-                              execution_time_ms = ?, completion_time = ?
-             WHERE task_id = ? AND status <> 'completed'
-             RETURNING model_name, metadata",
-            result,
-            outcome,
-            done.execution_time_ms,
-            done.completion_time,
-            id
-        )
-        .fetch_optional(conn)
-        .await?;
-        Ok(row.map(|r| (r.model_name, r.metadata)))
     }
 
     /// Every successful execution, oldest first, with the hardware it ran on: the
