@@ -128,6 +128,8 @@ pub async fn open(
             Durability::Normal => SqliteSynchronous::Normal,
         })
         .busy_timeout(Duration::from_secs(10))
+        // Statement journals (multi-row statements) in memory, not in temp files.
+        .pragma("temp_store", "MEMORY")
         .foreign_keys(true)
         .log_statements(log::LevelFilter::Trace);
     let read = SqlitePoolOptions::new()
