@@ -108,6 +108,18 @@ enum BenchCommand {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Restart-to-ready time, /task/query latency and RSS with a large history.
+    Scale {
+        /// Completed tasks in the history.
+        #[arg(long, default_value_t = 1_000_000)]
+        history: u64,
+        /// Unfinished tasks.
+        #[arg(long, default_value_t = 10_000)]
+        unfinished: u64,
+        /// /task/query requests to time.
+        #[arg(long, default_value_t = 2_000)]
+        queries: u64,
+    },
     /// A minimal server for the load benchmark's ceilings (started by `bench load`).
     #[command(hide = true)]
     CeilingServer {
@@ -360,6 +372,18 @@ async fn bench(which: BenchCommand) -> anyhow::Result<()> {
                 url,
             };
             bench::load::run(&args).await?;
+        }
+        BenchCommand::Scale {
+            history,
+            unfinished,
+            queries,
+        } => {
+            bench::scale::run(&bench::scale::ScaleArgs {
+                history,
+                unfinished,
+                queries,
+            })
+            .await?
         }
         BenchCommand::CeilingServer {
             mode,

@@ -4,5 +4,6 @@
 pub mod ceiling;
 pub mod load;
 pub mod prediction;
+pub mod scale;
 pub mod strategies;
 pub mod workload;

@@ -4,6 +4,8 @@
 //! rebuilt from it at start-up.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
@@ -43,7 +45,9 @@ impl TiEntry {
 /// The cache itself.
 pub struct State {
     /// Every TI ever registered (removed ones too: their results are still accepted).
-    pub tis: HashMap<TiUuid, TiEntry>,
+    /// Fx hashing: the hot path looks every candidate up here, and the keys are not
+    /// attacker-chosen (the scheduler generates them).
+    pub tis: FxHashMap<TiUuid, TiEntry>,
     /// Model name to its registered (not removed) TIs, in registration order.
     pub models: HashMap<String, Vec<TiUuid>>,
     /// Which TI holds each unfinished task's prediction.
@@ -71,7 +75,7 @@ impl State {
         max_inflight_dispatches: usize,
     ) -> Self {
         Self {
-            tis: HashMap::new(),
+            tis: FxHashMap::default(),
             models: HashMap::new(),
             reservations: HashMap::new(),
             strategy,
@@ -200,7 +204,10 @@ impl State {
         if candidates.is_empty() {
             return None;
         }
-        let cursor = self.rr_cursor.entry(model.to_string()).or_default();
+        if !self.rr_cursor.contains_key(model) {
+            self.rr_cursor.insert(model.to_string(), 0);
+        }
+        let cursor = self.rr_cursor.get_mut(model)?;
         let chosen = strategy::select(
             self.strategy,
             &mut candidates,
