@@ -84,15 +84,7 @@ impl StrategyKind {
     /// );
     /// ```
     pub fn parse(name: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|s| s.as_str() == name)
-            .ok_or_else(|| {
-                format!(
-                    "unknown strategy '{name}'; valid: {}",
-                    Self::ALL.map(Self::as_str).join(", ")
-                )
-            })
+        parse_name(name, &Self::ALL, Self::as_str, "strategy")
     }
 }
 
@@ -120,16 +112,25 @@ impl PredictMode {
 
     /// Parses an API name; the error lists the valid ones.
     pub fn parse(name: &str) -> Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|s| s.as_str() == name)
-            .ok_or_else(|| {
-                format!(
-                    "unknown predict mode '{name}'; valid: {}",
-                    Self::ALL.map(Self::as_str).join(", ")
-                )
-            })
+        parse_name(name, &Self::ALL, Self::as_str, "predict mode")
     }
+}
+
+/// The variant named `name` (exactly: names are case-sensitive), or an error that lists
+/// the valid names.
+fn parse_name<T: Copy>(
+    name: &str,
+    all: &[T],
+    as_str: fn(T) -> &'static str,
+    what: &str,
+) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|v| as_str(*v) == name)
+        .ok_or_else(|| {
+            let valid: Vec<&str> = all.iter().map(|v| as_str(*v)).collect();
+            format!("unknown {what} '{name}'; valid: {}", valid.join(", "))
+        })
 }
 
 /// Why a scheduling operation failed; the API maps each to its HTTP code.

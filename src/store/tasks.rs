@@ -79,6 +79,37 @@ pub struct UnfinishedTask {
     pub dispatch_time: Option<f64>,
 }
 
+/// An unfinished task as read from the table.
+struct UnfinishedRow {
+    task_id: String,
+    model_name: String,
+    task_input: String,
+    metadata: String,
+    status: String,
+    ti_uuid: Option<String>,
+    predicted_ms: f64,
+    predicted_error_ms: f64,
+    dispatch_time: Option<f64>,
+}
+
+impl TryFrom<UnfinishedRow> for UnfinishedTask {
+    type Error = StoreError;
+
+    fn try_from(row: UnfinishedRow) -> Result<Self, StoreError> {
+        Ok(Self {
+            task_id: TaskId::from_stored(row.task_id),
+            model_name: row.model_name,
+            task_input: row.task_input,
+            metadata: row.metadata,
+            status: parse_status(&row.status)?,
+            ti_uuid: parse_ti(row.ti_uuid)?,
+            predicted_ms: row.predicted_ms,
+            predicted_error_ms: row.predicted_error_ms,
+            dispatch_time: row.dispatch_time,
+        })
+    }
+}
+
 /// A successful execution, as `ti-scheduler retrain` learns from it.
 #[derive(Debug, Clone)]
 pub struct Execution {
@@ -211,28 +242,17 @@ impl TaskRepo {
     pub async fn unfinished(
         exec: impl SqliteExecutor<'_>,
     ) -> Result<Vec<UnfinishedTask>, StoreError> {
-        let rows = sqlx::query!(
+        sqlx::query_as!(
+            UnfinishedRow,
             "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
                     predicted_ms, predicted_error_ms, dispatch_time
              FROM tasks WHERE status <> 'completed' ORDER BY submit_time"
         )
         .fetch_all(exec)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(UnfinishedTask {
-                    task_id: TaskId::from_stored(row.task_id),
-                    model_name: row.model_name,
-                    task_input: row.task_input,
-                    metadata: row.metadata,
-                    status: parse_status(&row.status)?,
-                    ti_uuid: parse_ti(row.ti_uuid)?,
-                    predicted_ms: row.predicted_ms,
-                    predicted_error_ms: row.predicted_error_ms,
-                    dispatch_time: row.dispatch_time,
-                })
-            })
-            .collect()
+        .await?
+        .into_iter()
+        .map(UnfinishedTask::try_from)
+        .collect()
     }
 
     /// One unfinished task, to dispatch it again.
@@ -241,27 +261,16 @@ impl TaskRepo {
         task_id: &TaskId,
     ) -> Result<Option<UnfinishedTask>, StoreError> {
         let id = task_id.as_str();
-        let row = sqlx::query!(
+        sqlx::query_as!(
+            UnfinishedRow,
             "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
                     predicted_ms, predicted_error_ms, dispatch_time
              FROM tasks WHERE task_id = ? AND status <> 'completed'",
             id
         )
         .fetch_optional(exec)
-        .await?;
-        row.map(|row| {
-            Ok(UnfinishedTask {
-                task_id: TaskId::from_stored(row.task_id),
-                model_name: row.model_name,
-                task_input: row.task_input,
-                metadata: row.metadata,
-                status: parse_status(&row.status)?,
-                ti_uuid: parse_ti(row.ti_uuid)?,
-                predicted_ms: row.predicted_ms,
-                predicted_error_ms: row.predicted_error_ms,
-                dispatch_time: row.dispatch_time,
-            })
-        })
+        .await?
+        .map(UnfinishedTask::try_from)
         .transpose()
     }
 

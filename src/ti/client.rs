@@ -119,16 +119,34 @@ impl TiClient {
         }
     }
 
-    /// `GET /health`: Ok if it answers 2xx in time.
-    pub async fn health(&self, host: &str, port: u16) -> Result<(), TiError> {
-        let t = self.health_timeout;
-        let resp = self
-            .http
-            .get(Self::url(host, port, "/health"))
-            .timeout(t)
+    /// Sends a request with a timeout.
+    async fn send(
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, TiError> {
+        request
+            .timeout(timeout)
             .send()
             .await
-            .map_err(|e| TiError::from_reqwest(e, t))?;
+            .map_err(|e| TiError::from_reqwest(e, timeout))
+    }
+
+    /// The response if it is a 2xx, else the error naming the request.
+    fn success(resp: reqwest::Response, what: &'static str) -> Result<reqwest::Response, TiError> {
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(TiError::Status {
+                what,
+                status: resp.status().as_u16(),
+            })
+        }
+    }
+
+    /// `GET /health`: Ok if it answers 2xx in time.
+    pub async fn health(&self, host: &str, port: u16) -> Result<(), TiError> {
+        let request = self.http.get(Self::url(host, port, "/health"));
+        let resp = Self::send(request, self.health_timeout).await?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -138,20 +156,8 @@ impl TiClient {
 
     /// `GET /info`: the model and hardware the TI reports.
     pub async fn info(&self, host: &str, port: u16) -> Result<TiInfo, TiError> {
-        let t = self.health_timeout;
-        let resp = self
-            .http
-            .get(Self::url(host, port, "/info"))
-            .timeout(t)
-            .send()
-            .await
-            .map_err(|e| TiError::from_reqwest(e, t))?;
-        if !resp.status().is_success() {
-            return Err(TiError::Status {
-                what: "GET /info",
-                status: resp.status().as_u16(),
-            });
-        }
+        let request = self.http.get(Self::url(host, port, "/info"));
+        let resp = Self::success(Self::send(request, self.health_timeout).await?, "GET /info")?;
         let body: InfoBody = resp
             .json()
             .await
@@ -173,23 +179,15 @@ impl TiClient {
         port: u16,
         request: &DispatchRequest<'_>,
     ) -> Result<(), TiError> {
-        let t = self.dispatch_timeout;
-        let resp = self
+        let request = self
             .http
             .post(Self::url(host, port, "/queue/submit"))
-            .timeout(t)
-            .json(request)
-            .send()
-            .await
-            .map_err(|e| TiError::from_reqwest(e, t))?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(TiError::Status {
-                what: "dispatch",
-                status: resp.status().as_u16(),
-            })
-        }
+            .json(request);
+        Self::success(
+            Self::send(request, self.dispatch_timeout).await?,
+            "dispatch",
+        )?;
+        Ok(())
     }
 
     /// `GET /results/{task_id}`: what the TI knows of a task; `None` if it never saw it.
@@ -199,25 +197,14 @@ impl TiClient {
         port: u16,
         task_id: &str,
     ) -> Result<Option<TiTaskReport>, TiError> {
-        let t = self.dispatch_timeout;
-        let path = format!("/results/{task_id}");
-        let resp = self
+        let request = self
             .http
-            .get(Self::url(host, port, &path))
-            .timeout(t)
-            .send()
-            .await
-            .map_err(|e| TiError::from_reqwest(e, t))?;
+            .get(Self::url(host, port, &format!("/results/{task_id}")));
+        let resp = Self::send(request, self.dispatch_timeout).await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        if !resp.status().is_success() {
-            return Err(TiError::Status {
-                what: "GET /results",
-                status: resp.status().as_u16(),
-            });
-        }
-        let body: Value = resp
+        let body: Value = Self::success(resp, "GET /results")?
             .json()
             .await
             .map_err(|e| TiError::Protocol(format!("GET /results answered invalid JSON: {e}")))?;
