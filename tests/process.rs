@@ -343,3 +343,50 @@ async fn no_acknowledged_task_is_lost_when_the_service_is_killed() {
     );
     assert_eq!(service.terminate(), Some(0));
 }
+
+#[test]
+fn import_lookup_names_the_bad_line_and_column_and_imports_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("lookup.db");
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(
+        &bad,
+        "model_name,input_tokens,expect,error\nm,10,5,1\nm,ten,5,1\n",
+    )
+    .unwrap();
+    let run = |file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_ti-scheduler"))
+            .arg("import-lookup")
+            .arg(file)
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .unwrap()
+    };
+    let failed = run(&bad);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("line 3, column 2 (input_tokens)"),
+        "{stderr}"
+    );
+    assert!(!db.exists(), "nothing was written");
+
+    let good = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/lookup-swarmpilot.json"
+    );
+    let imported = run(Path::new(good));
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&imported.stdout);
+    assert!(stdout.contains("imported 2 rows"), "{stdout}");
+    let rows: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM lookup_rows", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 2);
+}
