@@ -163,6 +163,37 @@ fn submit_body(n: u64) -> Value {
     })
 }
 
+/// What every client shares: the HTTP client, the counters and the measuring switch.
+struct Submitter {
+    http: reqwest::Client,
+    url: String,
+    measuring: AtomicBool,
+    ok: AtomicU64,
+    errors: AtomicU64,
+    sent: AtomicU64,
+}
+
+impl Submitter {
+    /// One submit; returns whether it counts (answered with success while measuring)
+    /// and its latency, µs.
+    async fn submit_one(&self) -> (bool, u64) {
+        let n = self.sent.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let answered = self.http.post(&self.url).json(&submit_body(n)).send().await;
+        let success = match answered {
+            Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+            _ => false,
+        };
+        let micros = started.elapsed().as_micros() as u64;
+        let measuring = self.measuring.load(Ordering::Relaxed);
+        if measuring {
+            let counter = if success { &self.ok } else { &self.errors };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        (success && measuring, micros)
+    }
+}
+
 /// Drives `url` + `/queue/submit` for `warmup` then `duration` seconds; measures the latter.
 pub async fn drive(url: &str, args: &LoadArgs) -> anyhow::Result<Drive> {
     let http = reqwest::Client::builder()
@@ -171,48 +202,20 @@ pub async fn drive(url: &str, args: &LoadArgs) -> anyhow::Result<Drive> {
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(10))
         .build()?;
-    let submit_url = format!("{url}/queue/submit");
-    let measuring = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Submitter {
+        http,
+        url: format!("{url}/queue/submit"),
+        measuring: AtomicBool::new(false),
+        ok: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
+    });
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let counter = Arc::new(AtomicU64::new(0));
-
     let one = {
-        let (http, submit_url, measuring, ok, errors, counter) = (
-            http.clone(),
-            submit_url.clone(),
-            measuring.clone(),
-            ok.clone(),
-            errors.clone(),
-            counter.clone(),
-        );
+        let shared = shared.clone();
         move || {
-            let (http, submit_url, measuring, ok, errors, counter) = (
-                http.clone(),
-                submit_url.clone(),
-                measuring.clone(),
-                ok.clone(),
-                errors.clone(),
-                counter.clone(),
-            );
-            async move {
-                let n = counter.fetch_add(1, Ordering::Relaxed);
-                let started = Instant::now();
-                let answered = http.post(&submit_url).json(&submit_body(n)).send().await;
-                let success = match answered {
-                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                    _ => false,
-                };
-                let micros = started.elapsed().as_micros() as u64;
-                if measuring.load(Ordering::Relaxed) {
-                    if success {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                (success && measuring.load(Ordering::Relaxed), micros)
-            }
+            let shared = shared.clone();
+            async move { shared.submit_one().await }
         }
     };
 
@@ -262,21 +265,21 @@ pub async fn drive(url: &str, args: &LoadArgs) -> anyhow::Result<Drive> {
         }
     }
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
-    measuring.store(true, Ordering::Relaxed);
+    shared.measuring.store(true, Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
-    measuring.store(false, Ordering::Relaxed);
+    shared.measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for w in workers {
         latency.add(w.await?)?;
     }
-    let ok = ok.load(Ordering::Relaxed);
+    let ok = shared.ok.load(Ordering::Relaxed);
     Ok(Drive {
         rate: ok as f64 / elapsed,
         ok,
-        errors: errors.load(Ordering::Relaxed),
+        errors: shared.errors.load(Ordering::Relaxed),
         latency,
     })
 }

@@ -593,57 +593,61 @@ impl Scheduler {
             }
         }
 
+        // What dispatching needs afterwards; the rows themselves go to the writer.
+        let placed: Vec<(TaskId, Option<TiUuid>, String)> = rows
+            .iter()
+            .map(|(t, _)| (t.task_id.clone(), t.ti_uuid, t.metadata.clone()))
+            .collect();
         let inserted = if rows.is_empty() {
             Ok(Vec::new())
         } else {
-            self.inner.submits.run(rows.clone()).await
+            self.inner.submits.run(rows).await
         };
         let inserted = match inserted {
             Ok(flags) => flags,
             Err(e) => {
                 let mut st = self.state();
-                for (task, _) in &rows {
-                    st.release(&task.task_id);
+                for (task_id, ..) in &placed {
+                    st.release(task_id);
                 }
                 return Err(e.into());
             }
         };
 
-        for ((task, _), (&i, new)) in rows.into_iter().zip(fresh.iter().zip(inserted)) {
-            if new {
-                metrics::counter!("ti_scheduler_submits_total").increment(1);
-                answers[i] = Some(Submitted {
-                    task_id: task.task_id.clone(),
-                    scheduled_ti: task.ti_uuid,
-                });
-                if let Some(ti) = task.ti_uuid {
-                    let item = &items[i];
-                    let payload = RawValue::from_string(task.metadata).map(|metadata_raw| {
-                        Arc::new(dispatch::Payload {
-                            model: task.model_name,
-                            task_input: item.task_input.clone(),
-                            metadata_raw,
-                            metadata: item.metadata.clone(),
-                        })
-                    });
-                    match payload {
-                        Ok(p) => self.spawn_drive(task.task_id, dispatch::Step::Dispatch(ti), p),
-                        // Cannot happen (we serialized it); the sweep would dispatch it.
-                        Err(e) => tracing::error!(error = %e, "metadata did not serialize"),
-                    }
-                }
-            } else {
+        for ((task_id, ti, metadata), (&i, new)) in
+            placed.into_iter().zip(fresh.iter().zip(inserted))
+        {
+            if !new {
                 // A concurrent submit of the same client id won the race: answer with it.
-                self.state().release(&task.task_id);
-                let existing = TaskRepo::find(&self.inner.db.read, &task.task_id)
+                self.state().release(&task_id);
+                let existing = TaskRepo::find(&self.inner.db.read, &task_id)
                     .await?
-                    .ok_or_else(|| {
-                        StoreError::Corrupt(format!("task {} vanished", task.task_id))
-                    })?;
+                    .ok_or_else(|| StoreError::Corrupt(format!("task {task_id} vanished")))?;
                 answers[i] = Some(Submitted {
                     task_id: existing.task_id,
                     scheduled_ti: existing.ti_uuid,
                 });
+                continue;
+            }
+            metrics::counter!("ti_scheduler_submits_total").increment(1);
+            answers[i] = Some(Submitted {
+                task_id: task_id.clone(),
+                scheduled_ti: ti,
+            });
+            let Some(ti) = ti else { continue };
+            let item = &items[i];
+            match RawValue::from_string(metadata) {
+                Ok(metadata_raw) => {
+                    let payload = Arc::new(dispatch::Payload {
+                        model: model.to_string(),
+                        task_input: item.task_input.clone(),
+                        metadata_raw,
+                        metadata: item.metadata.clone(),
+                    });
+                    self.spawn_drive(task_id, dispatch::Step::Dispatch(ti), payload);
+                }
+                // Cannot happen (we serialized it); the sweep would dispatch it.
+                Err(e) => tracing::error!(error = %e, "metadata did not serialize"),
             }
         }
         for (i, first) in repeats {
