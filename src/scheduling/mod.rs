@@ -116,6 +116,12 @@ impl PredictMode {
     }
 }
 
+/// A JSON object as text, without copying it first.
+fn serialized_object(map: &Map<String, Value>) -> String {
+    // Serializing a map of JSON values cannot fail (keys are strings).
+    serde_json::to_string(map).unwrap_or_else(|_| "{}".to_string())
+}
+
 /// The variant named `name` (exactly: names are case-sensitive), or an error that lists
 /// the valid names.
 fn parse_name<T: Copy>(
@@ -582,7 +588,7 @@ impl Scheduler {
                         task_id,
                         model_name: model.to_string(),
                         task_input: item.task_input.get().to_string(),
-                        metadata: Value::Object(item.metadata.clone()).to_string(),
+                        metadata: serialized_object(&item.metadata),
                         ti_uuid: ti,
                         predicted_ms: mean,
                         predicted_error_ms: error,

@@ -231,6 +231,15 @@ async fn read(resp: reqwest::Response) -> (StatusCode, Value) {
     (status, body)
 }
 
+/// Asserts that an error body's `message` contains `needle`.
+#[track_caller]
+pub fn assert_message(body: &Value, needle: &str) {
+    let message = body["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no message in {body}"));
+    assert!(message.contains(needle), "{needle:?} is not in {body}");
+}
+
 /// Polls `check` until it yields a value, failing the test after [`PATIENCE`].
 pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where

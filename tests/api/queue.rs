@@ -1,7 +1,7 @@
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, spawn_app_with, spawn_ti, wait_for};
+use crate::helpers::{assert_message, spawn_app, spawn_app_with, spawn_ti, wait_for};
 
 #[tokio::test]
 async fn submitting_with_no_instance_for_the_model_is_503_naming_it() {
@@ -166,10 +166,7 @@ async fn an_invalid_batch_item_is_400_naming_its_index_and_nothing_is_stored() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        body["message"].as_str().unwrap().contains("tasks[1]"),
-        "{body}"
-    );
+    assert_message(&body, "tasks[1]");
     let (status, _) = app
         .post(
             "/queue/submit_batch",
@@ -262,6 +259,6 @@ async fn a_body_over_the_limit_is_413() {
     let (status, body) = app.post("/queue/submit", big).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(body["status"], "error");
-    assert!(body["message"].as_str().unwrap().contains("1024"), "{body}");
+    assert_message(&body, "1024");
     assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
 }

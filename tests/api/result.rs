@@ -2,7 +2,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use ti_scheduler::ti::sim::{Faults, SimTi};
 
-use crate::helpers::{spawn_app, spawn_ti, wait_for, TestApp};
+use crate::helpers::{assert_message, spawn_app, spawn_ti, wait_for, TestApp};
 
 /// A task whose TI will not call back, so the test plays the TI.
 async fn silent_task(app: &TestApp) -> (SimTi, String, String, String) {
@@ -127,13 +127,7 @@ async fn a_callback_with_a_negative_execution_time_is_400() {
     body["execution_time"] = json!(-1.0);
     let (status, answer) = app.post("/result/submit", body).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        answer["message"]
-            .as_str()
-            .unwrap()
-            .contains("execution_time"),
-        "{answer}"
-    );
+    assert_message(&answer, "execution_time");
 }
 
 /// Reconciliation would otherwise fetch the result from the TI itself.

@@ -1,7 +1,7 @@
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{spawn_app, spawn_app_with, spawn_ti};
+use crate::helpers::{assert_message, spawn_app, spawn_app_with, spawn_ti};
 
 const CSV: &str = include_str!("../data/lookup.csv");
 const SWARMPILOT: &str = include_str!("../data/lookup-swarmpilot.json");
@@ -60,22 +60,10 @@ async fn malformed_or_mistyped_bodies_are_400_naming_the_problem() {
     );
     let (status, body) = app.post("/scheduler/set", json!({})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("missing field `name`"),
-        "{body}"
-    );
+    assert_message(&body, "missing field `name`");
     let (status, body) = app.post("/scheduler/set", json!({"name": 3})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("name: invalid type"),
-        "{body}"
-    );
+    assert_message(&body, "name: invalid type");
 }
 
 #[tokio::test]
@@ -85,13 +73,7 @@ async fn lookup_table_mode_without_a_table_is_409_saying_how_to_load_one() {
         .post("/scheduler/predict_mode", json!({"mode": "lookup_table"}))
         .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("/predictor/lookup_table"),
-        "{body}"
-    );
+    assert_message(&body, "/predictor/lookup_table");
     let (status, body) = app
         .post("/scheduler/predict_mode", json!({"mode": "fast"}))
         .await;
@@ -180,13 +162,7 @@ async fn a_malformed_table_is_400_naming_line_and_column_and_changes_nothing() {
         .post_raw("/predictor/lookup_table", "text/csv", bad)
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("line 3, column 3 (input_tokens)"),
-        "{body}"
-    );
+    assert_message(&body, "line 3, column 3 (input_tokens)");
     let (status, body) = app
         .post_raw(
             "/predictor/lookup_table",

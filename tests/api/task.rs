@@ -2,7 +2,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use ti_scheduler::ti::sim::{Faults, SimConfig};
 
-use crate::helpers::{spawn_app, spawn_ti, spawn_ti_with, wait_for};
+use crate::helpers::{assert_message, spawn_app, spawn_ti, spawn_ti_with, wait_for};
 
 fn now() -> f64 {
     std::time::SystemTime::now()
@@ -103,10 +103,7 @@ async fn querying_an_unknown_task_is_404_echoing_the_id() {
     assert_eq!(body["task_id"], "other");
     let (status, body) = app.get("/task/query").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(
-        body["message"].as_str().unwrap().contains("task_id"),
-        "{body}"
-    );
+    assert_message(&body, "task_id");
 }
 
 #[tokio::test]
