@@ -31,9 +31,7 @@ pub async fn run_cleanup_once(
     loop {
         let n = db
             .writer
-            .run(move |conn| {
-                Box::pin(async move { TaskRepo::expire_results(conn, expire_before, batch).await })
-            })
+            .run(move |conn| TaskRepo::expire_results(conn, expire_before, batch))
             .await?;
         report.expired += n;
         if n < batch as u64 {
@@ -43,9 +41,7 @@ pub async fn run_cleanup_once(
     loop {
         let n = db
             .writer
-            .run(move |conn| {
-                Box::pin(async move { TaskRepo::purge_completed(conn, purge_before, batch).await })
-            })
+            .run(move |conn| TaskRepo::purge_completed(conn, purge_before, batch))
             .await?;
         report.purged += n;
         if n < batch as u64 {

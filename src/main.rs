@@ -307,12 +307,10 @@ async fn import_lookup(file: &Path, db_path: &Path, append: bool) -> anyhow::Res
     let (db, writer) = store::open(db_path, store::Durability::Full, 1, 1, stop.clone()).await?;
     db.writer
         .run(move |conn| {
-            Box::pin(async move {
-                if !append {
-                    store::LookupRepo::clear(conn).await?;
-                }
-                store::LookupRepo::insert(conn, &rows).await
-            })
+            if !append {
+                store::LookupRepo::clear(conn)?;
+            }
+            store::LookupRepo::insert(conn, &rows)
         })
         .await?;
     let total = store::LookupRepo::all(&db.read).await?.len();

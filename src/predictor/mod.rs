@@ -370,17 +370,15 @@ pub async fn retrain(db: &Db) -> Result<RetrainReport, StoreError> {
     let models = learned.models.len();
     db.writer
         .run(move |conn| {
-            Box::pin(async move {
-                StatsRepo::clear(conn).await?;
-                LearnedRepo::clear(conn).await?;
-                for s in &learned.stats {
-                    StatsRepo::save(conn, s).await?;
-                }
-                for m in &learned.models {
-                    LearnedRepo::save(conn, m).await?;
-                }
-                Ok(())
-            })
+            StatsRepo::clear(conn)?;
+            LearnedRepo::clear(conn)?;
+            for s in &learned.stats {
+                StatsRepo::save(conn, s)?;
+            }
+            for m in &learned.models {
+                LearnedRepo::save(conn, m)?;
+            }
+            Ok(())
         })
         .await?;
     Ok(RetrainReport {

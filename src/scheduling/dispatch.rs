@@ -296,10 +296,12 @@ impl Scheduler {
     }
 
     async fn note_accepted(&self, task_id: &TaskId, ti: TiUuid) {
+        let (id, at) = (task_id.clone(), unix_now());
         let marked = self
             .inner
-            .accepted
-            .run((task_id.clone(), ti, unix_now()))
+            .db
+            .writer
+            .run(move |conn| TaskRepo::mark_scheduled(conn, &id, ti, at))
             .await;
         match marked {
             Ok(true) => self.state().mark_started(task_id, ti, Instant::now()),
@@ -348,13 +350,11 @@ impl Scheduler {
             .db
             .writer
             .run(move |conn| {
-                Box::pin(async move {
-                    let moved = TaskRepo::reassign(conn, &id, chosen, mean, error).await?;
-                    if let (true, Some(d)) = (moved, &decision) {
-                        DecisionRepo::insert(conn, d).await?;
-                    }
-                    Ok(moved)
-                })
+                let moved = TaskRepo::reassign(conn, &id, chosen, mean, error)?;
+                if let (true, Some(d)) = (moved, &decision) {
+                    DecisionRepo::insert(conn, d)?;
+                }
+                Ok(moved)
             })
             .await;
         match moved {
@@ -462,10 +462,12 @@ impl Scheduler {
             .tis
             .get(&ti)
             .and_then(|e| e.ti.hardware.clone());
+        let id = task_id.clone();
         let stored = self
             .inner
-            .completions
-            .run((task_id.clone(), completion))
+            .db
+            .writer
+            .run(move |conn| TaskRepo::complete(conn, &id, &completion))
             .await?;
         let Some((model, metadata)) = stored else {
             return Ok(false);
@@ -498,15 +500,13 @@ impl Scheduler {
             .db
             .writer
             .run(move |conn| {
-                Box::pin(async move {
-                    for stats in &changed.stats {
-                        StatsRepo::save(conn, stats).await?;
-                    }
-                    for learned in &changed.models {
-                        LearnedRepo::save(conn, learned).await?;
-                    }
-                    Ok(())
-                })
+                for stats in &changed.stats {
+                    StatsRepo::save(conn, stats)?;
+                }
+                for learned in &changed.models {
+                    LearnedRepo::save(conn, learned)?;
+                }
+                Ok(())
             })
             .await?;
         Ok(n)

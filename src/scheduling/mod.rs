@@ -33,10 +33,9 @@ pub use state::{State, TiEntry};
 use crate::config::Settings;
 use crate::domain::{unix_now, TaskId, TiUuid};
 use crate::predictor::{LookupRow, Predictor};
-use crate::store::coalesce::{self, Accepted, Coalescer, SubmitRows};
 use crate::store::{
-    Completion, Db, DecisionReason, LearnedRepo, LookupRepo, NewDecision, NewTask, SettingsRepo,
-    StatsRepo, StoreError, StoredTask, StoredTi, TaskRepo, TiRepo,
+    Db, DecisionReason, LearnedRepo, LookupRepo, NewDecision, NewTask, SettingsRepo, StatsRepo,
+    StoreError, StoredTask, StoredTi, TaskRepo, TiRepo,
 };
 use crate::ti::{TiClient, TiError};
 
@@ -211,10 +210,6 @@ struct CoreSettings {
 struct Inner {
     /// Held for microseconds, never across an `.await`.
     state: Mutex<State>,
-    /// The hot-path writes, each coalesced into one statement per batch.
-    submits: Coalescer<SubmitRows, Vec<bool>>,
-    accepted: Coalescer<Accepted, bool>,
-    completions: Coalescer<(TaskId, Completion), Option<(String, String)>>,
     /// Tasks with a dispatch or re-route under way, so the sweep leaves them alone.
     in_flight: Mutex<HashSet<TaskId>>,
     db: Db,
@@ -304,13 +299,9 @@ impl Scheduler {
             .map(|rule| dispatch::HostRule::parse(rule))
             .collect::<Result<_, _>>()
             .map_err(Error::Invalid)?;
-        let batch = settings.database.max_batch;
         Ok(Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
-                submits: Coalescer::spawn(db.writer.clone(), batch, coalesce::insert_submits),
-                accepted: Coalescer::spawn(db.writer.clone(), batch, coalesce::mark_scheduled),
-                completions: Coalescer::spawn(db.writer.clone(), batch, coalesce::complete),
                 in_flight: Mutex::new(HashSet::new()),
                 db,
                 client: TiClient::new(
@@ -354,9 +345,7 @@ impl Scheduler {
         self.inner
             .db
             .writer
-            .run(move |conn| {
-                Box::pin(async move { SettingsRepo::set(conn, STRATEGY_KEY, kind.as_str()).await })
-            })
+            .run(move |conn| SettingsRepo::set(conn, STRATEGY_KEY, kind.as_str()))
             .await?;
         self.state().strategy = kind;
         Ok(())
@@ -374,11 +363,7 @@ impl Scheduler {
         self.inner
             .db
             .writer
-            .run(move |conn| {
-                Box::pin(
-                    async move { SettingsRepo::set(conn, PREDICT_MODE_KEY, mode.as_str()).await },
-                )
-            })
+            .run(move |conn| SettingsRepo::set(conn, PREDICT_MODE_KEY, mode.as_str()))
             .await?;
         self.state().predict_mode = mode;
         Ok(())
@@ -391,12 +376,10 @@ impl Scheduler {
             .db
             .writer
             .run(move |conn| {
-                Box::pin(async move {
-                    if !append {
-                        LookupRepo::clear(conn).await?;
-                    }
-                    LookupRepo::insert(conn, &stored).await
-                })
+                if !append {
+                    LookupRepo::clear(conn)?;
+                }
+                LookupRepo::insert(conn, &stored)
             })
             .await?;
         let mut st = self.state();
@@ -450,9 +433,7 @@ impl Scheduler {
             .inner
             .db
             .writer
-            .run(move |conn| {
-                Box::pin(async move { TiRepo::upsert_registered(conn, &candidate).await })
-            })
+            .run(move |conn| TiRepo::upsert_registered(conn, &candidate))
             .await?;
         let id = stored.ti_uuid;
         tracing::info!(ti = %id, host, port, model = %stored.model_name, "TI registered");
@@ -478,7 +459,7 @@ impl Scheduler {
             .inner
             .db
             .writer
-            .run(move |conn| Box::pin(async move { TiRepo::mark_removed(conn, id, at).await }))
+            .run(move |conn| TiRepo::mark_removed(conn, id, at))
             .await?;
         if !removed {
             return Err(not_found());
@@ -607,7 +588,11 @@ impl Scheduler {
         let inserted = if rows.is_empty() {
             Ok(Vec::new())
         } else {
-            self.inner.submits.run(rows).await
+            self.inner
+                .db
+                .writer
+                .run(move |conn| TaskRepo::insert_submit(conn, &rows))
+                .await
         };
         let inserted = match inserted {
             Ok(flags) => flags,

@@ -1,10 +1,17 @@
 //! The `decisions` table: one row per choice of a TI for a task, with every candidate.
 
+use rusqlite::Connection;
 use serde::Serialize;
-use sqlx::{SqliteConnection, SqliteExecutor};
+use sqlx::SqliteExecutor;
 
 use super::StoreError;
 use crate::domain::{TaskId, TiUuid};
+
+pub(super) const INSERT: &str =
+    "INSERT INTO decisions (task_id, decided_at, reason, strategy, predict_mode,
+                            predicted_ms, predicted_error_ms, prediction_source,
+                            lookup_fallback, chosen_ti, candidates)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
 /// Repository of scheduling decisions.
 pub struct DecisionRepo;
@@ -78,31 +85,22 @@ pub struct NewDecision {
 
 impl DecisionRepo {
     /// Stores a decision.
-    pub async fn insert(conn: &mut SqliteConnection, d: &NewDecision) -> Result<(), StoreError> {
-        let task_id = d.task_id.as_str();
-        let reason = d.reason.as_str();
-        let chosen = d.chosen_ti.to_string();
+    pub fn insert(conn: &Connection, d: &NewDecision) -> Result<(), StoreError> {
         let candidates = serde_json::to_string(&d.candidates)
             .map_err(|e| StoreError::Corrupt(format!("candidates: {e}")))?;
-        sqlx::query!(
-            "INSERT INTO decisions (task_id, decided_at, reason, strategy, predict_mode,
-                                    predicted_ms, predicted_error_ms, prediction_source,
-                                    lookup_fallback, chosen_ti, candidates)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            task_id,
+        conn.prepare_cached(INSERT)?.execute(rusqlite::params![
+            d.task_id.as_str(),
             d.decided_at,
-            reason,
+            d.reason.as_str(),
             d.strategy,
             d.predict_mode,
             d.predicted_ms,
             d.predicted_error_ms,
             d.prediction_source,
             d.lookup_fallback,
-            chosen,
-            candidates
-        )
-        .execute(conn)
-        .await?;
+            d.chosen_ti.to_string(),
+            candidates,
+        ])?;
         Ok(())
     }
 

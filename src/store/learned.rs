@@ -1,9 +1,15 @@
 //! The `learned_models` table: the online regressions of the default predictor.
 
-use sqlx::{SqliteConnection, SqliteExecutor};
+use rusqlite::Connection;
+use sqlx::SqliteExecutor;
 
 use super::StoreError;
 use crate::predictor::OnlineModel;
+
+pub(super) const SAVE: &str = "INSERT INTO learned_models (model_name, hardware, state)
+                               VALUES (?1, ?2, ?3)
+                               ON CONFLICT (model_name, hardware) DO UPDATE SET state = excluded.state";
+pub(super) const CLEAR: &str = "DELETE FROM learned_models";
 
 /// Repository of learned models.
 pub struct LearnedRepo;
@@ -42,26 +48,17 @@ impl LearnedRepo {
     }
 
     /// Stores one model, replacing its previous state.
-    pub async fn save(conn: &mut SqliteConnection, stored: &StoredModel) -> Result<(), StoreError> {
+    pub fn save(conn: &Connection, stored: &StoredModel) -> Result<(), StoreError> {
         let state = serde_json::to_string(&stored.model)
             .map_err(|e| StoreError::Corrupt(format!("learned model: {e}")))?;
-        sqlx::query!(
-            "INSERT INTO learned_models (model_name, hardware, state) VALUES (?, ?, ?)
-             ON CONFLICT (model_name, hardware) DO UPDATE SET state = excluded.state",
-            stored.model_name,
-            stored.hardware,
-            state
-        )
-        .execute(conn)
-        .await?;
+        conn.prepare_cached(SAVE)?
+            .execute((&stored.model_name, &stored.hardware, state))?;
         Ok(())
     }
 
     /// Deletes every model (before a retrain).
-    pub async fn clear(conn: &mut SqliteConnection) -> Result<(), StoreError> {
-        sqlx::query!("DELETE FROM learned_models")
-            .execute(conn)
-            .await?;
+    pub fn clear(conn: &Connection) -> Result<(), StoreError> {
+        conn.prepare_cached(CLEAR)?.execute(())?;
         Ok(())
     }
 }

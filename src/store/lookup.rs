@@ -1,9 +1,15 @@
 //! The `lookup_rows` table: the pre-computed predictions of lookup_table mode.
 
-use sqlx::{SqliteConnection, SqliteExecutor};
+use rusqlite::Connection;
+use sqlx::SqliteExecutor;
 
 use super::StoreError;
 use crate::predictor::LookupRow;
+
+pub(super) const INSERT: &str =
+    "INSERT INTO lookup_rows (model_name, hardware, features, expect_ms, error_ms, quantiles)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+pub(super) const CLEAR: &str = "DELETE FROM lookup_rows";
 
 /// Repository of lookup-table rows.
 pub struct LookupRepo;
@@ -34,32 +40,27 @@ impl LookupRepo {
     }
 
     /// Deletes every row.
-    pub async fn clear(conn: &mut SqliteConnection) -> Result<(), StoreError> {
-        sqlx::query!("DELETE FROM lookup_rows")
-            .execute(conn)
-            .await?;
+    pub fn clear(conn: &Connection) -> Result<(), StoreError> {
+        conn.prepare_cached(CLEAR)?.execute(())?;
         Ok(())
     }
 
     /// Appends rows.
-    pub async fn insert(conn: &mut SqliteConnection, rows: &[LookupRow]) -> Result<(), StoreError> {
+    pub fn insert(conn: &Connection, rows: &[LookupRow]) -> Result<(), StoreError> {
+        let mut insert = conn.prepare_cached(INSERT)?;
         for row in rows {
             let features = serde_json::to_string(&row.features)
                 .map_err(|e| StoreError::Corrupt(format!("features: {e}")))?;
             let quantiles = serde_json::to_string(&row.quantiles)
                 .map_err(|e| StoreError::Corrupt(format!("quantiles: {e}")))?;
-            sqlx::query!(
-                "INSERT INTO lookup_rows (model_name, hardware, features, expect_ms, error_ms, quantiles)
-                 VALUES (?, ?, ?, ?, ?, ?)",
-                row.model_name,
-                row.hardware,
+            insert.execute((
+                &row.model_name,
+                &row.hardware,
                 features,
                 row.expect_ms,
                 row.error_ms,
-                quantiles
-            )
-            .execute(&mut *conn)
-            .await?;
+                quantiles,
+            ))?;
         }
         Ok(())
     }

@@ -1,11 +1,12 @@
 //! SQLite: the service's whole state, and the only truth.
 //!
 //! [`open`] migrates the file with refinery (through rusqlite, which shares sqlx's
-//! libsqlite3), then opens a read pool and the single write connection owned by the
-//! group-commit [`Writer`]. The repositories hold every SQL statement the service runs,
-//! checked at compile time against the migrated schema (offline metadata in `sqlx-data/`).
+//! libsqlite3), then opens a read pool (sqlx) and the single write connection (rusqlite)
+//! owned by the group-commit [`Writer`] thread. The repositories hold every SQL statement
+//! the service runs. Reads are checked at compile time against the migrated schema
+//! (offline metadata in `sqlx-data/`); writes are plain rusqlite statements, each one
+//! prepared against the migrated schema by a test (`writes::tests`).
 
-pub mod coalesce;
 mod decisions;
 mod learned;
 mod lookup;
@@ -21,10 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
-use sqlx::{ConnectOptions, SqliteConnection};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::ConnectOptions;
 
 pub use decisions::{Candidate, DecisionReason, DecisionRepo, NewDecision};
 pub use learned::{LearnedRepo, StoredModel};
@@ -55,9 +54,9 @@ pub enum StoreError {
     /// Migrating the file failed.
     #[error("database migration failed")]
     Migrate(#[from] refinery::Error),
-    /// Opening the file for migration failed.
-    #[error("opening the database failed")]
-    Open(#[from] rusqlite::Error),
+    /// A statement on the write connection failed, or opening the file did.
+    #[error("database error")]
+    Sqlite(#[from] rusqlite::Error),
     /// Creating the database's directory failed.
     #[error("creating the database directory failed")]
     Io(#[from] std::io::Error),
@@ -112,9 +111,12 @@ pub async fn open(
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(Db, tokio::task::JoinHandle<()>), StoreError> {
     let owned = path.to_path_buf();
-    let applied = tokio::task::spawn_blocking(move || migrate(&owned))
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+    let (applied, conn) = tokio::task::spawn_blocking(move || {
+        let applied = migrate(&owned)?;
+        Ok::<_, StoreError>((applied, write_connection(&owned, durability)?))
+    })
+    .await
+    .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
     if applied > 0 {
         tracing::info!(applied, path = %path.display(), "database migrated");
     }
@@ -123,20 +125,81 @@ pub async fn open(
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(match durability {
-            Durability::Full => SqliteSynchronous::Full,
-            Durability::Normal => SqliteSynchronous::Normal,
-        })
-        .busy_timeout(Duration::from_secs(10))
-        // Statement journals (multi-row statements) in memory, not in temp files.
-        .pragma("temp_store", "MEMORY")
-        .foreign_keys(true)
+        .busy_timeout(BUSY_TIMEOUT)
+        .read_only(true)
         .log_statements(log::LevelFilter::Trace);
     let read = SqlitePoolOptions::new()
         .max_connections(read_connections.max(1))
-        .connect_with(options.clone().read_only(true))
+        .connect_with(options)
         .await?;
-    let conn: SqliteConnection = options.connect().await?;
-    let (writer, handle) = Writer::spawn(conn, max_batch, stop);
+    let (writer, handle) = Writer::spawn(conn, max_batch, stop)?;
     Ok((Db { read, writer }, handle))
+}
+
+/// How long a connection waits for another one's lock before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The write connection: WAL, the chosen synchronous level, foreign keys enforced,
+/// statement journals in memory.
+fn write_connection(
+    path: &Path,
+    durability: Durability,
+) -> Result<rusqlite::Connection, StoreError> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        },
+    )?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    // Every write statement stays prepared.
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every statement the writer runs: reads are checked by sqlx at compile time, these
+    /// are checked here against the schema the migrations build.
+    const WRITES: &[&str] = &[
+        tasks::INSERT,
+        tasks::MARK_SCHEDULED,
+        tasks::COMPLETE,
+        tasks::REASSIGN,
+        tasks::EXPIRE_RESULTS,
+        tasks::PURGE_COMPLETED,
+        decisions::INSERT,
+        tis::UPSERT_REGISTERED,
+        tis::MARK_REMOVED,
+        settings::SET,
+        learned::SAVE,
+        learned::CLEAR,
+        stats::SAVE,
+        stats::CLEAR,
+        lookup::INSERT,
+        lookup::CLEAR,
+    ];
+
+    #[test]
+    fn every_write_statement_prepares_against_the_migrated_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("schema.db");
+        migrate(&path).unwrap();
+        let conn = write_connection(&path, Durability::Full).unwrap();
+        for sql in WRITES {
+            if let Err(e) = conn.prepare(sql) {
+                panic!("{e}\nin:\n{sql}");
+            }
+        }
+        // And a statement naming a missing column does fail here.
+        assert!(conn.prepare("UPDATE tasks SET no_such_column = 1").is_err());
+    }
 }

@@ -1,8 +1,12 @@
 //! The `settings` table: strategy and predict mode, kept across restarts.
 
-use sqlx::{SqliteConnection, SqliteExecutor};
+use rusqlite::Connection;
+use sqlx::SqliteExecutor;
 
 use super::StoreError;
+
+pub(super) const SET: &str = "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                              ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 
 /// Repository of settings.
 pub struct SettingsRepo;
@@ -20,19 +24,8 @@ impl SettingsRepo {
     }
 
     /// Stores `value` under `key`.
-    pub async fn set(
-        conn: &mut SqliteConnection,
-        key: &str,
-        value: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query!(
-            "INSERT INTO settings (key, value) VALUES (?, ?)
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            key,
-            value
-        )
-        .execute(conn)
-        .await?;
+    pub fn set(conn: &Connection, key: &str, value: &str) -> Result<(), StoreError> {
+        conn.prepare_cached(SET)?.execute((key, value))?;
         Ok(())
     }
 }

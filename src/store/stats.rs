@@ -1,8 +1,15 @@
 //! The `execution_stats` table: running mean and variance of actual execution times.
 
-use sqlx::{SqliteConnection, SqliteExecutor};
+use rusqlite::Connection;
+use sqlx::SqliteExecutor;
 
 use super::StoreError;
+
+pub(super) const SAVE: &str = "INSERT INTO execution_stats (model_name, hardware, n, mean_ms, m2)
+                               VALUES (?1, ?2, ?3, ?4, ?5)
+                               ON CONFLICT (model_name, hardware) DO UPDATE SET
+                                   n = excluded.n, mean_ms = excluded.mean_ms, m2 = excluded.m2";
+pub(super) const CLEAR: &str = "DELETE FROM execution_stats";
 
 /// Repository of execution statistics.
 pub struct StatsRepo;
@@ -35,31 +42,20 @@ impl StatsRepo {
     }
 
     /// Deletes every row (before a retrain).
-    pub async fn clear(conn: &mut SqliteConnection) -> Result<(), StoreError> {
-        sqlx::query!("DELETE FROM execution_stats")
-            .execute(conn)
-            .await?;
+    pub fn clear(conn: &Connection) -> Result<(), StoreError> {
+        conn.prepare_cached(CLEAR)?.execute(())?;
         Ok(())
     }
 
     /// Stores one row, replacing the previous values.
-    pub async fn save(
-        conn: &mut SqliteConnection,
-        stats: &ExecutionStats,
-    ) -> Result<(), StoreError> {
-        sqlx::query!(
-            "INSERT INTO execution_stats (model_name, hardware, n, mean_ms, m2)
-             VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (model_name, hardware) DO UPDATE SET
-                 n = excluded.n, mean_ms = excluded.mean_ms, m2 = excluded.m2",
-            stats.model_name,
-            stats.hardware,
+    pub fn save(conn: &Connection, stats: &ExecutionStats) -> Result<(), StoreError> {
+        conn.prepare_cached(SAVE)?.execute((
+            &stats.model_name,
+            &stats.hardware,
             stats.n,
             stats.mean_ms,
-            stats.m2
-        )
-        .execute(conn)
-        .await?;
+            stats.m2,
+        ))?;
         Ok(())
     }
 }

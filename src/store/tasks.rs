@@ -1,10 +1,37 @@
 //! The `tasks` table: every accepted task from submit to completion.
 
+use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
-use sqlx::{SqliteConnection, SqliteExecutor};
+use sqlx::SqliteExecutor;
 
-use super::StoreError;
+use super::{DecisionRepo, NewDecision, StoreError};
 use crate::domain::{Outcome, TaskId, TaskStatus, TiUuid};
+
+pub(super) const INSERT: &str =
+    "INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
+                        predicted_ms, predicted_error_ms, submit_time)
+     VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8)
+     ON CONFLICT (task_id) DO NOTHING";
+pub(super) const MARK_SCHEDULED: &str = "UPDATE tasks SET status = 'scheduled', dispatch_time = ?1
+     WHERE task_id = ?2 AND status = 'queued' AND ti_uuid = ?3";
+pub(super) const COMPLETE: &str =
+    "UPDATE tasks SET status = 'completed', result = ?1, outcome = ?2,
+                      execution_time_ms = ?3, completion_time = ?4
+     WHERE task_id = ?5 AND status <> 'completed'
+     RETURNING model_name, metadata";
+pub(super) const REASSIGN: &str =
+    "UPDATE tasks SET status = 'queued', ti_uuid = ?1, dispatch_time = NULL,
+                      predicted_ms = ?2, predicted_error_ms = ?3
+     WHERE task_id = ?4 AND status <> 'completed'";
+pub(super) const EXPIRE_RESULTS: &str = "UPDATE tasks SET result = NULL, result_expired = 1
+     WHERE task_id IN (SELECT task_id FROM tasks
+                       WHERE status = 'completed' AND completion_time < ?1
+                         AND result_expired = 0
+                       LIMIT ?2)";
+pub(super) const PURGE_COMPLETED: &str = "DELETE FROM tasks
+     WHERE task_id IN (SELECT task_id FROM tasks
+                       WHERE status = 'completed' AND completion_time < ?1
+                       LIMIT ?2)";
 
 /// Repository of tasks.
 pub struct TaskRepo;
@@ -197,29 +224,88 @@ impl TaskRepo {
         }))
     }
 
+    /// Inserts the tasks of one submit with their decisions (if a TI was chosen). Says,
+    /// per task, whether it was inserted (false: the id existed, and nothing was written).
+    pub fn insert_submit(
+        conn: &Connection,
+        rows: &[(NewTask, Option<NewDecision>)],
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut insert = conn.prepare_cached(INSERT)?;
+        rows.iter()
+            .map(|(t, d)| {
+                let new = insert.execute(rusqlite::params![
+                    t.task_id.as_str(),
+                    t.model_name,
+                    t.task_input,
+                    t.metadata,
+                    t.ti_uuid.map(|u| u.to_string()),
+                    t.predicted_ms,
+                    t.predicted_error_ms,
+                    t.submit_time,
+                ])? == 1;
+                if let (true, Some(d)) = (new, d) {
+                    DecisionRepo::insert(conn, d)?;
+                }
+                Ok(new)
+            })
+            .collect()
+    }
+
+    /// Marks a task `scheduled` at `at`, once `ti` accepted it. Returns false if it was
+    /// no longer queued for that TI (completed or re-routed meanwhile).
+    pub fn mark_scheduled(
+        conn: &Connection,
+        task_id: &TaskId,
+        ti: TiUuid,
+        at: f64,
+    ) -> Result<bool, StoreError> {
+        let changed =
+            conn.prepare_cached(MARK_SCHEDULED)?
+                .execute((at, task_id.as_str(), ti.to_string()))?;
+        Ok(changed == 1)
+    }
+
+    /// Stores a task's result. Returns its model and metadata if it was stored, `None` if
+    /// the task is unknown or already completed (the first result wins).
+    pub fn complete(
+        conn: &Connection,
+        task_id: &TaskId,
+        c: &Completion,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let result = serde_json::to_string(&c.result)
+            .map_err(|e| StoreError::Corrupt(format!("result: {e}")))?;
+        let stored = conn
+            .prepare_cached(COMPLETE)?
+            .query_row(
+                (
+                    result,
+                    c.outcome.as_str(),
+                    c.execution_time_ms,
+                    c.completion_time,
+                    task_id.as_str(),
+                ),
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(stored)
+    }
+
     /// Moves an unfinished task to another TI (or to none), back in `queued`.
     /// Returns false if it had completed meanwhile.
-    pub async fn reassign(
-        conn: &mut SqliteConnection,
+    pub fn reassign(
+        conn: &Connection,
         task_id: &TaskId,
         ti: Option<TiUuid>,
         predicted_ms: f64,
         predicted_error_ms: f64,
     ) -> Result<bool, StoreError> {
-        let id = task_id.as_str();
-        let ti = ti.map(|t| t.to_string());
-        let done = sqlx::query!(
-            "UPDATE tasks SET status = 'queued', ti_uuid = ?, dispatch_time = NULL,
-                              predicted_ms = ?, predicted_error_ms = ?
-             WHERE task_id = ? AND status <> 'completed'",
-            ti,
+        let changed = conn.prepare_cached(REASSIGN)?.execute((
+            ti.map(|t| t.to_string()),
             predicted_ms,
             predicted_error_ms,
-            id
-        )
-        .execute(conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+            task_id.as_str(),
+        ))?;
+        Ok(changed == 1)
     }
 
     /// Every successful execution, oldest first, with the hardware it ran on: the
@@ -275,41 +361,18 @@ impl TaskRepo {
     }
 
     /// Clears the results of up to `limit` tasks completed before `before` (Unix seconds).
-    pub async fn expire_results(
-        conn: &mut SqliteConnection,
-        before: f64,
-        limit: i64,
-    ) -> Result<u64, StoreError> {
-        let done = sqlx::query!(
-            "UPDATE tasks SET result = NULL, result_expired = 1
-             WHERE task_id IN (SELECT task_id FROM tasks
-                               WHERE status = 'completed' AND completion_time < ?
-                                 AND result_expired = 0
-                               LIMIT ?)",
-            before,
-            limit
-        )
-        .execute(conn)
-        .await?;
-        Ok(done.rows_affected())
+    pub fn expire_results(conn: &Connection, before: f64, limit: i64) -> Result<u64, StoreError> {
+        let changed = conn
+            .prepare_cached(EXPIRE_RESULTS)?
+            .execute((before, limit))?;
+        Ok(changed as u64)
     }
 
     /// Deletes up to `limit` tasks completed before `before` (their decisions go with them).
-    pub async fn purge_completed(
-        conn: &mut SqliteConnection,
-        before: f64,
-        limit: i64,
-    ) -> Result<u64, StoreError> {
-        let done = sqlx::query!(
-            "DELETE FROM tasks
-             WHERE task_id IN (SELECT task_id FROM tasks
-                               WHERE status = 'completed' AND completion_time < ?
-                               LIMIT ?)",
-            before,
-            limit
-        )
-        .execute(conn)
-        .await?;
-        Ok(done.rows_affected())
+    pub fn purge_completed(conn: &Connection, before: f64, limit: i64) -> Result<u64, StoreError> {
+        let changed = conn
+            .prepare_cached(PURGE_COMPLETED)?
+            .execute((before, limit))?;
+        Ok(changed as u64)
     }
 }

@@ -1,9 +1,25 @@
 //! The `task_instances` table: every TI ever registered, removed ones included.
 
-use sqlx::{SqliteConnection, SqliteExecutor};
+use rusqlite::Connection;
+use sqlx::SqliteExecutor;
 
 use super::StoreError;
 use crate::domain::TiUuid;
+
+pub(super) const UPSERT_REGISTERED: &str =
+    "INSERT INTO task_instances (ti_uuid, host, port, model_name, hardware,
+                                 callback_token, registered_at, removed_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)
+     ON CONFLICT (host, port) DO UPDATE SET
+         model_name = excluded.model_name,
+         hardware = excluded.hardware,
+         registered_at = CASE WHEN removed_at IS NULL THEN registered_at
+                              ELSE excluded.registered_at END,
+         removed_at = NULL
+     RETURNING ti_uuid, host, port, model_name, hardware, callback_token,
+               registered_at, removed_at";
+pub(super) const MARK_REMOVED: &str =
+    "UPDATE task_instances SET removed_at = ?1 WHERE ti_uuid = ?2 AND removed_at IS NULL";
 
 /// Repository of Task Instances.
 pub struct TiRepo;
@@ -77,52 +93,38 @@ impl TiRepo {
 
     /// Registers a TI, or revives the row of the same host:port (keeping its ti_uuid and
     /// token, taking the new model and hardware). Returns the stored row.
-    pub async fn upsert_registered(
-        conn: &mut SqliteConnection,
-        ti: &StoredTi,
-    ) -> Result<StoredTi, StoreError> {
-        let uuid = ti.ti_uuid.to_string();
-        let port = i64::from(ti.port);
-        let row = sqlx::query_as!(
-            TiRow,
-            "INSERT INTO task_instances (ti_uuid, host, port, model_name, hardware,
-                                         callback_token, registered_at, removed_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, NULL)
-             ON CONFLICT (host, port) DO UPDATE SET
-                 model_name = excluded.model_name,
-                 hardware = excluded.hardware,
-                 registered_at = CASE WHEN removed_at IS NULL THEN registered_at
-                                      ELSE excluded.registered_at END,
-                 removed_at = NULL
-             RETURNING ti_uuid, host, port, model_name, hardware, callback_token,
-                       registered_at, removed_at",
-            uuid,
-            ti.host,
-            port,
-            ti.model_name,
-            ti.hardware,
-            ti.callback_token,
-            ti.registered_at,
-        )
-        .fetch_one(conn)
-        .await?;
+    pub fn upsert_registered(conn: &Connection, ti: &StoredTi) -> Result<StoredTi, StoreError> {
+        let row = conn.prepare_cached(UPSERT_REGISTERED)?.query_row(
+            (
+                ti.ti_uuid.to_string(),
+                &ti.host,
+                i64::from(ti.port),
+                &ti.model_name,
+                &ti.hardware,
+                &ti.callback_token,
+                ti.registered_at,
+            ),
+            |r| {
+                Ok(TiRow {
+                    ti_uuid: r.get(0)?,
+                    host: r.get(1)?,
+                    port: r.get(2)?,
+                    model_name: r.get(3)?,
+                    hardware: r.get(4)?,
+                    callback_token: r.get(5)?,
+                    registered_at: r.get(6)?,
+                    removed_at: r.get(7)?,
+                })
+            },
+        )?;
         row.try_into()
     }
 
     /// Marks a registered TI removed. Returns false if it is unknown or already removed.
-    pub async fn mark_removed(
-        conn: &mut SqliteConnection,
-        ti: TiUuid,
-        at: f64,
-    ) -> Result<bool, StoreError> {
-        let uuid = ti.to_string();
-        let done = sqlx::query!(
-            "UPDATE task_instances SET removed_at = ? WHERE ti_uuid = ? AND removed_at IS NULL",
-            at,
-            uuid
-        )
-        .execute(conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+    pub fn mark_removed(conn: &Connection, ti: TiUuid, at: f64) -> Result<bool, StoreError> {
+        let changed = conn
+            .prepare_cached(MARK_REMOVED)?
+            .execute((at, ti.to_string()))?;
+        Ok(changed == 1)
     }
 }

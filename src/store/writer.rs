@@ -1,19 +1,24 @@
 //! The group-commit writer: the one owner of SQLite's write connection.
 //!
-//! Callers hand it a write (a closure over the connection) and wait for the answer. The
-//! writer takes every write that is waiting, up to `max_batch`, runs them one after the
-//! other in one transaction and commits once, so many writes share one commit (one fsync).
-//! Every caller hears back only after the commit: a success answer means the write is
-//! durable. If any write of a batch fails, the whole batch is rolled back and every caller
-//! gets an error: nothing is ever half-written, and no write pays for a savepoint of its
-//! own. (Writes fail only on I/O errors or bugs: expected conflicts, such as an existing
-//! `task_id`, are handled inside the statements.)
+//! The writer is a dedicated thread holding a rusqlite connection. Callers hand it a
+//! write (a closure over the connection) and wait for the answer. The thread takes every
+//! write that is waiting, up to `max_batch`, runs them one after the other in one
+//! transaction and commits once, so many writes share one commit (one fsync). While it
+//! commits, the next batch gathers in the channel. Every caller hears back only after the
+//! commit: a success answer means the write is durable. If any write of a batch fails, the
+//! whole batch is rolled back and every caller gets an error: nothing is ever
+//! half-written, and no write pays for a savepoint of its own. (Writes fail only on I/O
+//! errors or bugs: expected conflicts, such as an existing `task_id`, are handled inside
+//! the statements.)
+//!
+//! A thread rather than an async task: a batch runs start to finish without giving way,
+//! so a commit never waits behind HTTP work in the runtime's queue, and each statement
+//! runs where the connection lives instead of being handed to a connection thread.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::future::BoxFuture;
-use sqlx::{Connection, SqliteConnection};
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -27,26 +32,53 @@ type Reply = Box<dyn FnOnce(Outcome) + Send>;
 
 /// One queued write: runs on the connection; says whether it succeeded and how to answer
 /// its caller.
-type Job = Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, (bool, Reply)> + Send>;
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
 
-/// Handle to the writer task; cheap to clone.
+enum Message {
+    Write(Job),
+    /// Refuse new writes, commit those already queued, then end.
+    Stop,
+}
+
+/// Handle to the writer thread; cheap to clone.
 #[derive(Clone)]
 pub struct Writer {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Message>,
 }
 
 impl Writer {
-    /// Starts the writer task on `conn`. It ends when `stop` is cancelled (or every handle
-    /// is dropped), after committing what was already queued; later writes get
-    /// [`StoreError::WriterClosed`].
+    /// Starts the writer thread on `conn`. It ends when `stop` is cancelled (or every
+    /// handle is dropped), after committing what was already queued; later writes get
+    /// [`StoreError::WriterClosed`]. The returned task finishes when the thread has ended
+    /// and the connection is closed.
     pub fn spawn(
-        conn: SqliteConnection,
+        conn: Connection,
         max_batch: usize,
         stop: CancellationToken,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
-        let (jobs, rx) = mpsc::channel(max_batch.max(1) * 4);
-        let handle = tokio::spawn(run(conn, rx, max_batch.max(1), stop));
-        (Self { jobs }, handle)
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
+        let max_batch = max_batch.max(1);
+        let (jobs, rx) = mpsc::channel(max_batch * 4);
+        let (ended, mut ended_rx) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("db-writer".into())
+            .spawn(move || {
+                run(conn, rx, max_batch);
+                let _ = ended.send(());
+            })?;
+        // Only a weak handle, so that dropping every `Writer` still ends the thread.
+        let weak = jobs.downgrade();
+        let handle = tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    if let Some(jobs) = weak.upgrade() {
+                        let _ = jobs.send(Message::Stop).await;
+                    }
+                }
+                _ = &mut ended_rx => return,
+            }
+            let _ = ended_rx.await;
+        });
+        Ok((Self { jobs }, handle))
     }
 
     /// Runs `write` in the next batch and returns its output once the batch is committed.
@@ -56,104 +88,99 @@ impl Writer {
     pub async fn run<T, F>(&self, write: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T, StoreError>>
-            + Send
-            + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |conn| {
-            Box::pin(async move {
-                let output = write(conn).await;
-                let succeeded = output.is_ok();
-                let reply = Box::new(move |batch: Outcome| {
-                    let answer = match (output, batch) {
-                        // Our own error says more than the batch's.
-                        (Err(e), _) => Err(e),
-                        (Ok(value), Ok(())) => Ok(value),
-                        (Ok(_), Err(e)) => Err(StoreError::Batch(e)),
-                    };
-                    // The caller may have gone away (client disconnected); the outcome
-                    // stands either way.
-                    let _ = tx.send(answer);
-                }) as Reply;
-                (succeeded, reply)
-            })
+            let output = write(conn);
+            let succeeded = output.is_ok();
+            let reply = Box::new(move |batch: Outcome| {
+                let answer = match (output, batch) {
+                    // Our own error says more than the batch's.
+                    (Err(e), _) => Err(e),
+                    (Ok(value), Ok(())) => Ok(value),
+                    (Ok(_), Err(e)) => Err(StoreError::Batch(e)),
+                };
+                // The caller may have gone away (client disconnected); the outcome
+                // stands either way.
+                let _ = tx.send(answer);
+            }) as Reply;
+            (succeeded, reply)
         });
         self.jobs
-            .send(job)
+            .send(Message::Write(job))
             .await
             .map_err(|_| StoreError::WriterClosed)?;
         rx.await.map_err(|_| StoreError::WriterClosed)?
     }
 }
 
-async fn run(
-    mut conn: SqliteConnection,
-    mut rx: mpsc::Receiver<Job>,
-    max_batch: usize,
-    stop: CancellationToken,
-) {
+/// The writer thread: one transaction per batch of waiting writes, until stopped.
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch: usize) {
     let mut batch = Vec::with_capacity(max_batch);
-    let mut stopping = false;
-    loop {
-        let received = if stopping {
-            rx.recv_many(&mut batch, max_batch).await
-        } else {
-            tokio::select! {
-                n = rx.recv_many(&mut batch, max_batch) => n,
-                _ = stop.cancelled() => {
-                    // Refuse new writes; commit those already queued, then stop.
-                    rx.close();
-                    stopping = true;
-                    continue;
-                }
+    // After `close`, the channel still yields what was queued, then `None`.
+    while let Some(first) = rx.blocking_recv() {
+        match first {
+            Message::Write(job) => batch.push(job),
+            Message::Stop => {
+                rx.close();
+                continue;
             }
-        };
-        if received == 0 {
-            break;
         }
-        let started = Instant::now();
-        let size = batch.len();
-        let mut replies = Vec::with_capacity(size);
-        let outcome = match conn.begin().await {
-            Ok(mut txn) => {
-                let mut all_succeeded = true;
-                for job in batch.drain(..) {
-                    let (succeeded, reply) = job(&mut txn).await;
-                    all_succeeded &= succeeded;
-                    replies.push(reply);
-                }
-                if all_succeeded {
-                    txn.commit().await.map_err(StoreError::from)
-                } else {
-                    let rolled_back = txn.rollback().await;
-                    Err(rolled_back.map_or_else(StoreError::from, |()| StoreError::BatchFailed))
-                }
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(Message::Write(job)) => batch.push(job),
+                Ok(Message::Stop) => rx.close(),
+                Err(_) => break,
             }
-            Err(e) => {
-                // Nothing ran; dropping the jobs answers each caller with an error.
-                batch.clear();
-                Err(StoreError::from(e))
-            }
-        };
-        let elapsed = started.elapsed();
-        metrics::histogram!("ti_scheduler_db_commit_seconds").record(elapsed.as_secs_f64());
-        metrics::histogram!("ti_scheduler_db_batch_size").record(size as f64);
-        tracing::trace!(
-            size,
-            elapsed_us = elapsed.as_micros() as u64,
-            "batch written"
-        );
-        let outcome = outcome.map_err(|e| {
-            tracing::error!(error = ?e, size, "batch rolled back");
-            Arc::new(e)
-        });
-        for reply in replies {
-            reply(outcome.clone());
         }
+        write_batch(&mut conn, &mut batch);
     }
-    if let Err(e) = conn.close().await {
+    if let Err((_, e)) = conn.close() {
         tracing::warn!(error = ?e, "closing the write connection failed");
+    }
+}
+
+/// Runs every write of `batch` in one transaction and answers each caller.
+fn write_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
+    let started = Instant::now();
+    let size = batch.len();
+    let mut replies = Vec::with_capacity(size);
+    let outcome = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(txn) => {
+            let mut all_succeeded = true;
+            for job in batch.drain(..) {
+                let (succeeded, reply) = job(&txn);
+                all_succeeded &= succeeded;
+                replies.push(reply);
+            }
+            if all_succeeded {
+                txn.commit().map_err(StoreError::from)
+            } else {
+                let rolled_back = txn.rollback();
+                Err(rolled_back.map_or_else(StoreError::from, |()| StoreError::BatchFailed))
+            }
+        }
+        Err(e) => {
+            // Nothing ran; dropping the jobs answers each caller with an error.
+            batch.clear();
+            Err(StoreError::from(e))
+        }
+    };
+    let elapsed = started.elapsed();
+    metrics::histogram!("ti_scheduler_db_commit_seconds").record(elapsed.as_secs_f64());
+    metrics::histogram!("ti_scheduler_db_batch_size").record(size as f64);
+    tracing::trace!(
+        size,
+        elapsed_us = elapsed.as_micros() as u64,
+        "batch written"
+    );
+    let outcome = outcome.map_err(|e| {
+        tracing::error!(error = ?e, size, "batch rolled back");
+        Arc::new(e)
+    });
+    for reply in replies {
+        reply(outcome.clone());
     }
 }
 
@@ -182,22 +209,18 @@ mod tests {
         let busy = tokio::spawn(async move {
             writer
                 .run(|_conn| {
-                    Box::pin(async {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        Ok(())
-                    })
+                    std::thread::sleep(Duration::from_millis(200));
+                    Ok(())
                 })
                 .await
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let good = db.writer.run(|conn| {
-            Box::pin(async move { SettingsRepo::set(conn, "strategy", "weighted").await })
-        });
+        let good = db
+            .writer
+            .run(|conn| SettingsRepo::set(conn, "strategy", "weighted"));
         let bad = db.writer.run(|conn| {
-            Box::pin(async move {
-                SettingsRepo::set(conn, "predict_mode", "default").await?;
-                Err::<(), _>(StoreError::Corrupt("refused".into()))
-            })
+            SettingsRepo::set(conn, "predict_mode", "default")?;
+            Err::<(), _>(StoreError::Corrupt("refused".into()))
         });
         let (good, bad) = tokio::join!(good, bad);
         assert!(busy.await.unwrap().is_ok());
@@ -209,9 +232,9 @@ mod tests {
             None
         );
 
-        let after = db.writer.run(|conn| {
-            Box::pin(async move { SettingsRepo::set(conn, "strategy", "weighted").await })
-        });
+        let after = db
+            .writer
+            .run(|conn| SettingsRepo::set(conn, "strategy", "weighted"));
         assert!(after.await.is_ok(), "the next batch commits");
         assert_eq!(
             SettingsRepo::get(&db.read, "strategy")
@@ -222,5 +245,49 @@ mod tests {
         );
         stop.cancel();
         handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stopping_commits_what_is_queued_then_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let (db, handle) = open(
+            &dir.path().join("w.db"),
+            Durability::Full,
+            1,
+            4,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let queued: Vec<_> = (0..10)
+            .map(|i| {
+                let writer = db.writer.clone();
+                tokio::spawn(async move {
+                    writer
+                        .run(move |conn| SettingsRepo::set(conn, &format!("k{i}"), "v"))
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.cancel();
+        handle.await.unwrap();
+        for q in queued {
+            assert!(q.await.unwrap().is_ok());
+        }
+        for i in 0..10 {
+            let key = format!("k{i}");
+            assert_eq!(
+                SettingsRepo::get(&db.read, &key).await.unwrap().as_deref(),
+                Some("v"),
+                "{key}"
+            );
+        }
+        let late = db
+            .writer
+            .run(|conn| SettingsRepo::set(conn, "late", "v"))
+            .await;
+        assert!(matches!(late, Err(StoreError::WriterClosed)), "{late:?}");
     }
 }
