@@ -73,6 +73,52 @@ pub struct ServerFigures {
     pub completed_per_s: f64,
     /// End-to-end latency of the tasks submitted in the window, ms.
     pub e2e_ms: Option<Histogram<u64>>,
+    /// CPU seconds this process (clients and simulated TIs) used in the window.
+    pub load_cpu_seconds: f64,
+    /// The group-commit writer over the window, from the scheduler's `/metrics`.
+    pub writer: Option<WriterFigures>,
+}
+
+/// The group-commit writer's totals (Prometheus `_sum` and `_count` of its histograms).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriterFigures {
+    /// Transactions committed.
+    pub commits: f64,
+    /// Writes they carried.
+    pub writes: f64,
+    /// Seconds from BEGIN to the end of COMMIT, summed.
+    pub busy_seconds: f64,
+}
+
+impl WriterFigures {
+    /// Reads the totals from the scheduler's `/metrics`.
+    async fn scrape(http: &reqwest::Client, url: &str) -> Option<Self> {
+        let text = http
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        };
+        Some(Self {
+            commits: value("ti_scheduler_db_batch_size_count")?,
+            writes: value("ti_scheduler_db_batch_size_sum")?,
+            busy_seconds: value("ti_scheduler_db_commit_seconds_sum")?,
+        })
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            commits: self.commits - before.commits,
+            writes: self.writes - before.writes,
+            busy_seconds: self.busy_seconds - before.busy_seconds,
+        }
+    }
 }
 
 /// A child process serving HTTP on a port.
@@ -394,23 +440,22 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
             .await?;
         anyhow::ensure!(r.status().is_success(), "register: {}", r.text().await?);
     }
-    let cpu_before = Arc::new(std::sync::Mutex::new(None));
+    // CPU time and the writer's totals are read at the edges of the measured window.
     let window = {
-        // CPU time is read at the edges of the measured window.
-        let pid = server.pid();
-        let cpu_before = cpu_before.clone();
+        let (pid, http, url) = (server.pid(), http.clone(), server.url());
         let warmup = args.warmup;
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-            *cpu_before.lock().unwrap_or_else(|p| p.into_inner()) = cpu_seconds(pid);
-            crate::domain::unix_now()
+            let at = crate::domain::unix_now();
+            let cpu = (cpu_seconds(pid), cpu_seconds(std::process::id()));
+            (at, cpu, WriterFigures::scrape(&http, &url).await)
         })
     };
     let result = drive(&server.url(), args).await?;
     let to = crate::domain::unix_now();
-    let cpu_after = cpu_seconds(server.pid());
-    let from = window.await?;
-    let cpu_before = *cpu_before.lock().unwrap_or_else(|p| p.into_inner());
+    let cpu_after = (cpu_seconds(server.pid()), cpu_seconds(std::process::id()));
+    let writer_after = WriterFigures::scrape(&http, &server.url()).await;
+    let (from, cpu_before, writer_before) = window.await?;
     wait_drained(&db).await?;
     let peak = peak_rss_mib(server.pid()).unwrap_or(f64::NAN);
     let (completed_per_s, e2e) = end_to_end(&db, from, to)?;
@@ -422,10 +467,15 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
     Ok((
         result,
         Some(ServerFigures {
-            cpu_seconds: match (cpu_before, cpu_after) {
+            cpu_seconds: match (cpu_before.0, cpu_after.0) {
                 (Some(a), Some(b)) => b - a,
                 _ => f64::NAN,
             },
+            load_cpu_seconds: match (cpu_before.1, cpu_after.1) {
+                (Some(a), Some(b)) => b - a,
+                _ => f64::NAN,
+            },
+            writer: writer_after.zip(writer_before).map(|(a, b)| a.since(b)),
             peak_rss_mib: peak,
             completed_per_s,
             e2e_ms: Some(e2e),
@@ -537,6 +587,20 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<()> {
             1e6 * f.cpu_seconds / (sched.ok.max(1) as f64),
             f.peak_rss_mib
         );
+        println!(
+            "Load tool (clients and simulated TIs): {:.1} CPU seconds ({:.1} µs per submit).",
+            f.load_cpu_seconds,
+            1e6 * f.load_cpu_seconds / (sched.ok.max(1) as f64),
+        );
+        if let Some(w) = f.writer.filter(|w| w.commits > 0.0) {
+            println!(
+                "Group-commit writer: {:.0} commits/s, {:.1} writes per commit, {:.2} ms per commit on average (BEGIN to COMMIT with its fsync), busy {:.0}% of the window.",
+                w.commits / args.duration,
+                w.writes / w.commits,
+                1e3 * w.busy_seconds / w.commits,
+                100.0 * w.busy_seconds / args.duration
+            );
+        }
     }
     Ok(())
 }

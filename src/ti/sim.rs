@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::protocol::{ReceivedTask, ResultCallback, TiTaskReport, TiTaskStatus};
@@ -155,10 +155,11 @@ struct Sim {
     config: SimConfig,
     faults: Mutex<Faults>,
     tasks: Mutex<HashMap<String, Record>>,
-    stats: Arc<Mutex<SimStats>>,
+    stats: Mutex<SimStats>,
     stop: CancellationToken,
     rng: Mutex<StdRng>,
-    queue: mpsc::UnboundedSender<ReceivedTask>,
+    /// One permit per task that may execute at once; waiting tasks queue for one in order.
+    slots: Arc<Semaphore>,
     http: reqwest::Client,
 }
 
@@ -175,38 +176,21 @@ impl SimTi {
     pub async fn spawn(config: SimConfig, bind: SocketAddr) -> std::io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
-        let (queue, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
+        let slots = Arc::new(Semaphore::new(config.parallelism.max(1)));
         let sim = Arc::new(Sim {
             faults: Mutex::new(config.faults.clone()),
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
             config,
             tasks: Mutex::new(HashMap::new()),
-            stats: Arc::new(Mutex::new(SimStats::default())),
+            stats: Mutex::new(SimStats::default()),
             stop: stop.clone(),
-            queue,
+            slots,
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
                 .map_err(std::io::Error::other)?,
         });
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..sim.config.parallelism.max(1) {
-            let (sim, rx, stop) = (sim.clone(), rx.clone(), stop.clone());
-            tokio::spawn(async move {
-                loop {
-                    let next = tokio::select! {
-                        t = async { rx.lock().await.recv().await } => t,
-                        _ = stop.cancelled() => None,
-                    };
-                    let Some(task) = next else { return };
-                    tokio::select! {
-                        _ = sim.execute(task) => {}
-                        _ = stop.cancelled() => return,
-                    }
-                }
-            });
-        }
         let app = Router::new()
             .route("/health", get(health))
             .route("/info", get(info))
@@ -287,13 +271,41 @@ impl Sim {
         (self.config.law_ms(metadata) * noise * lock(&self.faults).slowdown.max(0.0)).max(0.0)
     }
 
-    async fn execute(&self, task: ReceivedTask) {
+    /// Runs a task once one of the `parallelism` slots is free, then delivers its result
+    /// (after freeing the slot, so the next task starts at once, as on a real TI). A
+    /// stopped TI runs and sends nothing more.
+    fn start(self: &Arc<Self>, task: ReceivedTask) {
+        let sim = self.clone();
+        tokio::spawn(async move {
+            let stop = sim.stop.clone();
+            let run = async {
+                let Ok(slot) = sim.slots.acquire().await else {
+                    return;
+                };
+                let callback = sim.execute(task).await;
+                drop(slot);
+                if let Some((url, callback)) = callback {
+                    deliver(&sim.http, &url, &callback, &sim.stats).await;
+                }
+            };
+            tokio::select! {
+                _ = run => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+
+    /// Executes a task; returns the callback to send and where, unless callbacks are
+    /// switched off.
+    async fn execute(&self, task: ReceivedTask) -> Option<(String, ResultCallback)> {
         if let Some(r) = lock(&self.tasks).get_mut(&task.task_id) {
             r.status = TiTaskStatus::Running;
         }
         let planned = self.execution_ms(&task.metadata);
         let started = Instant::now();
-        tokio::time::sleep(Duration::from_secs_f64(planned / 1000.0)).await;
+        if planned > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(planned / 1000.0)).await;
+        }
         let execution_ms = started.elapsed().as_secs_f64() * 1000.0;
         let fails = lock(&self.faults).fail_tasks
             || (self.config.fail_rate > 0.0
@@ -326,7 +338,7 @@ impl Sim {
         }
         lock(&self.stats).finished += 1;
         if lock(&self.faults).drop_callbacks {
-            return;
+            return None;
         }
         let callback = ResultCallback {
             task_id: task.task_id,
@@ -336,20 +348,7 @@ impl Sim {
             result,
             error,
         };
-        // Delivered beside the worker, which goes on with the next task at once, as a real
-        // TI would; a stopped TI sends nothing more.
-        let (http, stats, stop, url) = (
-            self.http.clone(),
-            self.stats.clone(),
-            self.stop.clone(),
-            task.callback_url,
-        );
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = deliver(&http, &url, &callback, &stats) => {}
-                _ = stop.cancelled() => {}
-            }
-        });
+        Some((task.callback_url, callback))
     }
 }
 
@@ -443,13 +442,7 @@ async fn submit(State(sim): State<Arc<Sim>>, body: axum::body::Bytes) -> Respons
     let task_id = task.task_id.clone();
     if fresh {
         lock(&sim.stats).accepted += 1;
-        if sim.queue.send(task).is_err() {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "error"})),
-            )
-                .into_response();
-        }
+        sim.start(task);
     } else {
         lock(&sim.stats).duplicates += 1;
     }
