@@ -257,7 +257,7 @@ impl Scheduler {
         let Some((host, port, token, slots)) = target else {
             return Sent::Unusable;
         };
-        let Ok(_permit) = slots.acquire_owned().await else {
+        let Ok(permit) = slots.acquire_owned().await else {
             return Sent::Unusable;
         };
         let request = DispatchRequest {
@@ -274,6 +274,8 @@ impl Scheduler {
         for attempt in 1..=settings.dispatch_attempts.max(1) {
             match self.inner.client.dispatch(&host, port, &request).await {
                 Ok(()) => {
+                    // The slot is for talking to the TI, not for our own bookkeeping.
+                    drop(permit);
                     self.note_accepted(task_id, ti).await;
                     return Sent::Done;
                 }
@@ -296,6 +298,11 @@ impl Scheduler {
     }
 
     async fn note_accepted(&self, task_id: &TaskId, ti: TiUuid) {
+        if self.state().reservations.get(task_id) != Some(&ti) {
+            // Its result is already stored (a fast TI called back first; the reservation
+            // goes only after that commit) or it was moved: nothing to record.
+            return;
+        }
         let (id, at) = (task_id.clone(), unix_now());
         let marked = self
             .inner
