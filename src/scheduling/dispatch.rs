@@ -25,7 +25,8 @@ use tokio::time::Instant;
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid};
 use crate::store::{
-    Completion, DecisionReason, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo, UnfinishedTask,
+    Completion, DecisionReason, DecisionRepo, DecisionRow, LearnedRepo, StatsRepo, TaskRepo,
+    UnfinishedTask,
 };
 use crate::ti::protocol::{DispatchRequest, ResultCallback, TiTaskStatus};
 
@@ -352,18 +353,22 @@ impl Scheduler {
         };
         let chosen = decision.as_ref().map(|d| d.chosen_ti);
         let id = task_id.clone();
-        let moved = self
-            .inner
-            .db
-            .writer
-            .run(move |conn| {
-                let moved = TaskRepo::reassign(conn, &id, chosen, mean, error)?;
-                if let (true, Some(d)) = (moved, &decision) {
-                    DecisionRepo::insert(conn, d)?;
-                }
-                Ok(moved)
-            })
-            .await;
+        let moved = match decision.map(DecisionRow::try_from).transpose() {
+            Ok(decision) => {
+                self.inner
+                    .db
+                    .writer
+                    .run(move |conn| {
+                        let moved = TaskRepo::reassign(conn, &id, chosen, mean, error)?;
+                        if let (true, Some(d)) = (moved, &decision) {
+                            DecisionRepo::insert(conn, d)?;
+                        }
+                        Ok(moved)
+                    })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         match moved {
             Ok(true) => {
                 match chosen {
@@ -459,7 +464,7 @@ impl Scheduler {
             None => (result.unwrap_or(Value::Null), Outcome::Succeeded),
         };
         let completion = Completion {
-            result,
+            result: result.to_string(),
             outcome,
             execution_time_ms: execution_ms,
             completion_time: unix_now(),

@@ -34,8 +34,8 @@ use crate::config::Settings;
 use crate::domain::{unix_now, TaskId, TiUuid};
 use crate::predictor::{LookupRow, Predictor};
 use crate::store::{
-    Db, DecisionReason, LearnedRepo, LookupRepo, NewDecision, NewTask, SettingsRepo, StatsRepo,
-    StoreError, StoredTask, StoredTi, TaskRepo, TiRepo,
+    Db, DecisionReason, DecisionRow, LearnedRepo, LookupRepo, NewDecision, NewTask, SettingsRepo,
+    StatsRepo, StoreError, StoredTask, StoredTi, TaskRepo, TiRepo,
 };
 use crate::ti::{TiClient, TiError};
 
@@ -585,14 +585,20 @@ impl Scheduler {
             .iter()
             .map(|(t, _)| (t.task_id.clone(), t.ti_uuid, t.metadata.clone()))
             .collect();
-        let inserted = if rows.is_empty() {
-            Ok(Vec::new())
-        } else {
-            self.inner
-                .db
-                .writer
-                .run(move |conn| TaskRepo::insert_submit(conn, &rows))
-                .await
+        let rows = rows
+            .into_iter()
+            .map(|(t, d)| Ok((t, d.map(DecisionRow::try_from).transpose()?)))
+            .collect::<Result<Vec<_>, StoreError>>();
+        let inserted = match rows {
+            Ok(rows) if rows.is_empty() => Ok(Vec::new()),
+            Ok(rows) => {
+                self.inner
+                    .db
+                    .writer
+                    .run(move |conn| TaskRepo::insert_submit(conn, &rows))
+                    .await
+            }
+            Err(e) => Err(e),
         };
         let inserted = match inserted {
             Ok(flags) => flags,

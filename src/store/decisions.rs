@@ -83,11 +83,33 @@ pub struct NewDecision {
     pub candidates: Vec<Candidate>,
 }
 
+/// A decision ready for the writer: its candidates already serialized, so that the
+/// writer thread only binds and steps.
+#[derive(Debug, Clone)]
+pub struct DecisionRow {
+    /// The decision.
+    pub decision: NewDecision,
+    /// Its candidates as JSON text.
+    pub candidates: String,
+}
+
+impl TryFrom<NewDecision> for DecisionRow {
+    type Error = StoreError;
+
+    fn try_from(decision: NewDecision) -> Result<Self, StoreError> {
+        let candidates = serde_json::to_string(&decision.candidates)
+            .map_err(|e| StoreError::Corrupt(format!("candidates: {e}")))?;
+        Ok(Self {
+            decision,
+            candidates,
+        })
+    }
+}
+
 impl DecisionRepo {
     /// Stores a decision.
-    pub fn insert(conn: &Connection, d: &NewDecision) -> Result<(), StoreError> {
-        let candidates = serde_json::to_string(&d.candidates)
-            .map_err(|e| StoreError::Corrupt(format!("candidates: {e}")))?;
+    pub fn insert(conn: &Connection, row: &DecisionRow) -> Result<(), StoreError> {
+        let d = &row.decision;
         conn.prepare_cached(INSERT)?.execute(rusqlite::params![
             d.task_id.as_str(),
             d.decided_at,
@@ -99,7 +121,7 @@ impl DecisionRepo {
             d.prediction_source,
             d.lookup_fallback,
             d.chosen_ti.to_string(),
-            candidates,
+            row.candidates,
         ])?;
         Ok(())
     }

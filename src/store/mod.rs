@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::ConnectOptions;
 
-pub use decisions::{Candidate, DecisionReason, DecisionRepo, NewDecision};
+pub use decisions::{Candidate, DecisionReason, DecisionRepo, DecisionRow, NewDecision};
 pub use learned::{LearnedRepo, StoredModel};
 pub use lookup::LookupRepo;
 pub use settings::SettingsRepo;

@@ -4,7 +4,7 @@ use rusqlite::{Connection, OptionalExtension};
 use serde_json::Value;
 use sqlx::SqliteExecutor;
 
-use super::{DecisionRepo, NewDecision, StoreError};
+use super::{DecisionRepo, DecisionRow, StoreError};
 use crate::domain::{Outcome, TaskId, TaskStatus, TiUuid};
 
 pub(super) const INSERT: &str =
@@ -153,8 +153,9 @@ pub struct Execution {
 /// What a TI reported for a finished task.
 #[derive(Debug, Clone)]
 pub struct Completion {
-    /// The result, or `{"error": ...}`.
-    pub result: Value,
+    /// The result, or `{"error": ...}`, as JSON text (serialized before it reaches the
+    /// writer, whose thread only binds and steps).
+    pub result: String,
     /// Success or failure.
     pub outcome: Outcome,
     /// ms, as measured by the TI.
@@ -228,7 +229,7 @@ impl TaskRepo {
     /// per task, whether it was inserted (false: the id existed, and nothing was written).
     pub fn insert_submit(
         conn: &Connection,
-        rows: &[(NewTask, Option<NewDecision>)],
+        rows: &[(NewTask, Option<DecisionRow>)],
     ) -> Result<Vec<bool>, StoreError> {
         let mut insert = conn.prepare_cached(INSERT)?;
         rows.iter()
@@ -272,13 +273,11 @@ impl TaskRepo {
         task_id: &TaskId,
         c: &Completion,
     ) -> Result<Option<(String, String)>, StoreError> {
-        let result = serde_json::to_string(&c.result)
-            .map_err(|e| StoreError::Corrupt(format!("result: {e}")))?;
         let stored = conn
             .prepare_cached(COMPLETE)?
             .query_row(
                 (
-                    result,
+                    &c.result,
                     c.outcome.as_str(),
                     c.execution_time_ms,
                     c.completion_time,
