@@ -218,6 +218,9 @@ struct SimArgs {
     /// Seed of the noise.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Finished tasks remembered for GET /results and deduplication (the oldest go first)
+    #[arg(long, default_value_t = 100_000)]
+    keep_finished: usize,
 }
 
 #[tokio::main]
@@ -456,6 +459,7 @@ async fn sim_ti(args: SimArgs) -> anyhow::Result<()> {
         noise: args.noise,
         fail_rate: args.fail_rate,
         seed: args.seed,
+        keep_finished: args.keep_finished,
         ..SimConfig::default()
     };
     let sim = SimTi::spawn(config, SocketAddr::new(args.host, args.port)).await?;

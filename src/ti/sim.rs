@@ -9,7 +9,7 @@
 //! counts what it received and executed. Tests, the demo and benchmarks start it on
 //! ephemeral ports with [`SimTi::spawn`]; `ti-scheduler sim-ti` runs one from the shell.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,6 +51,9 @@ pub struct SimConfig {
     pub fail_rate: f64,
     /// Seed of the noise and failures.
     pub seed: u64,
+    /// Finished tasks remembered for `GET /results` and for deduplication; beyond this,
+    /// the oldest finished ones are forgotten, so a long run's memory stays bounded.
+    pub keep_finished: usize,
     /// Fault switches at start.
     pub faults: Faults,
 }
@@ -92,6 +95,7 @@ impl Default for SimConfig {
             noise: 0.0,
             fail_rate: 0.0,
             seed: 1,
+            keep_finished: 100_000,
             faults: Faults::default(),
         }
     }
@@ -154,7 +158,7 @@ struct Record {
 struct Sim {
     config: SimConfig,
     faults: Mutex<Faults>,
-    tasks: Mutex<HashMap<String, Record>>,
+    tasks: Mutex<Records>,
     stats: Mutex<SimStats>,
     stop: CancellationToken,
     rng: Mutex<StdRng>,
@@ -182,7 +186,7 @@ impl SimTi {
             faults: Mutex::new(config.faults.clone()),
             rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
             config,
-            tasks: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Records::default()),
             stats: Mutex::new(SimStats::default()),
             stop: stop.clone(),
             slots,
@@ -249,6 +253,49 @@ impl SimTi {
     }
 }
 
+/// Every task seen, in arrival order.
+#[derive(Default)]
+struct Records {
+    by_id: HashMap<String, Record>,
+    order: VecDeque<String>,
+}
+
+impl Records {
+    /// Records a new task; false if it was already known.
+    fn insert_new(&mut self, task_id: &str, keep_finished: usize) -> bool {
+        if self.by_id.contains_key(task_id) {
+            return false;
+        }
+        self.by_id.insert(
+            task_id.to_string(),
+            Record {
+                status: TiTaskStatus::Queued,
+                result: None,
+                error: None,
+                execution_ms: None,
+            },
+        );
+        self.order.push_back(task_id.to_string());
+        // Forget the oldest, as long as they are finished.
+        while self.by_id.len() > keep_finished.max(1) {
+            let Some(oldest) = self.order.front() else {
+                break;
+            };
+            let finished = self
+                .by_id
+                .get(oldest)
+                .is_none_or(|r| matches!(r.status, TiTaskStatus::Completed | TiTaskStatus::Failed));
+            if !finished {
+                break;
+            }
+            if let Some(id) = self.order.pop_front() {
+                self.by_id.remove(&id);
+            }
+        }
+        true
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -257,6 +304,7 @@ impl Sim {
     fn stats(&self) -> SimStats {
         let mut stats = lock(&self.stats).clone();
         stats.in_progress = lock(&self.tasks)
+            .by_id
             .values()
             .filter(|r| matches!(r.status, TiTaskStatus::Queued | TiTaskStatus::Running))
             .count() as u64;
@@ -298,7 +346,7 @@ impl Sim {
     /// Executes a task; returns the callback to send and where, unless callbacks are
     /// switched off.
     async fn execute(&self, task: ReceivedTask) -> Option<(String, ResultCallback)> {
-        if let Some(r) = lock(&self.tasks).get_mut(&task.task_id) {
+        if let Some(r) = lock(&self.tasks).by_id.get_mut(&task.task_id) {
             r.status = TiTaskStatus::Running;
         }
         let planned = self.execution_ms(&task.metadata);
@@ -326,7 +374,7 @@ impl Sim {
                 None,
             )
         };
-        if let Some(r) = lock(&self.tasks).get_mut(&task.task_id) {
+        if let Some(r) = lock(&self.tasks).by_id.get_mut(&task.task_id) {
             r.status = if fails {
                 TiTaskStatus::Failed
             } else {
@@ -422,23 +470,7 @@ async fn submit(State(sim): State<Arc<Sim>>, body: axum::body::Bytes) -> Respons
                 .into_response()
         }
     };
-    let fresh = {
-        let mut tasks = lock(&sim.tasks);
-        if tasks.contains_key(&task.task_id) {
-            false
-        } else {
-            tasks.insert(
-                task.task_id.clone(),
-                Record {
-                    status: TiTaskStatus::Queued,
-                    result: None,
-                    error: None,
-                    execution_ms: None,
-                },
-            );
-            true
-        }
-    };
+    let fresh = lock(&sim.tasks).insert_new(&task.task_id, sim.config.keep_finished);
     let task_id = task.task_id.clone();
     if fresh {
         lock(&sim.stats).accepted += 1;
@@ -450,7 +482,7 @@ async fn submit(State(sim): State<Arc<Sim>>, body: axum::body::Bytes) -> Respons
 }
 
 async fn report(State(sim): State<Arc<Sim>>, Path(task_id): Path<String>) -> Response {
-    let record = lock(&sim.tasks).get(&task_id).cloned();
+    let record = lock(&sim.tasks).by_id.get(&task_id).cloned();
     match record {
         Some(r) => Json(TiTaskReport {
             task_id,
@@ -475,4 +507,32 @@ async fn set_faults(State(sim): State<Arc<Sim>>, Json(faults): Json<Faults>) -> 
 
 async fn stats(State(sim): State<Arc<Sim>>) -> Json<SimStats> {
     Json(sim.stats())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finish(records: &mut Records, id: &str) {
+        records.by_id.get_mut(id).unwrap().status = TiTaskStatus::Completed;
+    }
+
+    #[test]
+    fn records_forget_the_oldest_finished_tasks_beyond_the_limit_and_never_an_unfinished_one() {
+        let mut r = Records::default();
+        assert!(r.insert_new("a", 2));
+        assert!(!r.insert_new("a", 2), "a known task is not new");
+        assert!(r.insert_new("b", 2));
+        // "a" is the oldest but still running: it stays, the limit is exceeded for now.
+        assert!(r.insert_new("c", 2));
+        assert_eq!(r.by_id.len(), 3);
+        finish(&mut r, "a");
+        finish(&mut r, "b");
+        assert!(r.insert_new("d", 2));
+        // "a" and "b" are forgotten, oldest first; "c" (running) and "d" stay.
+        let mut kept: Vec<&str> = r.by_id.keys().map(String::as_str).collect();
+        kept.sort_unstable();
+        assert_eq!(kept, ["c", "d"]);
+        assert_eq!(r.order, ["c", "d"]);
+    }
 }
