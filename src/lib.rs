@@ -41,7 +41,7 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -117,7 +117,7 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.router)
+        axum::serve(nodelay(self.listener), self.router)
             .with_graceful_shutdown(shutdown)
             .await
             .context("serving HTTP")?;
@@ -163,4 +163,16 @@ fn metrics_handle() -> PrometheusHandle {
             })
         })
         .clone()
+}
+
+/// Sets `TCP_NODELAY` on every connection the listener accepts: an answer goes out at once
+/// instead of waiting, under Nagle's algorithm, for the peer to acknowledge earlier data.
+pub fn nodelay(listener: TcpListener) -> axum::serve::TapIo<TcpListener, fn(&mut TcpStream)> {
+    use axum::serve::ListenerExt;
+    fn set(stream: &mut TcpStream) {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    }
+    listener.tap_io(set as fn(&mut TcpStream))
 }

@@ -37,7 +37,7 @@ pub async fn serve(port: u16, db: Option<(&Path, Durability)>) -> anyhow::Result
         .route("/queue/submit", post(submit))
         .with_state(writer);
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
-    axum::serve(listener, app).await?;
+    axum::serve(crate::nodelay(listener), app).await?;
     Ok(())
 }
 

@@ -205,7 +205,7 @@ impl SimTi {
             .with_state(sim.clone());
         let shutdown = stop.clone();
         let server = tokio::spawn(async move {
-            let serve = axum::serve(listener, app)
+            let serve = axum::serve(crate::nodelay(listener), app)
                 .with_graceful_shutdown(async move { shutdown.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = ?e, "simulated TI server failed");
