@@ -157,13 +157,30 @@ fn metrics_handle() -> PrometheusHandle {
                     })
                     .unwrap_or_else(|_| PrometheusBuilder::new())
             };
-            builder().install_recorder().unwrap_or_else(|e| {
+            let handle = builder().install_recorder().unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "another metrics recorder is installed; /metrics shows only its own");
                 builder().build_recorder().handle()
-            })
+            });
+            // Histogram samples wait in the recorder until they are folded into their
+            // buckets, which `/metrics` does, and otherwise only this upkeep: without it a
+            // service nobody scrapes keeps every sample (tens of bytes per request).
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(METRICS_UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start the metrics upkeep thread");
+            }
+            handle
         })
         .clone()
 }
+
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const METRICS_UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Sets `TCP_NODELAY` on every connection the listener accepts: an answer goes out at once
 /// instead of waiting, under Nagle's algorithm, for the peer to acknowledge earlier data.
