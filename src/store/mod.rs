@@ -5,7 +5,7 @@
 //! owned by the group-commit [`Writer`] thread. The repositories hold every SQL statement
 //! the service runs. Reads are checked at compile time against the migrated schema
 //! (offline metadata in `sqlx-data/`); writes are plain rusqlite statements, each one
-//! prepared against the migrated schema by a test (`writes::tests`).
+//! prepared against the migrated schema by a test (`store::tests`).
 
 mod decisions;
 mod learned;
