@@ -15,6 +15,7 @@
 //! so a commit never waits behind HTTP work in the runtime's queue, and each statement
 //! runs where the connection lives instead of being handed to a connection thread.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -150,9 +151,18 @@ fn write_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
         Ok(txn) => {
             let mut all_succeeded = true;
             for job in batch.drain(..) {
-                let (succeeded, reply) = job(&txn);
-                all_succeeded &= succeeded;
-                replies.push(reply);
+                // A write that panics fails its batch like one that returns an error (its
+                // caller hears that the writer dropped it); the thread lives on.
+                match std::panic::catch_unwind(AssertUnwindSafe(|| job(&txn))) {
+                    Ok((succeeded, reply)) => {
+                        all_succeeded &= succeeded;
+                        replies.push(reply);
+                    }
+                    Err(_) => {
+                        tracing::error!("a write panicked; its batch is rolled back");
+                        all_succeeded = false;
+                    }
+                }
             }
             if all_succeeded {
                 txn.commit().map_err(StoreError::from)
@@ -243,6 +253,49 @@ mod tests {
                 .as_deref(),
             Some("weighted")
         );
+        stop.cancel();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_write_that_panics_fails_its_batch_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let (db, handle) = open(
+            &dir.path().join("w.db"),
+            Durability::Normal,
+            1,
+            64,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let writer = db.writer.clone();
+        let busy = tokio::spawn(async move {
+            writer
+                .run(|_conn| {
+                    std::thread::sleep(Duration::from_millis(200));
+                    Ok(())
+                })
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let good = db
+            .writer
+            .run(|conn| SettingsRepo::set(conn, "strategy", "weighted"));
+        let panics = db.writer.run(|_conn| -> Result<(), StoreError> {
+            panic!("a bug in a write");
+        });
+        let (good, panics) = tokio::join!(good, panics);
+        assert!(busy.await.unwrap().is_ok());
+        assert!(matches!(good, Err(StoreError::Batch(_))), "{good:?}");
+        assert!(panics.is_err(), "{panics:?}");
+        assert_eq!(SettingsRepo::get(&db.read, "strategy").await.unwrap(), None);
+
+        let after = db
+            .writer
+            .run(|conn| SettingsRepo::set(conn, "strategy", "weighted"));
+        assert!(after.await.is_ok(), "the writer still commits");
         stop.cancel();
         handle.await.unwrap();
     }
