@@ -212,7 +212,7 @@ fn submit_body(n: u64) -> Value {
 /// What every client shares: the HTTP client, the counters and the measuring switch.
 struct Submitter {
     http: reqwest::Client,
-    url: String,
+    url: reqwest::Url,
     measuring: AtomicBool,
     ok: AtomicU64,
     errors: AtomicU64,
@@ -225,7 +225,12 @@ impl Submitter {
     async fn submit_one(&self) -> (bool, u64) {
         let n = self.sent.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let answered = self.http.post(&self.url).json(&submit_body(n)).send().await;
+        let answered = self
+            .http
+            .post(self.url.clone())
+            .json(&submit_body(n))
+            .send()
+            .await;
         let success = match answered {
             Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
             _ => false,
@@ -250,7 +255,7 @@ pub async fn drive(url: &str, args: &LoadArgs) -> anyhow::Result<Drive> {
         .build()?;
     let shared = Arc::new(Submitter {
         http,
-        url: format!("{url}/queue/submit"),
+        url: reqwest::Url::parse(&format!("{url}/queue/submit"))?,
         measuring: AtomicBool::new(false),
         ok: AtomicU64::new(0),
         errors: AtomicU64::new(0),

@@ -248,15 +248,18 @@ impl Scheduler {
             let st = self.state();
             st.tis.get(&ti).filter(|e| e.usable()).map(|e| {
                 (
-                    e.ti.host.clone(),
-                    e.ti.port,
+                    e.submit_url.clone(),
                     e.ti.callback_token.clone(),
                     e.dispatch_slots.clone(),
                 )
             })
         };
-        let Some((host, port, token, slots)) = target else {
+        let Some((url, token, slots)) = target else {
             return Sent::Unusable;
+        };
+        let Some(url) = url else {
+            tracing::error!(ti = %ti, "the TI's address does not form a URL");
+            return Sent::Failed;
         };
         let Ok(permit) = slots.acquire_owned().await else {
             return Sent::Unusable;
@@ -273,7 +276,7 @@ impl Scheduler {
         let settings = &self.inner.settings.ti;
         let mut backoff = Duration::from_millis(settings.retry_backoff_ms);
         for attempt in 1..=settings.dispatch_attempts.max(1) {
-            match self.inner.client.dispatch(&host, port, &request).await {
+            match self.inner.client.dispatch(&url, &request).await {
                 Ok(()) => {
                     // The slot is for talking to the TI, not for our own bookkeeping.
                     drop(permit);

@@ -19,6 +19,7 @@ use super::{PredictMode, StrategyKind};
 use crate::domain::{TaskId, TiUuid};
 use crate::predictor::{Prediction, Predictor};
 use crate::store::{Candidate, DecisionReason, NewDecision, StoredTi};
+use crate::ti::TiClient;
 
 /// One TI as the scheduler sees it.
 #[derive(Debug)]
@@ -33,6 +34,8 @@ pub struct TiEntry {
     pub queue: QueueEstimate,
     /// Bounds the dispatches in flight to it.
     pub dispatch_slots: Arc<Semaphore>,
+    /// Its `POST /queue/submit` URL (`None` if its host cannot form one).
+    pub submit_url: Option<reqwest::Url>,
 }
 
 impl TiEntry {
@@ -110,6 +113,7 @@ impl State {
             failed_probes: 0,
             queue: QueueEstimate::default(),
             dispatch_slots: Arc::new(Semaphore::new(slots)),
+            submit_url: TiClient::submit_url(&ti.host, ti.port),
         });
         entry.ti = ti;
         entry.healthy = true;

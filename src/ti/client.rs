@@ -111,6 +111,12 @@ impl TiClient {
         }
     }
 
+    /// Where a TI takes tasks, parsed once (at registration) rather than per dispatch;
+    /// `None` if `host` cannot form a URL.
+    pub fn submit_url(host: &str, port: u16) -> Option<reqwest::Url> {
+        reqwest::Url::parse(&Self::url(host, port, "/queue/submit")).ok()
+    }
+
     fn url(host: &str, port: u16, path: &str) -> String {
         if host.contains(':') && !host.starts_with('[') {
             format!("http://[{host}]:{port}{path}")
@@ -175,14 +181,10 @@ impl TiClient {
     /// `POST /queue/submit`: Ok once the TI accepted the task.
     pub async fn dispatch(
         &self,
-        host: &str,
-        port: u16,
+        url: &reqwest::Url,
         request: &DispatchRequest<'_>,
     ) -> Result<(), TiError> {
-        let request = self
-            .http
-            .post(Self::url(host, port, "/queue/submit"))
-            .json(request);
+        let request = self.http.post(url.clone()).json(request);
         Self::success(
             Self::send(request, self.dispatch_timeout).await?,
             "dispatch",

@@ -164,6 +164,8 @@ struct Sim {
     rng: Mutex<StdRng>,
     /// One permit per task that may execute at once; waiting tasks queue for one in order.
     slots: Arc<Semaphore>,
+    /// The last callback URL parsed: every task of a scheduler names the same one.
+    last_callback: Mutex<Option<(String, reqwest::Url)>>,
     http: reqwest::Client,
 }
 
@@ -190,6 +192,7 @@ impl SimTi {
             stats: Mutex::new(SimStats::default()),
             stop: stop.clone(),
             slots,
+            last_callback: Mutex::new(None),
             http: reqwest::Client::builder()
                 .no_proxy()
                 .build()
@@ -333,7 +336,10 @@ impl Sim {
                 let callback = sim.execute(task).await;
                 drop(slot);
                 if let Some((url, callback)) = callback {
-                    deliver(&sim.http, &url, &callback, &sim.stats).await;
+                    match sim.callback_url(&url) {
+                        Some(url) => deliver(&sim.http, &url, &callback, &sim.stats).await,
+                        None => tracing::warn!(%url, "callback_url is not a URL; result not sent"),
+                    }
                 }
             };
             tokio::select! {
@@ -341,6 +347,19 @@ impl Sim {
                 _ = stop.cancelled() => {}
             }
         });
+    }
+
+    /// `url` parsed, from the cache when it is the last one seen.
+    fn callback_url(&self, url: &str) -> Option<reqwest::Url> {
+        let mut last = lock(&self.last_callback);
+        if let Some((text, parsed)) = last.as_ref() {
+            if text == url {
+                return Some(parsed.clone());
+            }
+        }
+        let parsed = reqwest::Url::parse(url).ok()?;
+        *last = Some((url.to_string(), parsed.clone()));
+        Some(parsed)
     }
 
     /// Executes a task; returns the callback to send and where, unless callbacks are
@@ -403,13 +422,13 @@ impl Sim {
 /// POSTs a result callback, retrying a few times on transport errors and 5xx.
 async fn deliver(
     http: &reqwest::Client,
-    url: &str,
+    url: &reqwest::Url,
     callback: &ResultCallback,
     stats: &Mutex<SimStats>,
 ) {
     for attempt in 0..3u32 {
         let sent = http
-            .post(url)
+            .post(url.clone())
             .timeout(Duration::from_secs(5))
             .json(callback)
             .send()
