@@ -72,16 +72,8 @@ async fn submit(
 }
 
 fn spawn_writer(path: &Path, durability: Durability) -> anyhow::Result<mpsc::Sender<Insert>> {
-    let conn = rusqlite::Connection::open(path)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(
-        None,
-        "synchronous",
-        match durability {
-            Durability::Full => "FULL",
-            Durability::Normal => "NORMAL",
-        },
-    )?;
+    // Set up exactly as the scheduler's own write connection.
+    let conn = crate::store::write_connection(path, durability)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY NOT NULL, model_name TEXT NOT NULL,
                                            task_input TEXT NOT NULL, submit_time REAL NOT NULL) WITHOUT ROWID;",

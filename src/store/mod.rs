@@ -141,7 +141,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The write connection: WAL, the chosen synchronous level, foreign keys enforced,
 /// statement journals in memory.
-fn write_connection(
+pub fn write_connection(
     path: &Path,
     durability: Durability,
 ) -> Result<rusqlite::Connection, StoreError> {

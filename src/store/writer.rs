@@ -199,12 +199,18 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::{open, Durability, SettingsRepo};
+    use crate::store::{open, Db, Durability, SettingsRepo};
 
-    #[tokio::test]
-    async fn a_failed_write_rolls_back_its_whole_batch_and_every_caller_hears_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let stop = CancellationToken::new();
+    /// A database in `dir` whose writer is kept busy for 200 ms, so that the writes
+    /// queued meanwhile share the next batch; returns the busy write's task too.
+    async fn busy_db(
+        dir: &tempfile::TempDir,
+        stop: &CancellationToken,
+    ) -> (
+        Db,
+        tokio::task::JoinHandle<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
         let (db, handle) = open(
             &dir.path().join("w.db"),
             Durability::Normal,
@@ -214,7 +220,6 @@ mod tests {
         )
         .await
         .unwrap();
-        // Keep the writer busy so that the next two writes share a batch.
         let writer = db.writer.clone();
         let busy = tokio::spawn(async move {
             writer
@@ -225,6 +230,14 @@ mod tests {
                 .await
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
+        (db, handle, busy)
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_rolls_back_its_whole_batch_and_every_caller_hears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let (db, handle, busy) = busy_db(&dir, &stop).await;
         let good = db
             .writer
             .run(|conn| SettingsRepo::set(conn, "strategy", "weighted"));
@@ -261,25 +274,7 @@ mod tests {
     async fn a_write_that_panics_fails_its_batch_and_the_writer_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let stop = CancellationToken::new();
-        let (db, handle) = open(
-            &dir.path().join("w.db"),
-            Durability::Normal,
-            1,
-            64,
-            stop.clone(),
-        )
-        .await
-        .unwrap();
-        let writer = db.writer.clone();
-        let busy = tokio::spawn(async move {
-            writer
-                .run(|_conn| {
-                    std::thread::sleep(Duration::from_millis(200));
-                    Ok(())
-                })
-                .await
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (db, handle, busy) = busy_db(&dir, &stop).await;
         let good = db
             .writer
             .run(|conn| SettingsRepo::set(conn, "strategy", "weighted"));
