@@ -98,6 +98,10 @@ enum BenchCommand {
         /// Simulated TIs (they finish at once).
         #[arg(long, default_value_t = 4)]
         tis: usize,
+        /// Tasks per request: above 1, clients use POST /queue/submit_batch and rates count
+        /// tasks (not with --raw-ceiling, whose servers take single submits).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         /// full or normal.
         #[arg(long, default_value = "full")]
         durability: String,
@@ -358,6 +362,7 @@ async fn bench(which: BenchCommand) -> anyhow::Result<()> {
             duration,
             warmup,
             tis,
+            batch,
             durability,
             raw_ceiling,
             url,
@@ -368,6 +373,7 @@ async fn bench(which: BenchCommand) -> anyhow::Result<()> {
                 duration,
                 warmup,
                 tis,
+                batch,
                 durability: parse_durability(&durability)?,
                 raw_ceiling,
                 url,

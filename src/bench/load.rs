@@ -40,6 +40,8 @@ pub struct LoadArgs {
     pub warmup: f64,
     /// Simulated TIs (they finish every task at once).
     pub tis: usize,
+    /// Tasks per request; above 1, `POST /queue/submit_batch`.
+    pub batch: usize,
     /// Synchronous level of the scheduler's database.
     pub durability: Durability,
     /// Also measure the two ceilings.
@@ -209,10 +211,25 @@ fn submit_body(n: u64) -> Value {
     })
 }
 
+/// `batch` tasks for `POST /queue/submit_batch`, numbered from `n`.
+fn batch_body(n: u64, batch: usize) -> Value {
+    let tasks: Vec<Value> = (n..n + batch as u64)
+        .map(|k| {
+            json!({
+                "task_input": {"prompt": "Summarise the following text in one sentence."},
+                "metadata": {"input_tokens": 100 + k % 900, "output_tokens": 16 + k % 200},
+            })
+        })
+        .collect();
+    json!({"model_name": MODEL, "tasks": tasks})
+}
+
 /// What every client shares: the HTTP client, the counters and the measuring switch.
 struct Submitter {
     http: reqwest::Client,
     url: reqwest::Url,
+    /// Tasks per request (1: `/queue/submit`).
+    batch: usize,
     measuring: AtomicBool,
     ok: AtomicU64,
     errors: AtomicU64,
@@ -220,17 +237,16 @@ struct Submitter {
 }
 
 impl Submitter {
-    /// One submit; returns whether it counts (answered with success while measuring)
-    /// and its latency, µs.
+    /// One submit request; returns whether it counts (answered with success while
+    /// measuring) and its latency, µs. `ok` and `errors` count tasks.
     async fn submit_one(&self) -> (bool, u64) {
-        let n = self.sent.fetch_add(1, Ordering::Relaxed);
+        let n = self.sent.fetch_add(self.batch as u64, Ordering::Relaxed);
+        let body = match self.batch {
+            1 => submit_body(n),
+            batch => batch_body(n, batch),
+        };
         let started = Instant::now();
-        let answered = self
-            .http
-            .post(self.url.clone())
-            .json(&submit_body(n))
-            .send()
-            .await;
+        let answered = self.http.post(self.url.clone()).json(&body).send().await;
         let success = match answered {
             Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
             _ => false,
@@ -239,7 +255,7 @@ impl Submitter {
         let measuring = self.measuring.load(Ordering::Relaxed);
         if measuring {
             let counter = if success { &self.ok } else { &self.errors };
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.fetch_add(self.batch as u64, Ordering::Relaxed);
         }
         (success && measuring, micros)
     }
@@ -255,7 +271,11 @@ pub async fn drive(url: &str, args: &LoadArgs) -> anyhow::Result<Drive> {
         .build()?;
     let shared = Arc::new(Submitter {
         http,
-        url: reqwest::Url::parse(&format!("{url}/queue/submit"))?,
+        url: reqwest::Url::parse(&match args.batch {
+            1 => format!("{url}/queue/submit"),
+            _ => format!("{url}/queue/submit_batch"),
+        })?,
+        batch: args.batch,
         measuring: AtomicBool::new(false),
         ok: AtomicU64::new(0),
         errors: AtomicU64::new(0),
@@ -518,6 +538,11 @@ fn pct(h: &Histogram<u64>, q: f64) -> f64 {
 
 /// Runs the benchmark and prints its table.
 pub async fn run(args: &LoadArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.batch >= 1, "--batch must be at least 1");
+    anyhow::ensure!(
+        args.batch == 1 || !args.raw_ceiling,
+        "--batch and --raw-ceiling do not go together: the ceiling servers take single submits"
+    );
     let ceilings = if args.raw_ceiling {
         let echo = run_ceiling("echo", None, args)
             .await
@@ -531,10 +556,16 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<()> {
     };
     let (sched, figures) = run_scheduler(args).await?;
 
-    let mode = match args.rate {
-        Some(r) => format!("open loop at {r:.0} submits/s"),
+    let mut mode = match args.rate {
+        Some(r) => format!("open loop at {r:.0} requests/s"),
         None => format!("closed loop, {} clients", args.clients),
     };
+    if args.batch > 1 {
+        mode += &format!(
+            ", {} tasks per POST /queue/submit_batch (submits/s counts tasks; latencies are per request)",
+            args.batch
+        );
+    }
     println!(
         "Load: {mode}, {:.0} s measured after {:.0} s warm-up, {} simulated TIs that finish at once, synchronous={}",
         args.duration,
