@@ -8,10 +8,10 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::SeedableRng;
 use serde_json::{json, Map, Value};
-use ti_scheduler::domain::{TaskId, TiUuid};
+use ti_scheduler::domain::{DecisionReason, PredictMode, StrategyKind, TaskId, TiUuid};
 use ti_scheduler::predictor::Predictor;
-use ti_scheduler::scheduling::{PredictMode, State, StrategyKind};
-use ti_scheduler::store::{DecisionReason, StoredTi};
+use ti_scheduler::scheduling::State;
+use ti_scheduler::store::StoredTi;
 use tokio::time::Instant;
 
 fn state(tis: usize, strategy: StrategyKind) -> State {

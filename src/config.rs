@@ -12,8 +12,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::scheduling::{PredictMode, StrategyKind};
-use crate::store::Durability;
+use crate::domain::{Durability, PredictMode, StrategyKind};
 
 /// Every setting of the service.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use ti_scheduler::config::Settings;
-use ti_scheduler::scheduling::{PredictMode, StrategyKind};
+use ti_scheduler::domain::{Durability, PredictMode, StrategyKind};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
 use ti_scheduler::{bench, predictor, store, App};
 
@@ -311,7 +311,7 @@ async fn import_lookup(file: &Path, db_path: &Path, append: bool) -> anyhow::Res
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let count = rows.len();
     let stop = CancellationToken::new();
-    let (db, writer) = store::open(db_path, store::Durability::Full, 1, 1, stop.clone()).await?;
+    let (db, writer) = store::open(db_path, Durability::Full, 1, 1, stop.clone()).await?;
     db.writer
         .run(move |conn| {
             if !append {
@@ -333,7 +333,7 @@ async fn import_lookup(file: &Path, db_path: &Path, append: bool) -> anyhow::Res
 
 async fn retrain(db_path: &Path) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
-    let (db, writer) = store::open(db_path, store::Durability::Full, 1, 1, stop.clone()).await?;
+    let (db, writer) = store::open(db_path, Durability::Full, 1, 1, stop.clone()).await?;
     let report = predictor::retrain(&db).await?;
     stop.cancel();
     writer.await?;
@@ -346,10 +346,10 @@ async fn retrain(db_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_durability(name: &str) -> anyhow::Result<store::Durability> {
+fn parse_durability(name: &str) -> anyhow::Result<Durability> {
     match name {
-        "full" => Ok(store::Durability::Full),
-        "normal" => Ok(store::Durability::Normal),
+        "full" => Ok(Durability::Full),
+        "normal" => Ok(Durability::Normal),
         other => anyhow::bail!("unknown durability '{other}'; valid: full, normal"),
     }
 }

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiJson};
 use super::{AppState, SUCCESS};
-use crate::scheduling::{PredictMode, StrategyKind};
+use crate::domain::{PredictMode, StrategyKind};
 
 pub fn router() -> Router<AppState> {
     Router::new()

@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::store::Durability;
+use crate::domain::Durability;
 
 type Insert = (String, String, String, f64, oneshot::Sender<bool>);
 

@@ -24,7 +24,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use super::workload::MODEL;
-use crate::store::Durability;
+use crate::domain::Durability;
 use crate::ti::sim::{SimConfig, SimTi};
 
 /// Options of the load benchmark.

@@ -13,8 +13,8 @@ use rand_distr::Distribution;
 use serde_json::{Map, Value};
 
 use super::workload::{self, HARDWARE, MODEL};
+use crate::domain::PredictMode;
 use crate::predictor::Predictor;
-use crate::scheduling::PredictMode;
 use crate::ti::sim::noise_law;
 
 /// Options of the prediction benchmark.

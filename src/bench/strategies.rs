@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use super::workload::{self, HARDWARE, MODEL};
 use crate::config::Settings;
-use crate::scheduling::{PredictMode, StrategyKind};
+use crate::domain::{PredictMode, StrategyKind};
 use crate::ti::sim::SimTi;
 use crate::App;
 

@@ -17,10 +17,13 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 pub use learned::OnlineModel;
-pub use lookup::{parse_csv, parse_swarmpilot_json, ImportError, LookupRow, LookupTable};
+pub use lookup::{parse_csv, parse_swarmpilot_json, ImportError, LookupTable};
 
-use crate::scheduling::PredictMode;
-use crate::store::{Db, ExecutionStats, LearnedRepo, StatsRepo, StoreError, StoredModel, TaskRepo};
+use crate::domain::{LookupRow, PredictMode};
+use crate::store::{Db, ExecutionStats, LearnedRepo, StatsRepo, StoreError, TaskRepo};
+
+/// A learned model as the store keeps it.
+pub type StoredModel = crate::store::StoredModel<OnlineModel>;
 
 /// Relative error given to a metadata hint that does not state its own
 /// (`expected_error_ms`).
@@ -100,7 +103,7 @@ pub struct Predictor {
     changed: std::collections::HashSet<(String, String)>,
 }
 
-/// What one completion changed, for the caller to persist with it.
+/// Learned state to persist: what changed since the last save, or all of it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Observed {
     /// Running statistics rows.
@@ -256,18 +259,17 @@ impl Predictor {
     }
 
     /// Learns from a successful execution: the running statistics and the learned models
-    /// of the model on that hardware and on any hardware. Returns what changed, for the
-    /// caller to persist.
+    /// of the model on that hardware and on any hardware. What changed is kept for
+    /// [`Predictor::take_changed`].
     pub fn observe(
         &mut self,
         model: &str,
         hardware: Option<&str>,
         metadata: &Map<String, Value>,
         execution_ms: f64,
-    ) -> Observed {
-        let mut observed = Observed::default();
+    ) {
         if !execution_ms.is_finite() || execution_ms < 0.0 {
-            return observed;
+            return;
         }
         let x = learned::features(metadata);
         let keys = std::iter::once("").chain(hardware.filter(|h| !h.is_empty()));
@@ -286,7 +288,6 @@ impl Predictor {
             let delta = execution_ms - s.mean_ms;
             s.mean_ms += delta / s.n as f64;
             s.m2 += delta * (execution_ms - s.mean_ms);
-            observed.stats.push(s.clone());
 
             let m = self
                 .learned
@@ -295,14 +296,8 @@ impl Predictor {
                 .entry(hw.to_string())
                 .or_default();
             m.observe(&x, execution_ms);
-            observed.models.push(StoredModel {
-                model_name: model.to_string(),
-                hardware: hw.to_string(),
-                model: m.clone(),
-            });
             self.changed.insert((model.to_string(), hw.to_string()));
         }
-        observed
     }
 
     /// The current state of everything changed since the last call, to persist.
@@ -470,7 +465,9 @@ mod tests {
         for x in [100.0, 200.0, 300.0] {
             p.observe("m", Some("A100"), &Map::new(), x);
         }
-        let changed = p.observe("m", None, &Map::new(), 400.0);
+        p.take_changed();
+        p.observe("m", None, &Map::new(), 400.0);
+        let changed = p.take_changed();
         assert_eq!((changed.stats.len(), changed.models.len()), (1, 1));
         let on_a100 = p.predict(PredictMode::Default, "m", Some("A100"), &Map::new());
         assert_eq!(on_a100.mean_ms, 200.0);

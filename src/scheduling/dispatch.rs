@@ -23,10 +23,9 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid};
+use crate::domain::{unix_now, DecisionReason, Outcome, TaskId, TaskStatus, TiUuid};
 use crate::store::{
-    Completion, DecisionReason, DecisionRepo, DecisionRow, LearnedRepo, StatsRepo, TaskRepo,
-    UnfinishedTask,
+    Completion, DecisionRepo, DecisionRow, LearnedRepo, StatsRepo, TaskRepo, UnfinishedTask,
 };
 use crate::ti::protocol::{DispatchRequest, ResultCallback, TiTaskStatus};
 

@@ -18,124 +18,31 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use utoipa::ToSchema;
 
 pub use dispatch::{RecoveryReport, SweepReport};
 pub use queue::QueueEstimate;
 pub use state::{State, TiEntry};
 
 use crate::config::Settings;
-use crate::domain::{unix_now, TaskId, TiUuid};
-use crate::predictor::{LookupRow, Predictor};
+use crate::domain::{
+    unix_now, DecisionReason, LookupRow, NewDecision, PredictMode, StrategyKind, TaskId, TiUuid,
+};
+use crate::predictor::Predictor;
 use crate::store::{
-    Db, DecisionReason, DecisionRow, LearnedRepo, LookupRepo, NewDecision, NewTask, SettingsRepo,
-    StatsRepo, StoreError, StoredTask, StoredTi, TaskRepo, TiRepo,
+    Db, DecisionRow, LearnedRepo, LookupRepo, NewTask, SettingsRepo, StatsRepo, StoreError,
+    StoredTask, StoredTi, TaskRepo, TiRepo,
 };
 use crate::ti::{TiClient, TiError};
-
-/// A scheduling strategy (SPEC.md §7).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum StrategyKind {
-    /// Earliest expected completion.
-    ShortestQueue,
-    /// Cycle over the healthy TIs.
-    RoundRobin,
-    /// Lowest expected completion + λ · its error.
-    Weighted,
-    /// Smallest of one random draw per TI.
-    Probabilistic,
-}
-
-impl StrategyKind {
-    /// Every strategy, in the order the API lists them.
-    pub const ALL: [Self; 4] = [
-        Self::ShortestQueue,
-        Self::RoundRobin,
-        Self::Weighted,
-        Self::Probabilistic,
-    ];
-
-    /// Its API name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ShortestQueue => "shortest_queue",
-            Self::RoundRobin => "round_robin",
-            Self::Weighted => "weighted",
-            Self::Probabilistic => "probabilistic",
-        }
-    }
-
-    /// Parses an API name; the error lists the valid ones.
-    ///
-    /// ```
-    /// use ti_scheduler::scheduling::StrategyKind;
-    /// assert_eq!(StrategyKind::parse("round_robin"), Ok(StrategyKind::RoundRobin));
-    /// assert_eq!(
-    ///     StrategyKind::parse("fastest").unwrap_err(),
-    ///     "unknown strategy 'fastest'; valid: shortest_queue, round_robin, weighted, probabilistic"
-    /// );
-    /// ```
-    pub fn parse(name: &str) -> Result<Self, String> {
-        parse_name(name, &Self::ALL, Self::as_str, "strategy")
-    }
-}
-
-/// How execution times are predicted (SPEC.md §6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum PredictMode {
-    /// The default chain (learned statistics and fallbacks).
-    Default,
-    /// The lookup table first.
-    LookupTable,
-}
-
-impl PredictMode {
-    /// Every mode.
-    pub const ALL: [Self; 2] = [Self::Default, Self::LookupTable];
-
-    /// Its API name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Default => "default",
-            Self::LookupTable => "lookup_table",
-        }
-    }
-
-    /// Parses an API name; the error lists the valid ones.
-    pub fn parse(name: &str) -> Result<Self, String> {
-        parse_name(name, &Self::ALL, Self::as_str, "predict mode")
-    }
-}
 
 /// A JSON object as text, without copying it first.
 fn serialized_object(map: &Map<String, Value>) -> String {
     // Serializing a map of JSON values cannot fail (keys are strings).
     serde_json::to_string(map).unwrap_or_else(|_| "{}".to_string())
-}
-
-/// The variant named `name` (exactly: names are case-sensitive), or an error that lists
-/// the valid names.
-fn parse_name<T: Copy>(
-    name: &str,
-    all: &[T],
-    as_str: fn(T) -> &'static str,
-    what: &str,
-) -> Result<T, String> {
-    all.iter()
-        .copied()
-        .find(|v| as_str(*v) == name)
-        .ok_or_else(|| {
-            let valid: Vec<&str> = all.iter().map(|v| as_str(*v)).collect();
-            format!("unknown {what} '{name}'; valid: {}", valid.join(", "))
-        })
 }
 
 /// Why a scheduling operation failed; the API maps each to its HTTP code.

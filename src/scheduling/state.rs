@@ -15,10 +15,11 @@ use tokio::time::Instant;
 
 use super::queue::QueueEstimate;
 use super::strategy;
-use super::{PredictMode, StrategyKind};
-use crate::domain::{TaskId, TiUuid};
+use crate::domain::{
+    Candidate, DecisionReason, NewDecision, PredictMode, StrategyKind, TaskId, TiUuid,
+};
 use crate::predictor::{Prediction, Predictor};
-use crate::store::{Candidate, DecisionReason, NewDecision, StoredTi};
+use crate::store::StoredTi;
 use crate::ti::TiClient;
 
 /// One TI as the scheduler sees it.

@@ -5,8 +5,7 @@
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};
 
-use super::StrategyKind;
-use crate::store::Candidate;
+use crate::domain::{Candidate, StrategyKind};
 
 /// Picks a candidate; returns its index. `candidates` must not be empty.
 ///

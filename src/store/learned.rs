@@ -1,10 +1,11 @@
 //! The `learned_models` table: the online regressions of the default predictor.
 
 use rusqlite::Connection;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use sqlx::SqliteExecutor;
 
 use super::StoreError;
-use crate::predictor::OnlineModel;
 
 pub(super) const SAVE: &str = "INSERT INTO learned_models (model_name, hardware, state)
                                VALUES (?1, ?2, ?3)
@@ -14,20 +15,23 @@ pub(super) const CLEAR: &str = "DELETE FROM learned_models";
 /// Repository of learned models.
 pub struct LearnedRepo;
 
-/// A learned model with its key.
+/// A learned model with its key. The model is the predictor's own type, stored as JSON:
+/// the store only needs to (de)serialize it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct StoredModel {
+pub struct StoredModel<M> {
     /// Model name.
     pub model_name: String,
     /// Hardware, or `""` for all hardware together.
     pub hardware: String,
     /// The regression.
-    pub model: OnlineModel,
+    pub model: M,
 }
 
 impl LearnedRepo {
     /// Every model.
-    pub async fn all(exec: impl SqliteExecutor<'_>) -> Result<Vec<StoredModel>, StoreError> {
+    pub async fn all<M: DeserializeOwned>(
+        exec: impl SqliteExecutor<'_>,
+    ) -> Result<Vec<StoredModel<M>>, StoreError> {
         let rows = sqlx::query!("SELECT model_name, hardware, state FROM learned_models")
             .fetch_all(exec)
             .await?;
@@ -48,7 +52,10 @@ impl LearnedRepo {
     }
 
     /// Stores one model, replacing its previous state.
-    pub fn save(conn: &Connection, stored: &StoredModel) -> Result<(), StoreError> {
+    pub fn save<M: Serialize>(
+        conn: &Connection,
+        stored: &StoredModel<M>,
+    ) -> Result<(), StoreError> {
         let state = serde_json::to_string(&stored.model)
             .map_err(|e| StoreError::Corrupt(format!("learned model: {e}")))?;
         conn.prepare_cached(SAVE)?

@@ -4,7 +4,7 @@ use rusqlite::Connection;
 use sqlx::SqliteExecutor;
 
 use super::StoreError;
-use crate::predictor::LookupRow;
+use crate::domain::LookupRow;
 
 pub(super) const INSERT: &str =
     "INSERT INTO lookup_rows (model_name, hardware, features, expect_ms, error_ms, quantiles)

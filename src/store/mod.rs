@@ -21,11 +21,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::ConnectOptions;
 
-pub use decisions::{Candidate, DecisionReason, DecisionRepo, DecisionRow, NewDecision};
+use crate::domain::Durability;
+
+pub use decisions::{DecisionRepo, DecisionRow};
 pub use learned::{LearnedRepo, StoredModel};
 pub use lookup::LookupRepo;
 pub use settings::SettingsRepo;
@@ -66,18 +67,6 @@ pub enum StoreError {
     /// The writer task has stopped (the service is shutting down).
     #[error("the database writer has stopped")]
     WriterClosed,
-}
-
-/// How hard SQLite works to make a commit durable (PRAGMA synchronous, in WAL mode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// fsync the WAL at every commit: a commit survives a crash of the process and a
-    /// power loss or OS crash.
-    Full,
-    /// fsync the WAL only at checkpoints: a commit survives a crash of the process
-    /// (kill -9), but the last commits may be lost if the machine loses power.
-    Normal,
 }
 
 /// The open database: a read pool and the writer.

@@ -1,7 +1,8 @@
 use serde_json::json;
 use ti_scheduler::config::CleanupSettings;
+use ti_scheduler::domain::Durability;
 use ti_scheduler::jobs::{run_cleanup_once, CleanupReport};
-use ti_scheduler::store::{self, Durability};
+use ti_scheduler::store;
 use ti_scheduler::ti::sim::Faults;
 use tokio_util::sync::CancellationToken;
 

@@ -1,5 +1,6 @@
 use serde_json::{json, Value};
-use ti_scheduler::store::{self, Durability};
+use ti_scheduler::domain::Durability;
+use ti_scheduler::store;
 use ti_scheduler::ti::sim::SimConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -111,7 +112,8 @@ async fn the_learned_model_predicts_per_hardware_survives_a_restart_and_can_be_r
         .unwrap();
     let report = ti_scheduler::predictor::retrain(&db).await.unwrap();
     assert_eq!((report.executions, report.models), (62, 3));
-    let models = store::LearnedRepo::all(&db.read).await.unwrap();
+    let models: Vec<ti_scheduler::predictor::StoredModel> =
+        store::LearnedRepo::all(&db.read).await.unwrap();
     let a100 = models.iter().find(|m| m.hardware == "A100").unwrap();
     let x = ti_scheduler::predictor::learned::features(
         json!({"input_tokens": 500, "output_tokens": 50})

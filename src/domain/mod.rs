@@ -1,4 +1,16 @@
-//! The nouns of the service: identifiers, task states and outcomes.
+//! The nouns of the service, shared by every layer: identifiers, task states and
+//! outcomes here; scheduling policies ([`StrategyKind`], [`PredictMode`], [`Durability`]),
+//! decisions and lookup-table rows in the submodules. Nothing here depends on another
+//! module of the crate, so `config`, `scheduling`, `predictor` and `store` all build on it
+//! without importing each other's nouns.
+
+mod decision;
+mod lookup;
+mod policy;
+
+pub use decision::{Candidate, DecisionReason, NewDecision};
+pub use lookup::LookupRow;
+pub use policy::{Durability, PredictMode, StrategyKind};
 
 use std::fmt;
 use std::str::FromStr;
