@@ -10,11 +10,11 @@ use rand::SeedableRng;
 use serde_json::{json, Map, Value};
 use ti_scheduler::domain::{DecisionReason, PredictMode, StrategyKind, TaskId, TiUuid};
 use ti_scheduler::predictor::Predictor;
-use ti_scheduler::scheduling::State;
+use ti_scheduler::scheduling::Cache;
 use ti_scheduler::store::StoredTi;
 use tokio::time::Instant;
 
-fn state(tis: usize, strategy: StrategyKind) -> State {
+fn state(tis: usize, strategy: StrategyKind) -> Cache {
     let mut predictor = Predictor::new(1000.0, 500.0, Vec::new(), Vec::new(), Vec::new());
     // A warm learned model per hardware, as in a running service.
     for k in 0..200u32 {
@@ -25,7 +25,7 @@ fn state(tis: usize, strategy: StrategyKind) -> State {
         }
     }
     let rng = rand::rngs::StdRng::seed_from_u64(1);
-    let mut st = State::new(strategy, PredictMode::Default, predictor, rng, 1.0, 64);
+    let mut st = Cache::new(strategy, PredictMode::Default, predictor, rng, 1.0, 64);
     for i in 0..tis {
         let ti = StoredTi {
             ti_uuid: TiUuid::generate(),

@@ -4,6 +4,7 @@
 //! answer. Every error is the JSON envelope of [`error::ApiError`]; endpoints that
 //! return identifiers keep them (empty, or echoing the caller) in their errors.
 
+mod auth;
 mod error;
 mod ops;
 mod predictor;
@@ -17,13 +18,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tracing::Instrument;
 
+pub use auth::Admin;
 pub use error::{ApiError, ErrorResponse};
 
 use crate::scheduling::Scheduler;
@@ -39,31 +40,6 @@ pub struct AppState {
     pub body_limit: usize,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
-}
-
-impl AppState {
-    /// Checks the admin token, when one is configured.
-    pub fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(expected) = &self.admin_token else {
-            return Ok(());
-        };
-        let given = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default();
-        let same = given.len() == expected.len()
-            && given
-                .bytes()
-                .zip(expected.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if same {
-            Ok(())
-        } else {
-            Err(ApiError::Unauthorized)
-        }
-    }
 }
 
 /// The whole API.

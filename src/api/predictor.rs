@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiQuery, Body};
-use super::{AppState, SUCCESS};
+use super::{Admin, AppState, SUCCESS};
 use crate::predictor::parse_table;
 
 pub fn router() -> Router<AppState> {
@@ -41,11 +41,11 @@ pub struct ImportResponse {
               (status = 401)))]
 pub async fn import_lookup_table(
     State(app): State<AppState>,
+    _admin: Admin,
     headers: HeaderMap,
     options: Result<ApiQuery<ImportOptions>, ApiError>,
     body: Result<Body, ApiError>,
 ) -> Result<Json<ImportResponse>, ApiError> {
-    app.authorize(&headers)?;
     let ApiQuery(options) = options?;
     let Body(bytes) = body?;
     let text = std::str::from_utf8(&bytes)

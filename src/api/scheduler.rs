@@ -1,14 +1,13 @@
 //! `/scheduler/*`: the strategy and the predict mode.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiJson};
-use super::{AppState, SUCCESS};
+use super::{Admin, AppState, SUCCESS};
 use crate::domain::{PredictMode, StrategyKind};
 
 pub fn router() -> Router<AppState> {
@@ -72,10 +71,9 @@ pub struct SchedulerInfo {
     responses((status = 200, body = MessageResponse), (status = 400, description = "unknown strategy"), (status = 401)))]
 pub async fn set_strategy(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    _admin: Admin,
     body: Result<ApiJson<SetStrategyRequest>, ApiError>,
 ) -> Result<Json<MessageResponse>, ApiError> {
-    app.authorize(&headers)?;
     let ApiJson(req) = body?;
     let kind = StrategyKind::parse(&req.name).map_err(ApiError::BadRequest)?;
     app.scheduler.set_strategy(kind).await?;
@@ -88,10 +86,9 @@ pub async fn set_strategy(
               (status = 401), (status = 409, description = "no lookup table loaded")))]
 pub async fn set_predict_mode(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    _admin: Admin,
     body: Result<ApiJson<PredictModeRequest>, ApiError>,
 ) -> Result<Json<MessageResponse>, ApiError> {
-    app.authorize(&headers)?;
     let ApiJson(req) = body?;
     let mode = PredictMode::parse(&req.mode).map_err(ApiError::BadRequest)?;
     app.scheduler.set_predict_mode(mode).await?;

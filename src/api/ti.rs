@@ -1,14 +1,13 @@
 //! `/ti/*`: registering, removing and listing Task Instances.
 
 use axum::extract::State;
-use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiJson, ErrorResponse};
-use super::{AppState, SUCCESS};
+use super::{Admin, AppState, SUCCESS};
 use crate::domain::TiUuid;
 
 pub fn router() -> Router<AppState> {
@@ -97,11 +96,11 @@ pub struct TiListResponse {
               (status = 401), (status = 502, description = "TI unreachable or unhealthy")))]
 pub async fn register_ti(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    admin: Result<Admin, ApiError>,
     body: Result<ApiJson<RegisterRequest>, ApiError>,
 ) -> Result<Json<RegisterResponse>, ErrorResponse> {
     let shape = |e: ApiError| e.with(&[("ti_uuid", "")]);
-    app.authorize(&headers).map_err(shape)?;
+    admin.map_err(shape)?;
     let ApiJson(req) = body.map_err(shape)?;
     let host = req.host.trim();
     if host.is_empty() {
@@ -139,11 +138,10 @@ pub async fn register_ti(
               (status = 401), (status = 404, description = "TaskInstance not found")))]
 pub async fn remove_ti(
     State(app): State<AppState>,
-    headers: HeaderMap,
+    admin: Result<Admin, ApiError>,
     body: Result<ApiJson<RemoveRequest>, ApiError>,
 ) -> Result<Json<RemoveResponse>, ErrorResponse> {
-    app.authorize(&headers)
-        .map_err(|e| e.with(&[("ti_uuid", "")]))?;
+    admin.map_err(|e| e.with(&[("ti_uuid", "")]))?;
     let ApiJson(req) = body.map_err(|e| e.with(&[("ti_uuid", "")]))?;
     let given = req.ti_uuid.as_str();
     let shape = |e: ApiError| e.with(&[("ti_uuid", given)]);

@@ -1,8 +1,11 @@
-//! Task Instances: the protocol's wire types, the client the scheduler uses, and the
-//! simulated TI that tests, the demo and benchmarks run.
+//! Task Instances: the protocol's wire types, the client the scheduler uses, the
+//! allow-list of where TIs may be registered, and the simulated TI that tests, the demo
+//! and benchmarks run.
 
+mod allow_list;
 mod client;
 pub mod protocol;
 pub mod sim;
 
+pub use allow_list::AllowList;
 pub use client::{TiClient, TiError, TiInfo};

@@ -1,0 +1,488 @@
+//! The hot-path cache: every TI with its queue estimate, the models' replicas, the current
+//! strategy and predict mode, and the predictor. It lives behind one `std::sync::Mutex`
+//! held for microseconds and never across an `.await`; SQLite is the truth and this is
+//! rebuilt from it at start-up.
+//!
+//! Its fields are private: this file owns the invariant that a task's prediction sits in
+//! exactly one TI's queue, the one [`Cache::reservations`] names, from the decision that
+//! put it there until the task completes or moves.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rustc_hash::FxHashMap;
+use serde_json::{Map, Value};
+use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::queue::QueueEstimate;
+use super::strategy;
+use crate::domain::{
+    Candidate, DecisionReason, LookupRow, NewDecision, PredictMode, StrategyKind, TaskId, TiUuid,
+};
+use crate::predictor::{Observed, Prediction, Predictor};
+use crate::store::StoredTi;
+use crate::ti::TiClient;
+
+/// One TI as the scheduler sees it.
+#[derive(Debug)]
+struct TiEntry {
+    /// What is stored of it.
+    ti: StoredTi,
+    /// False after a failed health probe or dispatch, until a probe succeeds.
+    healthy: bool,
+    /// Consecutive failed health probes.
+    failed_probes: u32,
+    /// Tasks dispatched to it and not completed, with their predictions.
+    queue: QueueEstimate,
+    /// Bounds the dispatches in flight to it.
+    dispatch_slots: Arc<Semaphore>,
+    /// Its `POST /queue/submit` URL (`None` if its host cannot form one).
+    submit_url: Option<reqwest::Url>,
+}
+
+impl TiEntry {
+    /// Registered and healthy: may get new tasks.
+    fn usable(&self) -> bool {
+        self.healthy && self.ti.removed_at.is_none()
+    }
+}
+
+/// A TI with its live queue estimate, for `/queue/info` and `/ti/list`.
+#[derive(Debug, Clone)]
+pub struct TiSnapshot {
+    /// What is stored of it.
+    pub ti: StoredTi,
+    /// Whether it may get new tasks.
+    pub healthy: bool,
+    /// Expected wait, ms.
+    pub wait_ms: f64,
+    /// Its error, ms.
+    pub wait_error_ms: f64,
+    /// Tasks dispatched to it and not completed.
+    pub queue_length: usize,
+}
+
+/// Where a task was placed: the decision (with the chosen TI) when a TI of its model is
+/// usable, and the prediction it carries either way.
+#[derive(Debug)]
+pub(super) struct Placement {
+    /// The decision to store; `None` when no TI is usable (the task waits, `queued`).
+    pub(super) decision: Option<NewDecision>,
+    /// Predicted execution time on the chosen TI (or on none), ms.
+    pub(super) predicted_ms: f64,
+    /// Its error, ms.
+    pub(super) predicted_error_ms: f64,
+}
+
+impl Placement {
+    /// The chosen TI, if any.
+    pub(super) fn ti(&self) -> Option<TiUuid> {
+        self.decision.as_ref().map(|d| d.chosen_ti)
+    }
+}
+
+/// What a dispatcher needs to send a task to a TI.
+pub(super) struct DispatchTarget {
+    /// Its `POST /queue/submit` URL (`None` if its host cannot form one).
+    pub(super) url: Option<reqwest::Url>,
+    /// The token it must echo in its callback.
+    pub(super) callback_token: String,
+    /// Bounds the dispatches in flight to it.
+    pub(super) slots: Arc<Semaphore>,
+}
+
+/// What a health probe changed.
+pub(super) struct ProbeChange {
+    /// The TI's health before the probe.
+    pub(super) was_healthy: bool,
+    /// Tasks to move elsewhere: the TI has just failed enough probes in a row.
+    pub(super) reroute: Vec<TaskId>,
+}
+
+/// The cache itself.
+pub struct Cache {
+    /// Every TI ever registered (removed ones too: their results are still accepted).
+    /// Fx hashing: the hot path looks every candidate up here, and the keys are not
+    /// attacker-chosen (the scheduler generates them).
+    tis: FxHashMap<TiUuid, TiEntry>,
+    /// Model name to its registered (not removed) TIs, in registration order.
+    models: HashMap<String, Vec<TiUuid>>,
+    /// Which TI holds each unfinished task's prediction.
+    reservations: HashMap<TaskId, TiUuid>,
+    strategy: StrategyKind,
+    predict_mode: PredictMode,
+    predictor: Predictor,
+    rr_cursor: HashMap<String, usize>,
+    rng: StdRng,
+    lambda: f64,
+    max_inflight_dispatches: usize,
+}
+
+impl Cache {
+    /// An empty cache.
+    pub fn new(
+        strategy: StrategyKind,
+        predict_mode: PredictMode,
+        predictor: Predictor,
+        rng: StdRng,
+        lambda: f64,
+        max_inflight_dispatches: usize,
+    ) -> Self {
+        Self {
+            tis: FxHashMap::default(),
+            models: HashMap::new(),
+            reservations: HashMap::new(),
+            strategy,
+            predict_mode,
+            predictor,
+            rr_cursor: HashMap::new(),
+            rng,
+            lambda,
+            max_inflight_dispatches,
+        }
+    }
+
+    /// Strategy for the next decision.
+    pub(super) fn strategy(&self) -> StrategyKind {
+        self.strategy
+    }
+
+    /// Predict mode for the next decision.
+    pub(super) fn predict_mode(&self) -> PredictMode {
+        self.predict_mode
+    }
+
+    pub(super) fn set_strategy(&mut self, kind: StrategyKind) {
+        self.strategy = kind;
+    }
+
+    pub(super) fn set_predict_mode(&mut self, mode: PredictMode) {
+        self.predict_mode = mode;
+    }
+
+    /// Rows in the lookup table.
+    pub(super) fn lookup_rows(&self) -> usize {
+        self.predictor.lookup_rows()
+    }
+
+    /// Replaces the lookup table, or adds to it. Returns the rows now loaded.
+    pub(super) fn load_lookup(&mut self, rows: Vec<LookupRow>, append: bool) -> usize {
+        self.predictor.load_lookup(rows, append);
+        self.predictor.lookup_rows()
+    }
+
+    /// Adds or updates a TI from its stored row; a registered one joins its model's
+    /// replicas (moving if its model changed) and counts as healthy.
+    pub fn upsert_ti(&mut self, ti: StoredTi) {
+        let id = ti.ti_uuid;
+        if let Some(old) = self.tis.get(&id) {
+            if let Some(list) = self.models.get_mut(&old.ti.model_name) {
+                list.retain(|t| *t != id);
+            }
+        }
+        if ti.removed_at.is_none() {
+            self.models
+                .entry(ti.model_name.clone())
+                .or_default()
+                .push(id);
+        }
+        let slots = self.max_inflight_dispatches.max(1);
+        let entry = self.tis.entry(id).or_insert_with(|| TiEntry {
+            ti: ti.clone(),
+            healthy: true,
+            failed_probes: 0,
+            queue: QueueEstimate::default(),
+            dispatch_slots: Arc::new(Semaphore::new(slots)),
+            submit_url: TiClient::submit_url(&ti.host, ti.port),
+        });
+        entry.ti = ti;
+        entry.healthy = true;
+        entry.failed_probes = 0;
+    }
+
+    /// True if the TI is registered and not removed.
+    pub(super) fn is_registered(&self, id: TiUuid) -> bool {
+        self.tis.get(&id).is_some_and(|e| e.ti.removed_at.is_none())
+    }
+
+    /// Marks a TI removed: it leaves its model's replicas but keeps its queue. Returns the
+    /// tasks it holds that it has not accepted yet (they should go elsewhere).
+    pub(super) fn remove_ti(&mut self, id: TiUuid, at: f64) -> Vec<TaskId> {
+        let Some(entry) = self.tis.get_mut(&id) else {
+            return Vec::new();
+        };
+        entry.ti.removed_at = Some(at);
+        if let Some(list) = self.models.get_mut(&entry.ti.model_name) {
+            list.retain(|t| *t != id);
+        }
+        entry.queue.not_started().cloned().collect()
+    }
+
+    /// Every TI, removed ones included, with its live estimate, in registration order.
+    pub(super) fn snapshots(&self, now: Instant) -> Vec<TiSnapshot> {
+        let mut list: Vec<TiSnapshot> = self
+            .tis
+            .values()
+            .map(|e| TiSnapshot {
+                ti: e.ti.clone(),
+                healthy: e.healthy,
+                wait_ms: e.queue.wait_ms(now),
+                wait_error_ms: e.queue.error_ms(),
+                queue_length: e.queue.len(),
+            })
+            .collect();
+        list.sort_by(|a, b| {
+            a.ti.registered_at
+                .total_cmp(&b.ti.registered_at)
+                .then(a.ti.ti_uuid.cmp(&b.ti.ti_uuid))
+        });
+        list
+    }
+
+    /// True if some registered TI serves `model` (healthy or not).
+    pub(super) fn serves(&self, model: &str) -> bool {
+        self.models.get(model).is_some_and(|l| !l.is_empty())
+    }
+
+    /// The task's TI if it is usable, and whether any TI of the model is.
+    pub(super) fn usability(&self, ti: Option<TiUuid>, model: &str) -> (Option<TiUuid>, bool) {
+        let usable = |id: &TiUuid| self.tis.get(id).is_some_and(TiEntry::usable);
+        (
+            ti.filter(|id| usable(id)),
+            self.models
+                .get(model)
+                .is_some_and(|ids| ids.iter().any(usable)),
+        )
+    }
+
+    /// What a dispatcher needs to send to `ti`, if it is usable.
+    pub(super) fn dispatch_target(&self, ti: TiUuid) -> Option<DispatchTarget> {
+        self.tis
+            .get(&ti)
+            .filter(|e| e.usable())
+            .map(|e| DispatchTarget {
+                url: e.submit_url.clone(),
+                callback_token: e.ti.callback_token.clone(),
+                slots: e.dispatch_slots.clone(),
+            })
+    }
+
+    /// The TI's host and port, removed or not.
+    pub(super) fn address(&self, ti: TiUuid) -> Option<(String, u16)> {
+        self.tis.get(&ti).map(|e| (e.ti.host.clone(), e.ti.port))
+    }
+
+    /// The TI's hardware, if it reports one.
+    pub(super) fn hardware(&self, ti: TiUuid) -> Option<String> {
+        self.tis.get(&ti).and_then(|e| e.ti.hardware.clone())
+    }
+
+    /// True if `token` is the TI's callback token (compared in constant time).
+    pub(super) fn token_matches(&self, ti: TiUuid, token: &str) -> bool {
+        self.tis
+            .get(&ti)
+            .is_some_and(|e| bool::from(e.ti.callback_token.as_bytes().ct_eq(token.as_bytes())))
+    }
+
+    /// Takes a TI out of scheduling until a health probe succeeds. Returns whether it was
+    /// healthy until now.
+    pub(super) fn mark_unhealthy(&mut self, ti: TiUuid) -> bool {
+        self.tis
+            .get_mut(&ti)
+            .is_some_and(|e| std::mem::replace(&mut e.healthy, false))
+    }
+
+    /// The TIs to probe: every registered one, and every removed one still holding tasks.
+    pub(super) fn probe_targets(&self) -> Vec<(TiUuid, String, u16)> {
+        self.tis
+            .values()
+            .filter(|e| e.ti.removed_at.is_none() || !e.queue.is_empty())
+            .map(|e| (e.ti.ti_uuid, e.ti.host.clone(), e.ti.port))
+            .collect()
+    }
+
+    /// Records a probe's answer. After `threshold` failures in a row the TI's tasks are
+    /// handed back to be re-routed (once, at the threshold).
+    pub(super) fn record_probe(
+        &mut self,
+        ti: TiUuid,
+        healthy: bool,
+        threshold: u32,
+    ) -> Option<ProbeChange> {
+        let entry = self.tis.get_mut(&ti)?;
+        let was_healthy = std::mem::replace(&mut entry.healthy, healthy);
+        let mut reroute = Vec::new();
+        if healthy {
+            entry.failed_probes = 0;
+        } else {
+            entry.failed_probes += 1;
+            if entry.failed_probes == threshold {
+                reroute.extend(entry.queue.task_ids().cloned());
+            }
+        }
+        Some(ProbeChange {
+            was_healthy,
+            reroute,
+        })
+    }
+
+    /// Puts a task's prediction in a TI's queue (moving it from wherever it was).
+    pub fn reserve(&mut self, task_id: &TaskId, ti: TiUuid, mean_ms: f64, error_ms: f64) {
+        self.release(task_id);
+        if let Some(entry) = self.tis.get_mut(&ti) {
+            entry.queue.push(task_id.clone(), mean_ms, error_ms);
+            self.reservations.insert(task_id.clone(), ti);
+        }
+    }
+
+    /// Takes a task's prediction out of its TI's queue. Returns that TI.
+    pub fn release(&mut self, task_id: &TaskId) -> Option<TiUuid> {
+        let ti = self.reservations.remove(task_id)?;
+        if let Some(entry) = self.tis.get_mut(&ti) {
+            entry.queue.remove(task_id, Instant::now());
+        }
+        Some(ti)
+    }
+
+    /// True if `ti` holds the task's prediction (it is the task's current TI).
+    pub(super) fn holds(&self, task_id: &TaskId, ti: TiUuid) -> bool {
+        self.reservations.get(task_id) == Some(&ti)
+    }
+
+    /// Notes that `ti` accepted the task, if it still holds its prediction.
+    pub(super) fn mark_started(&mut self, task_id: &TaskId, ti: TiUuid, at: Instant) {
+        if self.holds(task_id, ti) {
+            if let Some(entry) = self.tis.get_mut(&ti) {
+                entry.queue.mark_started(task_id, at);
+            }
+        }
+    }
+
+    /// A completed task: learns from its execution time when it succeeded, and takes its
+    /// prediction off its TI.
+    pub(super) fn complete(
+        &mut self,
+        task_id: &TaskId,
+        learned: Option<(&str, Option<&str>, &Map<String, Value>, f64)>,
+    ) {
+        if let Some((model, hardware, metadata, execution_ms)) = learned {
+            self.predictor
+                .observe(model, hardware, metadata, execution_ms);
+        }
+        self.release(task_id);
+    }
+
+    /// What the predictor learned since the last call, to save.
+    pub(super) fn take_learned(&mut self) -> Observed {
+        self.predictor.take_changed()
+    }
+
+    /// Places a task: chooses a TI among the model's usable ones with the current
+    /// strategy and reserves the prediction there. With no usable TI, the task keeps the
+    /// model's prediction and no TI. Used by submit and by re-routes alike.
+    pub(super) fn place(
+        &mut self,
+        task_id: &TaskId,
+        model: &str,
+        metadata: &Map<String, Value>,
+        reason: DecisionReason,
+        now: Instant,
+        decided_at: f64,
+    ) -> Placement {
+        match self.decide(task_id, model, metadata, reason, now, decided_at) {
+            Some(d) => Placement {
+                predicted_ms: d.predicted_ms,
+                predicted_error_ms: d.predicted_error_ms,
+                decision: Some(d),
+            },
+            None => {
+                let p = self
+                    .predictor
+                    .predict(self.predict_mode, model, None, metadata);
+                Placement {
+                    decision: None,
+                    predicted_ms: p.mean_ms,
+                    predicted_error_ms: p.error_ms,
+                }
+            }
+        }
+    }
+
+    /// Chooses a TI for a task among the model's usable ones with the current strategy and
+    /// reserves the prediction there. `None` when no TI is usable.
+    pub fn decide(
+        &mut self,
+        task_id: &TaskId,
+        model: &str,
+        metadata: &Map<String, Value>,
+        reason: DecisionReason,
+        now: Instant,
+        decided_at: f64,
+    ) -> Option<NewDecision> {
+        let ids = self.models.get(model)?;
+        let mut candidates = Vec::with_capacity(ids.len());
+        let mut predictions: Vec<Prediction> = Vec::with_capacity(ids.len());
+        // Predictions depend on the hardware only; most models have one or two kinds.
+        let mut by_hardware: Vec<(Option<&str>, Prediction)> = Vec::new();
+        for id in ids {
+            let Some(entry) = self.tis.get(id).filter(|e| e.usable()) else {
+                continue;
+            };
+            let hardware = entry.ti.hardware.as_deref();
+            let prediction = match by_hardware.iter().find(|(h, _)| *h == hardware) {
+                Some((_, p)) => *p,
+                None => {
+                    let p = self
+                        .predictor
+                        .predict(self.predict_mode, model, hardware, metadata);
+                    by_hardware.push((hardware, p));
+                    p
+                }
+            };
+            candidates.push(Candidate {
+                ti_uuid: *id,
+                wait_ms: entry.queue.wait_ms(now),
+                wait_error_ms: entry.queue.error_ms(),
+                queue_length: entry.queue.len(),
+                predicted_ms: prediction.mean_ms,
+                predicted_error_ms: prediction.error_ms,
+                prediction_source: prediction.source.as_str(),
+                score: 0.0,
+            });
+            predictions.push(prediction);
+        }
+        if candidates.is_empty() {
+            return None;
+        }
+        if !self.rr_cursor.contains_key(model) {
+            self.rr_cursor.insert(model.to_string(), 0);
+        }
+        let cursor = self.rr_cursor.get_mut(model)?;
+        let chosen = strategy::select(
+            self.strategy,
+            &mut candidates,
+            cursor,
+            self.lambda,
+            &mut self.rng,
+        );
+        let prediction = predictions[chosen];
+        let chosen_ti = candidates[chosen].ti_uuid;
+        self.reserve(task_id, chosen_ti, prediction.mean_ms, prediction.error_ms);
+        Some(NewDecision {
+            task_id: task_id.clone(),
+            decided_at,
+            reason,
+            strategy: self.strategy.as_str(),
+            predict_mode: self.predict_mode.as_str(),
+            predicted_ms: prediction.mean_ms,
+            predicted_error_ms: prediction.error_ms,
+            prediction_source: prediction.source.as_str(),
+            lookup_fallback: prediction.lookup_fallback,
+            chosen_ti,
+            candidates,
+        })
+    }
+}

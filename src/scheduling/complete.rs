@@ -1,0 +1,136 @@
+//! A task's outcome: the TI's result callback (`POST /result/submit`), or a result that
+//! recovery fetched from the TI, is stored (the first one wins), the predictor learns from
+//! the execution time, and the task's prediction leaves its TI's queue. What the predictor
+//! learns is saved once a second by the flush loop (`background.rs`), not with each
+//! completion: it is derived data that `ti-scheduler retrain` can rebuild.
+
+use serde_json::{Map, Value};
+
+use super::{Error, Scheduler};
+use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid};
+use crate::store::{Completion, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo};
+use crate::ti::protocol::ResultCallback;
+
+impl Scheduler {
+    /// The TI's callback (`POST /result/submit`).
+    ///
+    /// The usual case is answered from memory: the task's prediction sits on the calling
+    /// TI and the token is that TI's, so one UPDATE stores the result. Anything else (a
+    /// late result from a TI the task was moved away from, an unknown task, a wrong token,
+    /// a repeated callback) takes the checked path through the database.
+    pub async fn accept_result(&self, callback: ResultCallback) -> Result<(), Error> {
+        let task_id = TaskId::from_stored(callback.task_id.clone());
+        let ti: Option<TiUuid> = callback.ti_uuid.parse().ok();
+        let exec = callback.execution_time;
+        let exec_ok = exec.is_finite() && exec >= 0.0;
+        let expected = ti.filter(|ti| {
+            let cache = self.cache();
+            cache.holds(&task_id, *ti) && cache.token_matches(*ti, &callback.callback_token)
+        });
+        if let (Some(ti), true) = (expected, exec_ok) {
+            // Not applied means it completed meanwhile: a repeat, answered as success.
+            self.complete(&task_id, ti, exec, callback.result, callback.error)
+                .await?;
+            return Ok(());
+        }
+
+        let task = self
+            .task(&task_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("task '{}' not found", callback.task_id)))?;
+        let forbidden = || {
+            Error::Forbidden(format!(
+                "ti_uuid '{}' with this callback_token is not a TaskInstance that task '{}' was dispatched to",
+                callback.ti_uuid, callback.task_id
+            ))
+        };
+        let ti = ti.ok_or_else(forbidden)?;
+        let token_ok = self.cache().token_matches(ti, &callback.callback_token);
+        if !token_ok || !DecisionRepo::was_chosen(&self.inner.db.read, &task_id, ti).await? {
+            return Err(forbidden());
+        }
+        if task.status == TaskStatus::Completed {
+            return Ok(());
+        }
+        if !exec_ok {
+            return Err(Error::Invalid(format!(
+                "execution_time must be a non-negative number of ms, got {exec}"
+            )));
+        }
+        self.complete(&task_id, ti, exec, callback.result, callback.error)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a task's outcome (the first one wins), learns from its execution time and
+    /// takes its prediction off its TI. Returns false if it was already completed.
+    pub(super) async fn complete(
+        &self,
+        task_id: &TaskId,
+        ti: TiUuid,
+        execution_ms: f64,
+        result: Option<Value>,
+        error: Option<String>,
+    ) -> Result<bool, Error> {
+        let (result, outcome) = match error {
+            Some(e) => (serde_json::json!({ "error": e }), Outcome::Failed),
+            None => (result.unwrap_or(Value::Null), Outcome::Succeeded),
+        };
+        let completion = Completion {
+            result: result.to_string(),
+            outcome,
+            execution_time_ms: execution_ms,
+            completion_time: unix_now(),
+        };
+        let hardware = self.cache().hardware(ti);
+        let id = task_id.clone();
+        let stored = self
+            .inner
+            .db
+            .writer
+            .run(move |conn| TaskRepo::complete(conn, &id, &completion))
+            .await?;
+        let Some((model, metadata)) = stored else {
+            return Ok(false);
+        };
+        let metadata: Map<String, Value> = match outcome {
+            Outcome::Succeeded => serde_json::from_str(&metadata).unwrap_or_default(),
+            Outcome::Failed => Map::new(),
+        };
+        let learned = (outcome == Outcome::Succeeded).then_some((
+            model.as_str(),
+            hardware.as_deref(),
+            &metadata,
+            execution_ms,
+        ));
+        self.cache().complete(task_id, learned);
+        let label = match outcome {
+            Outcome::Succeeded => "ti_scheduler_completions_total",
+            Outcome::Failed => "ti_scheduler_failures_total",
+        };
+        metrics::counter!(label).increment(1);
+        Ok(true)
+    }
+
+    /// Saves what the predictor learned since the last flush (one write for all of it).
+    pub(super) async fn flush_learning(&self) -> Result<(), Error> {
+        let changed = self.cache().take_learned();
+        if changed.stats.is_empty() && changed.models.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .db
+            .writer
+            .run(move |conn| {
+                for stats in &changed.stats {
+                    StatsRepo::save(conn, stats)?;
+                }
+                for learned in &changed.models {
+                    LearnedRepo::save(conn, learned)?;
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
+}

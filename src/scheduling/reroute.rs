@@ -1,0 +1,94 @@
+//! Placing a task again: its TI failed, was removed or died, so the task gets a new
+//! decision (the same [`Cache::place`](super::Cache) as a submit) and moves, or waits
+//! `queued` with no TI until one of its model is usable.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::dispatch::{Payload, Step};
+use super::Scheduler;
+use crate::domain::{unix_now, DecisionReason, TaskId, TiUuid};
+use crate::store::{DecisionRepo, DecisionRow, TaskRepo};
+
+impl Scheduler {
+    /// Re-routes a task whose TI went away, reading it back from the database.
+    pub(super) fn spawn_reroute(&self, task_id: TaskId) {
+        let this = self.clone();
+        self.inner.tracker.spawn(async move {
+            match TaskRepo::find_unfinished(&this.inner.db.read, &task_id).await {
+                Ok(Some(task)) => {
+                    match Payload::from_stored(task.model_name, task.task_input, task.metadata) {
+                        Ok(p) => this.spawn_drive(task_id, Step::Reroute, Arc::new(p)),
+                        Err(e) => {
+                            tracing::error!(task_id = %task_id, error = %e, "cannot re-route")
+                        }
+                    }
+                }
+                Ok(None) => {
+                    this.cache().release(&task_id);
+                }
+                Err(e) => {
+                    tracing::error!(task_id = %task_id, error = ?e, "cannot read task to re-route")
+                }
+            }
+        });
+    }
+
+    /// Chooses a new TI for an unfinished task and stores the decision. Returns the TI to
+    /// dispatch to, or `None` if the task completed meanwhile or no TI is usable (it then
+    /// waits, `queued`, for the sweep).
+    pub(super) async fn reroute(&self, task_id: &TaskId, payload: &Payload) -> Option<TiUuid> {
+        let placement = {
+            let mut cache = self.cache();
+            cache.release(task_id);
+            cache.place(
+                task_id,
+                &payload.model,
+                &payload.metadata,
+                DecisionReason::Reroute,
+                Instant::now(),
+                unix_now(),
+            )
+        };
+        let chosen = placement.ti();
+        let (mean, error) = (placement.predicted_ms, placement.predicted_error_ms);
+        let id = task_id.clone();
+        let moved = match placement.decision.map(DecisionRow::try_from).transpose() {
+            Ok(decision) => {
+                self.inner
+                    .db
+                    .writer
+                    .run(move |conn| {
+                        let moved = TaskRepo::reassign(conn, &id, chosen, mean, error)?;
+                        if let (true, Some(d)) = (moved, &decision) {
+                            DecisionRepo::insert(conn, d)?;
+                        }
+                        Ok(moved)
+                    })
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match moved {
+            Ok(true) => {
+                match chosen {
+                    Some(ti) => tracing::info!(task_id = %task_id, ti = %ti, "task re-routed"),
+                    None => {
+                        tracing::warn!(task_id = %task_id, model = %payload.model, "no usable TI; task waits")
+                    }
+                }
+                chosen
+            }
+            Ok(false) => {
+                self.cache().release(task_id);
+                None
+            }
+            Err(e) => {
+                self.cache().release(task_id);
+                tracing::error!(task_id = %task_id, error = ?e, "storing the re-route failed; the sweep retries");
+                None
+            }
+        }
+    }
+}

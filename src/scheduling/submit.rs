@@ -1,0 +1,236 @@
+//! A client's submit: each task is placed on a TI under the cache lock, all of them are
+//! committed with their decisions in one transaction (all or nothing), and each is then
+//! handed to a dispatcher. A client `task_id` makes the submit idempotent.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use super::dispatch::{Payload, Step};
+use super::{Error, Scheduler};
+use crate::domain::{unix_now, DecisionReason, NewDecision, TaskId, TiUuid};
+use crate::store::{DecisionRow, NewTask, StoreError, TaskRepo};
+
+/// A task of a submit.
+#[derive(Debug, Clone)]
+pub struct SubmitItem {
+    /// The client's idempotency key, if any.
+    pub task_id: Option<TaskId>,
+    /// The client's input, as JSON.
+    pub task_input: Box<RawValue>,
+    /// The client's metadata.
+    pub metadata: Map<String, Value>,
+}
+
+/// What a submit answers for one task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submitted {
+    /// The task's id.
+    pub task_id: TaskId,
+    /// The TI chosen for it, if one is usable.
+    pub scheduled_ti: Option<TiUuid>,
+}
+
+/// The submit's items sorted out by their client ids.
+struct Sorted {
+    /// Answers known already: items whose client id names a stored task.
+    answers: Vec<Option<Submitted>>,
+    /// Items to create, by index.
+    fresh: Vec<usize>,
+    /// (item, earlier item with the same client id) inside this submit.
+    repeats: Vec<(usize, usize)>,
+}
+
+impl Scheduler {
+    /// Submits tasks for `model`: chooses a TI for each, commits them all in one
+    /// transaction (all or nothing), then dispatches them. A client `task_id` that exists
+    /// already answers that task and creates nothing.
+    pub async fn submit(
+        &self,
+        model: &str,
+        items: Vec<SubmitItem>,
+    ) -> Result<Vec<Submitted>, Error> {
+        let Sorted {
+            mut answers,
+            fresh,
+            repeats,
+        } = self.sort_by_client_id(&items).await?;
+        let rows = if fresh.is_empty() {
+            Vec::new()
+        } else {
+            self.place_all(model, &items, &fresh)?
+        };
+        // What dispatching needs afterwards; the rows themselves go to the writer.
+        let placed: Vec<(TaskId, Option<TiUuid>, String)> = rows
+            .iter()
+            .map(|(t, _)| (t.task_id.clone(), t.ti_uuid, t.metadata.clone()))
+            .collect();
+        let inserted = match self.commit(rows).await {
+            Ok(flags) => flags,
+            Err(e) => {
+                let mut cache = self.cache();
+                for (task_id, ..) in &placed {
+                    cache.release(task_id);
+                }
+                return Err(e.into());
+            }
+        };
+        for ((task_id, ti, metadata), (&i, new)) in
+            placed.into_iter().zip(fresh.iter().zip(inserted))
+        {
+            answers[i] = Some(if new {
+                self.hand_off(model, &items[i], task_id, ti, metadata)
+            } else {
+                // A concurrent submit of the same client id won the race: answer with it.
+                self.cache().release(&task_id);
+                self.stored_answer(&task_id)
+                    .await?
+                    .ok_or_else(|| StoreError::Corrupt(format!("task {task_id} vanished")))?
+            });
+        }
+        for (i, first) in repeats {
+            answers[i] = answers[first].clone();
+        }
+        Ok(answers.into_iter().flatten().collect())
+    }
+
+    /// Answers the items whose client id names a stored task, and finds the repeats of a
+    /// client id inside this submit.
+    async fn sort_by_client_id(&self, items: &[SubmitItem]) -> Result<Sorted, Error> {
+        let mut answers: Vec<Option<Submitted>> = vec![None; items.len()];
+        let mut first_with_id: HashMap<&TaskId, usize> = HashMap::new();
+        let mut repeats = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let Some(id) = &item.task_id else { continue };
+            if let Some(&first) = first_with_id.get(id) {
+                repeats.push((i, first));
+                continue;
+            }
+            first_with_id.insert(id, i);
+            answers[i] = self.stored_answer(id).await?;
+        }
+        let repeated: HashSet<usize> = repeats.iter().map(|(r, _)| *r).collect();
+        let fresh = (0..items.len())
+            .filter(|&i| answers[i].is_none() && !repeated.contains(&i))
+            .collect();
+        Ok(Sorted {
+            answers,
+            fresh,
+            repeats,
+        })
+    }
+
+    /// The answer for a stored task, if there is one by that id.
+    async fn stored_answer(&self, id: &TaskId) -> Result<Option<Submitted>, Error> {
+        Ok(TaskRepo::find(&self.inner.db.read, id)
+            .await?
+            .map(|existing| Submitted {
+                task_id: existing.task_id,
+                scheduled_ti: existing.ti_uuid,
+            }))
+    }
+
+    /// Places the fresh items under one hold of the cache lock.
+    fn place_all(
+        &self,
+        model: &str,
+        items: &[SubmitItem],
+        fresh: &[usize],
+    ) -> Result<Vec<(NewTask, Option<NewDecision>)>, Error> {
+        let now = Instant::now();
+        let submit_time = unix_now();
+        let mut cache = self.cache();
+        if !cache.serves(model) {
+            return Err(Error::NoInstance(format!(
+                "no TaskInstance is registered for model '{model}'"
+            )));
+        }
+        Ok(fresh
+            .iter()
+            .map(|&i| {
+                let item = &items[i];
+                let task_id = item.task_id.clone().unwrap_or_else(TaskId::generate);
+                let placement = cache.place(
+                    &task_id,
+                    model,
+                    &item.metadata,
+                    DecisionReason::Submit,
+                    now,
+                    submit_time,
+                );
+                let task = NewTask {
+                    task_id,
+                    model_name: model.to_string(),
+                    task_input: item.task_input.get().to_string(),
+                    metadata: serialized_object(&item.metadata),
+                    ti_uuid: placement.ti(),
+                    predicted_ms: placement.predicted_ms,
+                    predicted_error_ms: placement.predicted_error_ms,
+                    submit_time,
+                };
+                (task, placement.decision)
+            })
+            .collect())
+    }
+
+    /// Commits the tasks and their decisions in one transaction. Returns, per task,
+    /// whether it was inserted (false: its client id exists already).
+    async fn commit(
+        &self,
+        rows: Vec<(NewTask, Option<NewDecision>)>,
+    ) -> Result<Vec<bool>, StoreError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = rows
+            .into_iter()
+            .map(|(t, d)| Ok((t, d.map(DecisionRow::try_from).transpose()?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.inner
+            .db
+            .writer
+            .run(move |conn| TaskRepo::insert_submit(conn, &rows))
+            .await
+    }
+
+    /// A committed task: counted, answered, and sent to its TI if it has one.
+    fn hand_off(
+        &self,
+        model: &str,
+        item: &SubmitItem,
+        task_id: TaskId,
+        ti: Option<TiUuid>,
+        metadata: String,
+    ) -> Submitted {
+        metrics::counter!("ti_scheduler_submits_total").increment(1);
+        let answer = Submitted {
+            task_id: task_id.clone(),
+            scheduled_ti: ti,
+        };
+        if let Some(ti) = ti {
+            match RawValue::from_string(metadata) {
+                Ok(metadata_raw) => {
+                    let payload = Arc::new(Payload {
+                        model: model.to_string(),
+                        task_input: item.task_input.clone(),
+                        metadata_raw,
+                        metadata: item.metadata.clone(),
+                    });
+                    self.spawn_drive(task_id, Step::Dispatch(ti), payload);
+                }
+                // Cannot happen (we serialized it); the sweep would dispatch it.
+                Err(e) => tracing::error!(error = %e, "metadata did not serialize"),
+            }
+        }
+        answer
+    }
+}
+
+/// A JSON object as text, without copying it first.
+fn serialized_object(map: &Map<String, Value>) -> String {
+    // Serializing a map of JSON values cannot fail (keys are strings).
+    serde_json::to_string(map).unwrap_or_else(|_| "{}".to_string())
+}
