@@ -15,7 +15,6 @@
 //! - [`ti`]: the TI protocol: the client, the wire types and the simulated TI.
 //! - [`jobs`]: the periodic cleanup job.
 //! - [`config`]: typed settings (file, environment, flags).
-//! - [`bench`]: the benchmarks behind `ti-scheduler bench`.
 //!
 //! # The path of a task
 //!
@@ -26,7 +25,6 @@
 //! `POST /result/submit` → the result is stored and the prediction leaves the queue.
 
 pub mod api;
-pub mod bench;
 pub mod config;
 pub mod domain;
 pub mod jobs;

@@ -10,9 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use ti_scheduler::config::Settings;
-use ti_scheduler::domain::{Durability, PredictMode, StrategyKind};
+use ti_scheduler::domain::Durability;
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
-use ti_scheduler::{bench, predictor, store, App};
+use ti_scheduler::{predictor, store, App};
 
 #[derive(Parser)]
 #[command(
@@ -57,121 +57,6 @@ enum Command {
     },
     /// Run a simulated Task Instance.
     SimTi(SimArgs),
-    /// Benchmarks: measurements for the README, not tests.
-    #[command(subcommand)]
-    Bench(BenchCommand),
-}
-
-#[derive(Subcommand)]
-enum BenchCommand {
-    /// Accuracy of the default predictor against the running mean (offline, no HTTP).
-    Prediction {
-        /// Completions after which accuracy is measured.
-        #[arg(long, value_delimiter = ',', default_value = "20,50,200,1000")]
-        checkpoints: Vec<usize>,
-        /// σ of the lognormal noise on execution times.
-        #[arg(long, default_value_t = 0.1)]
-        noise: f64,
-        /// Held-out tasks.
-        #[arg(long, default_value_t = 500)]
-        test_tasks: usize,
-        /// Seed.
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
-    },
-    /// Submit throughput and latency of the scheduler (a child process) under load, with
-    /// end-to-end latency, CPU time and peak RSS; `--raw-ceiling` also measures the
-    /// machine's ceilings in the same run.
-    Load {
-        /// Concurrent closed-loop clients.
-        #[arg(long, default_value_t = 64)]
-        clients: usize,
-        /// Open loop at this many submits per second instead.
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Measured seconds.
-        #[arg(long, default_value_t = 10.0)]
-        duration: f64,
-        /// Unmeasured seconds first.
-        #[arg(long, default_value_t = 2.0)]
-        warmup: f64,
-        /// Simulated TIs (they finish at once).
-        #[arg(long, default_value_t = 4)]
-        tis: usize,
-        /// Tasks per request: above 1, clients use POST /queue/submit_batch and rates count
-        /// tasks (not with --raw-ceiling, whose servers take single submits).
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        /// full or normal.
-        #[arg(long, default_value = "full")]
-        durability: String,
-        /// Also measure the axum echo and SQLite group-commit ceilings.
-        #[arg(long)]
-        raw_ceiling: bool,
-        /// Drive a running scheduler at this URL instead of starting one.
-        #[arg(long)]
-        url: Option<String>,
-    },
-    /// Restart-to-ready time, /task/query latency and RSS with a large history.
-    Scale {
-        /// Completed tasks in the history.
-        #[arg(long, default_value_t = 1_000_000)]
-        history: u64,
-        /// Unfinished tasks.
-        #[arg(long, default_value_t = 10_000)]
-        unfinished: u64,
-        /// /task/query requests to time.
-        #[arg(long, default_value_t = 2_000)]
-        queries: u64,
-    },
-    /// A minimal server for the load benchmark's ceilings (started by `bench load`).
-    #[command(hide = true)]
-    CeilingServer {
-        /// echo or sqlite.
-        #[arg(long)]
-        mode: String,
-        /// Port.
-        #[arg(long)]
-        port: u16,
-        /// Database file (sqlite mode).
-        #[arg(long)]
-        db: Option<PathBuf>,
-        /// full or normal (sqlite mode).
-        #[arg(long, default_value = "full")]
-        durability: String,
-    },
-    /// Job completion time per strategy and predict mode on a heterogeneous cluster, and
-    /// the calibration of the queue estimates (real service and simulated TIs in-process).
-    Strategies {
-        /// Measured tasks per run.
-        #[arg(long, default_value_t = 600)]
-        tasks: usize,
-        /// Warm-up tasks per run.
-        #[arg(long, default_value_t = 150)]
-        warmup: usize,
-        /// Arrival rates as shares of capacity.
-        #[arg(long, value_delimiter = ',', default_value = "0.7,0.9")]
-        loads: Vec<f64>,
-        /// Strategies to compare.
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "shortest_queue,round_robin,weighted,probabilistic"
-        )]
-        strategies: Vec<String>,
-        /// Predict modes to compare.
-        #[arg(long, value_delimiter = ',', default_value = "default,lookup_table")]
-        modes: Vec<String>,
-        /// Multiplies every execution time.
-        #[arg(long, default_value_t = 0.25)]
-        time_scale: f64,
-        /// σ of the lognormal noise on execution times.
-        #[arg(long, default_value_t = 0.1)]
-        noise: f64,
-        /// Seed.
-        #[arg(long, default_value_t = 7)]
-        seed: u64,
-    },
 }
 
 #[derive(Args, Default)]
@@ -230,14 +115,9 @@ struct SimArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // Benchmarks print tables; the service's own logs would drown them.
-    let default_level = match cli.command {
-        Some(Command::Bench(_)) => "warn",
-        _ => "info",
-    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
     match cli.command.unwrap_or(Command::Serve(ServeArgs {
@@ -253,7 +133,6 @@ async fn main() -> anyhow::Result<()> {
         Command::ImportLookup { file, db, append } => import_lookup(&file, &db, append).await,
         Command::Retrain { db } => retrain(&db).await,
         Command::SimTi(args) => sim_ti(args).await,
-        Command::Bench(which) => bench(which).await,
     }
 }
 
@@ -343,114 +222,6 @@ async fn retrain(db_path: &Path) -> anyhow::Result<()> {
         report.models,
         report.executions
     );
-    Ok(())
-}
-
-fn parse_durability(name: &str) -> anyhow::Result<Durability> {
-    match name {
-        "full" => Ok(Durability::Full),
-        "normal" => Ok(Durability::Normal),
-        other => anyhow::bail!("unknown durability '{other}'; valid: full, normal"),
-    }
-}
-
-async fn bench(which: BenchCommand) -> anyhow::Result<()> {
-    match which {
-        BenchCommand::Load {
-            clients,
-            rate,
-            duration,
-            warmup,
-            tis,
-            batch,
-            durability,
-            raw_ceiling,
-            url,
-        } => {
-            let args = bench::load::LoadArgs {
-                clients,
-                rate,
-                duration,
-                warmup,
-                tis,
-                batch,
-                durability: parse_durability(&durability)?,
-                raw_ceiling,
-                url,
-            };
-            bench::load::run(&args).await?;
-        }
-        BenchCommand::Scale {
-            history,
-            unfinished,
-            queries,
-        } => {
-            bench::scale::run(&bench::scale::ScaleArgs {
-                history,
-                unfinished,
-                queries,
-            })
-            .await?
-        }
-        BenchCommand::CeilingServer {
-            mode,
-            port,
-            db,
-            durability,
-        } => match (mode.as_str(), db) {
-            ("echo", _) => bench::ceiling::serve(port, None).await?,
-            ("sqlite", Some(db)) => {
-                bench::ceiling::serve(port, Some((&db, parse_durability(&durability)?))).await?
-            }
-            _ => anyhow::bail!("--mode echo, or --mode sqlite with --db PATH"),
-        },
-        BenchCommand::Prediction {
-            checkpoints,
-            noise,
-            test_tasks,
-            seed,
-        } => {
-            let args = bench::prediction::PredictionArgs {
-                checkpoints,
-                noise,
-                test_tasks,
-                seed,
-            };
-            let results = bench::prediction::run(&args);
-            bench::prediction::print(&args, &results);
-        }
-        BenchCommand::Strategies {
-            tasks,
-            warmup,
-            loads,
-            strategies,
-            modes,
-            time_scale,
-            noise,
-            seed,
-        } => {
-            let args = bench::strategies::StrategyArgs {
-                tasks,
-                warmup,
-                loads,
-                strategies: strategies
-                    .iter()
-                    .map(|s| StrategyKind::parse(s))
-                    .collect::<Result<_, _>>()
-                    .map_err(anyhow::Error::msg)?,
-                modes: modes
-                    .iter()
-                    .map(|m| PredictMode::parse(m))
-                    .collect::<Result<_, _>>()
-                    .map_err(anyhow::Error::msg)?,
-                time_scale,
-                noise,
-                seed,
-            };
-            let results = bench::strategies::run(&args).await?;
-            bench::strategies::print(&args, &results);
-        }
-    }
     Ok(())
 }
 

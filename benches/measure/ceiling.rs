@@ -1,4 +1,4 @@
-//! `ti-scheduler bench ceiling-server`: the two minimal servers the load benchmark measures
+//! `measure ceiling-server`: the two minimal servers the load benchmark measures
 //! the scheduler against. Each answers `POST /queue/submit` like the scheduler does (parse
 //! the JSON body, answer `{status, task_id, scheduled_ti}`), and nothing else:
 //!
@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
-use crate::domain::Durability;
+use ti_scheduler::domain::Durability;
 
 type Insert = (String, String, String, f64, oneshot::Sender<bool>);
 
@@ -37,7 +37,7 @@ pub async fn serve(port: u16, db: Option<(&Path, Durability)>) -> anyhow::Result
         .route("/queue/submit", post(submit))
         .with_state(writer);
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
-    axum::serve(crate::nodelay(listener), app).await?;
+    axum::serve(ti_scheduler::nodelay(listener), app).await?;
     Ok(())
 }
 
@@ -56,7 +56,7 @@ async fn submit(
                 .unwrap_or_default()
                 .to_string(),
             request["task_input"].to_string(),
-            crate::domain::unix_now(),
+            ti_scheduler::domain::unix_now(),
             done,
         );
         writer
@@ -73,7 +73,7 @@ async fn submit(
 
 fn spawn_writer(path: &Path, durability: Durability) -> anyhow::Result<mpsc::Sender<Insert>> {
     // Set up exactly as the scheduler's own write connection.
-    let conn = crate::store::write_connection(path, durability)?;
+    let conn = ti_scheduler::store::write_connection(path, durability)?;
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY NOT NULL, model_name TEXT NOT NULL,
                                            task_input TEXT NOT NULL, submit_time REAL NOT NULL) WITHOUT ROWID;",

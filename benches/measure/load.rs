@@ -1,7 +1,7 @@
-//! `ti-scheduler bench load`: the scheduler's own throughput and latency, next to the
+//! `cargo bench --bench measure -- load`: the scheduler's own throughput and latency, next to the
 //! ceilings of the machine it runs on.
 //!
-//! The scheduler runs as a child process (`serve`, the release binary itself) on a fresh
+//! The scheduler runs as a child process (`ti-scheduler serve`, the release binary) on a fresh
 //! database, so its CPU time and peak RSS can be read from /proc; simulated TIs that finish
 //! at once run in this process. Clients drive `POST /queue/submit` closed-loop (each sends
 //! its next submit when the previous one is answered) or open-loop at a fixed rate.
@@ -9,7 +9,7 @@
 //! and completions per second are read from the database afterwards.
 //!
 //! With `--raw-ceiling` the same clients, in the same run, also drive two minimal servers
-//! (`bench ceiling-server`, also child processes): a bare axum JSON echo, and axum plus one
+//! (`measure ceiling-server`, this program itself as child processes): a bare axum JSON echo, and axum plus one
 //! SQLite WAL insert per request committed in one transaction per batch (group commit, at
 //! synchronous NORMAL and FULL). Every figure is then given as a share of its ceiling.
 
@@ -24,8 +24,9 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
 use super::workload::MODEL;
-use crate::domain::Durability;
-use crate::ti::sim::{SimConfig, SimTi};
+use super::SERVICE_BIN;
+use ti_scheduler::domain::Durability;
+use ti_scheduler::ti::sim::{SimConfig, SimTi};
 
 /// Options of the load benchmark.
 #[derive(Debug, Clone)]
@@ -131,13 +132,14 @@ struct ChildServer {
 
 impl ChildServer {
     fn spawn(
+        program: &Path,
         args: &[&str],
         envs: &[(&str, String)],
         port: u16,
         log: &Path,
     ) -> anyhow::Result<Self> {
         let out = std::fs::File::create(log)?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(program)
             .args(args)
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "warn")
@@ -441,6 +443,7 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
     let tis = instant_tis(args.tis).await?;
     let port = free_port()?;
     let server = ChildServer::spawn(
+        Path::new(SERVICE_BIN),
         &[
             "serve",
             "--bind",
@@ -471,13 +474,13 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
         let warmup = args.warmup;
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs_f64(warmup)).await;
-            let at = crate::domain::unix_now();
+            let at = ti_scheduler::domain::unix_now();
             let cpu = (cpu_seconds(pid), cpu_seconds(std::process::id()));
             (at, cpu, WriterFigures::scrape(&http, &url).await)
         })
     };
     let result = drive(&server.url(), args).await?;
-    let to = crate::domain::unix_now();
+    let to = ti_scheduler::domain::unix_now();
     let cpu_after = (cpu_seconds(server.pid()), cpu_seconds(std::process::id()));
     let writer_after = WriterFigures::scrape(&http, &server.url()).await;
     let (from, cpu_before, writer_before) = window.await?;
@@ -516,7 +519,7 @@ pub async fn run_ceiling(
 ) -> anyhow::Result<Drive> {
     let dir = scratch_dir()?;
     let port = free_port()?;
-    let mut argv = vec!["bench", "ceiling-server", "--mode", mode, "--port"];
+    let mut argv = vec!["ceiling-server", "--mode", mode, "--port"];
     let port_text = port.to_string();
     argv.push(&port_text);
     let db = dir.join("ceiling.db").to_string_lossy().to_string();
@@ -524,7 +527,8 @@ pub async fn run_ceiling(
     if mode == "sqlite" {
         argv.extend(["--db", &db, "--durability", sync]);
     }
-    let server = ChildServer::spawn(&argv, &[], port, &dir.join("ceiling.log"))?;
+    let this = std::env::current_exe()?;
+    let server = ChildServer::spawn(&this, &argv, &[], port, &dir.join("ceiling.log"))?;
     server.wait_ready("/health").await?;
     let result = drive(&server.url(), args).await;
     server.stop();

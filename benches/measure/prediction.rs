@@ -1,4 +1,4 @@
-//! `ti-scheduler bench prediction`: accuracy of the `default` predictor on the simulated
+//! `cargo bench --bench measure -- prediction`: accuracy of the `default` predictor on the simulated
 //! workload, against the running-mean baseline.
 //!
 //! It feeds the product's [`Predictor`] one completion at a time (random task, random
@@ -13,9 +13,9 @@ use rand_distr::Distribution;
 use serde_json::{Map, Value};
 
 use super::workload::{self, HARDWARE, MODEL};
-use crate::domain::PredictMode;
-use crate::predictor::Predictor;
-use crate::ti::sim::noise_law;
+use ti_scheduler::domain::PredictMode;
+use ti_scheduler::predictor::Predictor;
+use ti_scheduler::ti::sim::noise_law;
 
 /// Options of the prediction benchmark.
 #[derive(Debug, Clone)]

@@ -1,4 +1,4 @@
-//! `ti-scheduler bench scale`: start-up and reads at scale. It builds a database with a
+//! `cargo bench --bench measure -- scale`: start-up and reads at scale. It builds a database with a
 //! large history of completed tasks (each with its decision) and a number of unfinished
 //! ones, then starts the service on it (a child process) and measures the time from spawn
 //! to the first successful `GET /ready`, the latency of `GET /task/query` on random
@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use rand::Rng;
 
 use super::load::{free_port, peak_rss_mib};
-use crate::store;
+use ti_scheduler::store;
 
 /// Options of the scale benchmark.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ fn fill(db: &std::path::Path, args: &ScaleArgs) -> anyhow::Result<()> {
              VALUES (?1, ?2, 'submit', 'shortest_queue', 'default', 100, 10, 'learned', 0, ?3,
                      '[{\"ti_uuid\":\"00000000-0000-4000-8000-000000000001\",\"wait_ms\":0}]')",
         )?;
-        let now = crate::domain::unix_now();
+        let now = ti_scheduler::domain::unix_now();
         for i in 0..args.history + args.unfinished {
             let id = format!("task-scale-{i:09}");
             let at = now - 86_400.0 + i as f64 * 0.001;
@@ -91,7 +91,7 @@ pub async fn run(args: &ScaleArgs) -> anyhow::Result<()> {
     let port = free_port()?;
     let log = std::fs::File::create(dir.join("service.log"))?;
     let started = Instant::now();
-    let mut child = std::process::Command::new(std::env::current_exe()?)
+    let mut child = std::process::Command::new(super::SERVICE_BIN)
         .args(["serve", "--bind", &format!("127.0.0.1:{port}"), "--db"])
         .arg(&db)
         .env("RUST_LOG", "info")

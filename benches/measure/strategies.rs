@@ -1,4 +1,4 @@
-//! `ti-scheduler bench strategies`: job completion time of each strategy on a
+//! `cargo bench --bench measure -- strategies`: job completion time of each strategy on a
 //! heterogeneous cluster, in both predict modes, and the calibration of the queue
 //! estimates.
 //!
@@ -21,10 +21,10 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use super::workload::{self, HARDWARE, MODEL};
-use crate::config::Settings;
-use crate::domain::{PredictMode, StrategyKind};
-use crate::ti::sim::SimTi;
-use crate::App;
+use ti_scheduler::config::Settings;
+use ti_scheduler::domain::{PredictMode, StrategyKind};
+use ti_scheduler::ti::sim::SimTi;
+use ti_scheduler::App;
 
 /// Options of the strategy benchmark.
 #[derive(Debug, Clone)]
@@ -66,8 +66,6 @@ pub struct RunResult {
     pub calibration: f64,
     /// The same, allowing the 2 ms resolution of the stored timestamps, %.
     pub calibration_resolved: f64,
-    /// Tasks measured.
-    pub tasks: usize,
 }
 
 /// The cluster's capacity in tasks per second under the workload's mix.
@@ -346,7 +344,6 @@ async fn run_once(
         p99_ms: workload::quantile(&jct, 0.99),
         calibration,
         calibration_resolved,
-        tasks: jct.len(),
     })
 }
 

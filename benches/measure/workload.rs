@@ -4,7 +4,7 @@
 use rand::Rng;
 use serde_json::{json, Value};
 
-use crate::ti::sim::SimConfig;
+use ti_scheduler::ti::sim::SimConfig;
 
 /// The model every benchmark task asks for.
 pub const MODEL: &str = "llama-7b";
