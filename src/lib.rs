@@ -24,6 +24,9 @@
 //! the client gets its `task_id` → a dispatcher sends the task to the TI → the TI calls
 //! `POST /result/submit` → the result is stored and the prediction leaves the queue.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
 pub mod api;
 pub mod config;
 pub mod domain;

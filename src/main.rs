@@ -1,6 +1,8 @@
 //! The `ti-scheduler` command: the service (default), migrations, lookup import and the
 //! simulated Task Instance.
 
+#![forbid(unsafe_code)]
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 

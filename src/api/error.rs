@@ -135,7 +135,7 @@ impl IntoResponse for ApiError {
 }
 
 /// Parses JSON text, naming the field at fault in the error.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -152,7 +152,7 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 /// The request body as raw bytes, with the body limit's rejection as a 413 envelope.
-pub struct Body(pub Bytes);
+pub(super) struct Body(pub Bytes);
 
 impl FromRequest<AppState> for Body {
     type Rejection = ApiError;
@@ -173,7 +173,7 @@ impl FromRequest<AppState> for Body {
 
 /// A JSON body of type `T`, accepted whatever its Content-Type, with errors that name
 /// the field.
-pub struct ApiJson<T>(pub T);
+pub(super) struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
@@ -185,7 +185,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
 }
 
 /// Query parameters of type `T`, with errors that name the parameter.
-pub struct ApiQuery<T>(pub T);
+pub(super) struct ApiQuery<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;

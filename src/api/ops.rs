@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::{AppState, SUCCESS};
 use crate::store::TaskRepo;
 
-pub fn router() -> Router<AppState> {
+pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -52,13 +52,13 @@ pub struct ApiDoc;
 
 /// The process is alive.
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "alive")))]
-pub async fn health() -> Json<Value> {
+pub(super) async fn health() -> Json<Value> {
     Json(json!({"status": SUCCESS, "message": "alive"}))
 }
 
 /// The database is open and migrated.
 #[utoipa::path(get, path = "/ready", responses((status = 200, description = "ready"), (status = 503, description = "not ready")))]
-pub async fn ready(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub(super) async fn ready(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
     TaskRepo::probe(&app.scheduler.db().read)
         .await
         .map_err(|e| {
@@ -70,7 +70,7 @@ pub async fn ready(State(app): State<AppState>) -> Result<Json<Value>, ApiError>
 
 /// Prometheus text format.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
-pub async fn metrics_text(State(app): State<AppState>) -> impl IntoResponse {
+pub(super) async fn metrics_text(State(app): State<AppState>) -> impl IntoResponse {
     for ti in app.scheduler.tis() {
         if ti.ti.removed_at.is_some() {
             continue;
@@ -91,6 +91,6 @@ pub async fn metrics_text(State(app): State<AppState>) -> impl IntoResponse {
 
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "OpenAPI 3 document")))]
-pub async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+pub(super) async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }

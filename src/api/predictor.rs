@@ -11,13 +11,13 @@ use super::error::{ApiError, ApiQuery, Body};
 use super::{Admin, AppState, SUCCESS};
 use crate::predictor::parse_table;
 
-pub fn router() -> Router<AppState> {
+pub(super) fn router() -> Router<AppState> {
     Router::new().route("/predictor/lookup_table", post(import_lookup_table))
 }
 
 /// Options of the import.
 #[derive(Debug, Default, Deserialize, IntoParams)]
-pub struct ImportOptions {
+pub(super) struct ImportOptions {
     /// Add to the table instead of replacing it.
     #[serde(default)]
     pub append: bool,
@@ -25,7 +25,7 @@ pub struct ImportOptions {
 
 /// Answer of the import.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ImportResponse {
+pub(super) struct ImportResponse {
     /// `success`.
     pub status: String,
     /// What happened.
@@ -39,7 +39,7 @@ pub struct ImportResponse {
     request_body(content = String, description = "CSV (text/csv) or SwarmPilot JSON (application/json)"),
     responses((status = 200, body = ImportResponse), (status = 400, description = "malformed table, naming line and column"),
               (status = 401)))]
-pub async fn import_lookup_table(
+pub(super) async fn import_lookup_table(
     State(app): State<AppState>,
     _admin: Admin,
     headers: HeaderMap,

@@ -13,7 +13,7 @@ use super::{AppState, SUCCESS};
 use crate::domain::TaskId;
 use crate::scheduling::{SubmitItem, Submitted};
 
-pub fn router() -> Router<AppState> {
+pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/queue/submit", post(submit_task))
         .route("/queue/submit_batch", post(submit_batch))
@@ -22,7 +22,7 @@ pub fn router() -> Router<AppState> {
 
 /// Body of `POST /queue/submit`.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct SubmitRequest {
+pub(super) struct SubmitRequest {
     /// The model to run the task on.
     pub model_name: String,
     /// Passed to the TI as it is; must be a JSON object.
@@ -39,7 +39,7 @@ pub struct SubmitRequest {
 
 /// Answer of `POST /queue/submit` (empty strings on error).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct SubmitResponse {
+pub(super) struct SubmitResponse {
     /// `success`.
     pub status: String,
     /// The task's id.
@@ -50,7 +50,7 @@ pub struct SubmitResponse {
 
 /// One task of `POST /queue/submit_batch`.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct BatchItem {
+pub(super) struct BatchItem {
     /// Passed to the TI as it is; must be a JSON object.
     #[schema(value_type = Object)]
     pub task_input: Box<RawValue>,
@@ -65,7 +65,7 @@ pub struct BatchItem {
 
 /// Body of `POST /queue/submit_batch`.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct BatchRequest {
+pub(super) struct BatchRequest {
     /// The model to run every task on.
     pub model_name: String,
     /// The tasks, committed all or nothing.
@@ -74,7 +74,7 @@ pub struct BatchRequest {
 
 /// One task's answer in a batch.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct BatchResult {
+pub(super) struct BatchResult {
     /// Position in the request.
     pub index: usize,
     /// The task's id.
@@ -85,7 +85,7 @@ pub struct BatchResult {
 
 /// Answer of `POST /queue/submit_batch`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct BatchResponse {
+pub(super) struct BatchResponse {
     /// `success`.
     pub status: String,
     /// One entry per task, in request order.
@@ -94,7 +94,7 @@ pub struct BatchResponse {
 
 /// Filter of `/queue/info`.
 #[derive(Debug, Default, Deserialize, ToSchema)]
-pub struct QueueInfoRequest {
+pub(super) struct QueueInfoRequest {
     /// Only this model's TIs; all when absent or empty.
     #[serde(default)]
     pub model_name: Option<String>,
@@ -102,7 +102,7 @@ pub struct QueueInfoRequest {
 
 /// One TI's queue in `/queue/info`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct QueueView {
+pub(super) struct QueueView {
     /// The model it serves.
     pub model_name: String,
     /// The TI.
@@ -125,7 +125,7 @@ pub struct QueueView {
 
 /// Answer of `/queue/info`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct QueueInfoResponse {
+pub(super) struct QueueInfoResponse {
     /// `success`.
     pub status: String,
     /// One entry per registered TI.
@@ -164,7 +164,7 @@ fn ti_text(s: &Submitted) -> String {
 #[utoipa::path(post, path = "/queue/submit", request_body = SubmitRequest,
     responses((status = 200, body = SubmitResponse), (status = 400, description = "invalid body"),
               (status = 503, description = "no TaskInstance serves the model")))]
-pub async fn submit_task(
+pub(super) async fn submit_task(
     State(app): State<AppState>,
     body: Result<ApiJson<SubmitRequest>, ApiError>,
 ) -> Result<Json<SubmitResponse>, ErrorResponse> {
@@ -194,7 +194,7 @@ pub async fn submit_task(
 #[utoipa::path(post, path = "/queue/submit_batch", request_body = BatchRequest,
     responses((status = 200, body = BatchResponse), (status = 400, description = "an invalid item, named by index"),
               (status = 503, description = "no TaskInstance serves the model")))]
-pub async fn submit_batch(
+pub(super) async fn submit_batch(
     State(app): State<AppState>,
     body: Result<ApiJson<BatchRequest>, ApiError>,
 ) -> Result<Json<BatchResponse>, ErrorResponse> {
@@ -263,7 +263,7 @@ fn queue_info(app: &AppState, filter: QueueInfoRequest) -> Json<QueueInfoRespons
 /// The live queue estimate of every registered TI (`?model_name=` filters).
 #[utoipa::path(get, path = "/queue/info", params(("model_name" = Option<String>, Query, description = "only this model")),
     responses((status = 200, body = QueueInfoResponse)))]
-pub async fn queue_info_get(
+pub(super) async fn queue_info_get(
     State(app): State<AppState>,
     ApiQuery(filter): ApiQuery<QueueInfoRequest>,
 ) -> Json<QueueInfoResponse> {
@@ -273,7 +273,7 @@ pub async fn queue_info_get(
 /// As `GET /queue/info`, with the filter in a JSON body (an empty body means no filter).
 #[utoipa::path(post, path = "/queue/info", request_body = QueueInfoRequest,
     responses((status = 200, body = QueueInfoResponse), (status = 400, description = "invalid body")))]
-pub async fn queue_info_post(
+pub(super) async fn queue_info_post(
     State(app): State<AppState>,
     super::error::Body(bytes): super::error::Body,
 ) -> Result<Json<QueueInfoResponse>, ApiError> {

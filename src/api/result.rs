@@ -9,7 +9,7 @@ use super::scheduler::MessageResponse;
 use super::AppState;
 use crate::ti::protocol::ResultCallback;
 
-pub fn router() -> Router<AppState> {
+pub(super) fn router() -> Router<AppState> {
     Router::new().route("/result/submit", post(submit_result))
 }
 
@@ -17,7 +17,7 @@ pub fn router() -> Router<AppState> {
 #[utoipa::path(post, path = "/result/submit", request_body = ResultCallback,
     responses((status = 200, body = MessageResponse), (status = 400), (status = 403, description = "wrong TI or token"),
               (status = 404, description = "unknown task")))]
-pub async fn submit_result(
+pub(super) async fn submit_result(
     State(app): State<AppState>,
     ApiJson(callback): ApiJson<ResultCallback>,
 ) -> Result<Json<MessageResponse>, ApiError> {

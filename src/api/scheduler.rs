@@ -10,7 +10,7 @@ use super::error::{ApiError, ApiJson};
 use super::{Admin, AppState, SUCCESS};
 use crate::domain::{PredictMode, StrategyKind};
 
-pub fn router() -> Router<AppState> {
+pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/scheduler/set", post(set_strategy))
         .route("/scheduler/predict_mode", post(set_predict_mode))
@@ -19,21 +19,21 @@ pub fn router() -> Router<AppState> {
 
 /// Body of `POST /scheduler/set`.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct SetStrategyRequest {
+pub(super) struct SetStrategyRequest {
     /// `shortest_queue`, `round_robin`, `weighted` or `probabilistic`.
     pub name: String,
 }
 
 /// Body of `POST /scheduler/predict_mode`.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct PredictModeRequest {
+pub(super) struct PredictModeRequest {
     /// `default` or `lookup_table`.
     pub mode: String,
 }
 
 /// `{status, message}`: the answer of endpoints that only confirm.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct MessageResponse {
+pub(super) struct MessageResponse {
     /// `success`.
     pub status: String,
     /// `OK` or a description.
@@ -41,7 +41,7 @@ pub struct MessageResponse {
 }
 
 impl MessageResponse {
-    pub fn ok(message: impl Into<String>) -> Json<Self> {
+    pub(super) fn ok(message: impl Into<String>) -> Json<Self> {
         Json(Self {
             status: SUCCESS.into(),
             message: message.into(),
@@ -51,7 +51,7 @@ impl MessageResponse {
 
 /// Answer of `GET /scheduler/info`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct SchedulerInfo {
+pub(super) struct SchedulerInfo {
     /// `success`.
     pub status: String,
     /// The current strategy.
@@ -69,7 +69,7 @@ pub struct SchedulerInfo {
 /// Sets the scheduling strategy; takes effect for the next submit and survives restarts.
 #[utoipa::path(post, path = "/scheduler/set", request_body = SetStrategyRequest,
     responses((status = 200, body = MessageResponse), (status = 400, description = "unknown strategy"), (status = 401)))]
-pub async fn set_strategy(
+pub(super) async fn set_strategy(
     State(app): State<AppState>,
     _admin: Admin,
     body: Result<ApiJson<SetStrategyRequest>, ApiError>,
@@ -84,7 +84,7 @@ pub async fn set_strategy(
 #[utoipa::path(post, path = "/scheduler/predict_mode", request_body = PredictModeRequest,
     responses((status = 200, body = MessageResponse), (status = 400, description = "unknown mode"),
               (status = 401), (status = 409, description = "no lookup table loaded")))]
-pub async fn set_predict_mode(
+pub(super) async fn set_predict_mode(
     State(app): State<AppState>,
     _admin: Admin,
     body: Result<ApiJson<PredictModeRequest>, ApiError>,
@@ -97,7 +97,7 @@ pub async fn set_predict_mode(
 
 /// The current strategy and predict mode, and what can be chosen.
 #[utoipa::path(get, path = "/scheduler/info", responses((status = 200, body = SchedulerInfo)))]
-pub async fn scheduler_info(State(app): State<AppState>) -> Json<SchedulerInfo> {
+pub(super) async fn scheduler_info(State(app): State<AppState>) -> Json<SchedulerInfo> {
     let (strategy, mode, rows) = app.scheduler.settings();
     Json(SchedulerInfo {
         status: SUCCESS.into(),

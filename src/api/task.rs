@@ -11,20 +11,20 @@ use super::error::{ApiError, ApiJson, ApiQuery, ErrorResponse};
 use super::{AppState, SUCCESS};
 use crate::domain::TaskId;
 
-pub fn router() -> Router<AppState> {
+pub(super) fn router() -> Router<AppState> {
     Router::new().route("/task/query", get(query_task_get).post(query_task_post))
 }
 
 /// Which task.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct TaskQuery {
+pub(super) struct TaskQuery {
     /// The id `/queue/submit` returned.
     pub task_id: String,
 }
 
 /// Answer of `/task/query`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TaskView {
+pub(super) struct TaskView {
     /// `success`.
     pub status: String,
     /// The task's id.
@@ -79,7 +79,7 @@ async fn query(app: &AppState, task_id: &str) -> Result<Json<TaskView>, ErrorRes
 /// A task's status and result (`?task_id=`).
 #[utoipa::path(get, path = "/task/query", params(("task_id" = String, Query, description = "the task")),
     responses((status = 200, body = TaskView), (status = 400), (status = 404, description = "unknown or purged task")))]
-pub async fn query_task_get(
+pub(super) async fn query_task_get(
     State(app): State<AppState>,
     query_params: Result<ApiQuery<TaskQuery>, ApiError>,
 ) -> Result<Json<TaskView>, ErrorResponse> {
@@ -90,7 +90,7 @@ pub async fn query_task_get(
 /// As `GET /task/query`, with `{task_id}` in a JSON body.
 #[utoipa::path(post, path = "/task/query", request_body = TaskQuery,
     responses((status = 200, body = TaskView), (status = 400), (status = 404, description = "unknown or purged task")))]
-pub async fn query_task_post(
+pub(super) async fn query_task_post(
     State(app): State<AppState>,
     body: Result<ApiJson<TaskQuery>, ApiError>,
 ) -> Result<Json<TaskView>, ErrorResponse> {

@@ -10,7 +10,7 @@ use super::error::{ApiError, ApiJson, ErrorResponse};
 use super::{Admin, AppState, SUCCESS};
 use crate::domain::TiUuid;
 
-pub fn router() -> Router<AppState> {
+pub(super) fn router() -> Router<AppState> {
     Router::new()
         .route("/ti/register", post(register_ti))
         .route("/ti/remove", post(remove_ti))
@@ -19,7 +19,7 @@ pub fn router() -> Router<AppState> {
 
 /// Body of `POST /ti/register`.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct RegisterRequest {
+pub(super) struct RegisterRequest {
     /// Host of the TI (address or name).
     pub host: String,
     /// Port of the TI, 1..=65535.
@@ -31,7 +31,7 @@ pub struct RegisterRequest {
 
 /// Answer of `POST /ti/register` (`ti_uuid` is empty on error).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct RegisterResponse {
+pub(super) struct RegisterResponse {
     /// `success`.
     pub status: String,
     /// What happened.
@@ -42,14 +42,14 @@ pub struct RegisterResponse {
 
 /// Body of `POST /ti/remove`.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct RemoveRequest {
+pub(super) struct RemoveRequest {
     /// The TI's id.
     pub ti_uuid: String,
 }
 
 /// Answer of `POST /ti/remove` (echoes the given id, on error too).
 #[derive(Debug, Serialize, ToSchema)]
-pub struct RemoveResponse {
+pub(super) struct RemoveResponse {
     /// `success`.
     pub status: String,
     /// What happened.
@@ -60,7 +60,7 @@ pub struct RemoveResponse {
 
 /// One TI in `GET /ti/list`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TiView {
+pub(super) struct TiView {
     /// Its id.
     pub ti_uuid: String,
     /// Host.
@@ -83,7 +83,7 @@ pub struct TiView {
 
 /// Answer of `GET /ti/list`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TiListResponse {
+pub(super) struct TiListResponse {
     /// `success`.
     pub status: String,
     /// Every TI, removed ones included.
@@ -94,7 +94,7 @@ pub struct TiListResponse {
 #[utoipa::path(post, path = "/ti/register", request_body = RegisterRequest,
     responses((status = 200, body = RegisterResponse), (status = 400, description = "bad host, port or model_name"),
               (status = 401), (status = 502, description = "TI unreachable or unhealthy")))]
-pub async fn register_ti(
+pub(super) async fn register_ti(
     State(app): State<AppState>,
     admin: Result<Admin, ApiError>,
     body: Result<ApiJson<RegisterRequest>, ApiError>,
@@ -136,7 +136,7 @@ pub async fn register_ti(
 #[utoipa::path(post, path = "/ti/remove", request_body = RemoveRequest,
     responses((status = 200, body = RemoveResponse), (status = 400, description = "Invalid UUID format"),
               (status = 401), (status = 404, description = "TaskInstance not found")))]
-pub async fn remove_ti(
+pub(super) async fn remove_ti(
     State(app): State<AppState>,
     admin: Result<Admin, ApiError>,
     body: Result<ApiJson<RemoveRequest>, ApiError>,
@@ -161,7 +161,7 @@ pub async fn remove_ti(
 
 /// Every TI ever registered, removed ones included.
 #[utoipa::path(get, path = "/ti/list", responses((status = 200, body = TiListResponse)))]
-pub async fn list_tis(State(app): State<AppState>) -> Json<TiListResponse> {
+pub(super) async fn list_tis(State(app): State<AppState>) -> Json<TiListResponse> {
     let tis = app
         .scheduler
         .tis()

@@ -84,6 +84,14 @@ impl Placement {
     }
 }
 
+/// A successful execution, for the predictor to learn from.
+pub(super) struct Execution<'a> {
+    pub(super) model: &'a str,
+    pub(super) hardware: Option<&'a str>,
+    pub(super) metadata: &'a Map<String, Value>,
+    pub(super) execution_ms: f64,
+}
+
 /// What a dispatcher needs to send a task to a TI.
 pub(super) struct DispatchTarget {
     /// Its `POST /queue/submit` URL (`None` if its host cannot form one).
@@ -363,14 +371,10 @@ impl Cache {
 
     /// A completed task: learns from its execution time when it succeeded, and takes its
     /// prediction off its TI.
-    pub(super) fn complete(
-        &mut self,
-        task_id: &TaskId,
-        learned: Option<(&str, Option<&str>, &Map<String, Value>, f64)>,
-    ) {
-        if let Some((model, hardware, metadata, execution_ms)) = learned {
+    pub(super) fn complete(&mut self, task_id: &TaskId, succeeded: Option<Execution<'_>>) {
+        if let Some(e) = succeeded {
             self.predictor
-                .observe(model, hardware, metadata, execution_ms);
+                .observe(e.model, e.hardware, e.metadata, e.execution_ms);
         }
         self.release(task_id);
     }

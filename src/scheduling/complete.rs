@@ -6,6 +6,7 @@
 
 use serde_json::{Map, Value};
 
+use super::cache::Execution;
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid};
 use crate::store::{Completion, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo};
@@ -97,13 +98,13 @@ impl Scheduler {
             Outcome::Succeeded => serde_json::from_str(&metadata).unwrap_or_default(),
             Outcome::Failed => Map::new(),
         };
-        let learned = (outcome == Outcome::Succeeded).then_some((
-            model.as_str(),
-            hardware.as_deref(),
-            &metadata,
+        let succeeded = (outcome == Outcome::Succeeded).then_some(Execution {
+            model: &model,
+            hardware: hardware.as_deref(),
+            metadata: &metadata,
             execution_ms,
-        ));
-        self.cache().complete(task_id, learned);
+        });
+        self.cache().complete(task_id, succeeded);
         let label = match outcome {
             Outcome::Succeeded => "ti_scheduler_completions_total",
             Outcome::Failed => "ti_scheduler_failures_total",

@@ -11,7 +11,7 @@ use crate::domain::{Candidate, StrategyKind};
 ///
 /// `cursor` is the model's round-robin position; `lambda` the risk weight of `weighted`;
 /// `rng` the source of `probabilistic`'s draws.
-pub fn select(
+pub(super) fn select(
     kind: StrategyKind,
     candidates: &mut [Candidate],
     cursor: &mut usize,
