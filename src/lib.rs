@@ -7,22 +7,38 @@
 //!
 //! # Layout
 //!
-//! - [`api`]: axum handlers, one module per area, and the JSON error envelope.
-//! - [`scheduling`]: the hot-path cache (TIs, queue estimates), strategies, dispatch,
-//!   re-routing, health probes and reconciliation.
-//! - [`predictor`]: execution-time prediction (fallback chain, lookup table).
+//! - [`api`]: axum handlers, one module per area, the admin-token extractor and the JSON
+//!   error envelope.
+//! - [`scheduling`]: the scheduling core, one file per step of a task's life (below), around
+//!   the hot-path [`scheduling::Cache`] (TIs, queue estimates, the predictor).
+//! - [`predictor`]: execution-time prediction (fallback chain, learned model, lookup table).
 //! - [`store`]: SQLite repositories and the group-commit writer.
-//! - [`ti`]: the TI protocol: the client, the wire types and the simulated TI.
+//! - [`ti`]: the TI protocol: the client, the wire types, the host allow-list and the
+//!   simulated TI.
+//! - [`domain`]: the nouns every layer shares (ids, states, strategies, decisions).
 //! - [`jobs`]: the periodic cleanup job.
 //! - [`config`]: typed settings (file, environment, flags).
 //!
+//! The benchmarks are not part of the library: they are the `measure` and `decision`
+//! bench targets (`benches/`). `ARCHITECTURE.md` maps the whole repository.
+//!
 //! # The path of a task
 //!
-//! `POST /queue/submit` → [`scheduling::Scheduler::submit`] chooses a TI under the cache
-//! lock (predict → select → reserve the prediction in that TI's queue) → the task row and
-//! its decision row are committed by the writer (one transaction per batch of requests) →
-//! the client gets its `task_id` → a dispatcher sends the task to the TI → the TI calls
-//! `POST /result/submit` → the result is stored and the prediction leaves the queue.
+//! 1. `POST /queue/submit` (`api/queue.rs`) → [`scheduling::Scheduler::submit`]
+//!    (`scheduling/submit.rs`): under the cache lock each task is *placed*
+//!    (`Cache::place`: predict on every usable TI → the strategy selects → the prediction
+//!    joins that TI's queue estimate);
+//! 2. the task rows and their decision rows are committed by the writer (`store/writer.rs`,
+//!    one transaction per batch of requests), and the client gets its `task_id`;
+//! 3. a dispatcher (`scheduling/dispatch.rs`) sends each task to its TI, with retries; a TI
+//!    that keeps failing is marked unhealthy (`scheduling/health.rs`) and the task is
+//!    placed again (`scheduling/reroute.rs`);
+//! 4. the TI calls `POST /result/submit` (`api/result.rs`) →
+//!    [`scheduling::Scheduler::accept_result`] (`scheduling/complete.rs`): the outcome is
+//!    stored, the predictor learns, the prediction leaves the queue;
+//! 5. whatever nobody is driving (after a restart, a lost callback, a failed write) is
+//!    settled by start-up recovery and the periodic sweep (`scheduling/recovery.rs`), run
+//!    with the probes by `scheduling/background.rs`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
