@@ -29,26 +29,36 @@ use ti_scheduler::domain::Durability;
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
 
 /// Options of the load benchmark.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
-    /// Concurrent closed-loop clients (ignored with `rate`).
+    /// Concurrent closed-loop clients (ignored with --rate).
+    #[arg(long, default_value_t = 64)]
     pub clients: usize,
-    /// Open-loop submits per second instead of closed loop.
+    /// Open loop at this many submits per second instead of closed loop.
+    #[arg(long)]
     pub rate: Option<f64>,
     /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
     /// Unmeasured seconds first.
+    #[arg(long, default_value_t = 2.0)]
     pub warmup: f64,
     /// Simulated TIs (they finish every task at once).
+    #[arg(long, default_value_t = 4)]
     pub tis: usize,
-    /// Tasks per request; above 1, `POST /queue/submit_batch`.
+    /// Tasks per request: above 1, clients use POST /queue/submit_batch and rates count
+    /// tasks (not with --raw-ceiling, whose servers take single submits).
+    #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Synchronous level of the scheduler's database.
+    /// Synchronous level of the scheduler's database: full or normal.
+    #[arg(long, default_value = "full", value_parser = super::parse_durability)]
     pub durability: Durability,
-    /// Also measure the two ceilings.
+    /// Also measure the axum echo and SQLite group-commit ceilings.
+    #[arg(long)]
     pub raw_ceiling: bool,
-    /// Target a running scheduler instead of starting one (its TIs must be registered
-    /// for `llama-7b`; CPU, RSS and end-to-end figures are then not available).
+    /// Drive a running scheduler at this URL instead of starting one (its TIs must be
+    /// registered for `llama-7b`; CPU, RSS and end-to-end figures are then not available).
+    #[arg(long)]
     pub url: Option<String>,
 }
 

@@ -18,15 +18,19 @@ use ti_scheduler::predictor::Predictor;
 use ti_scheduler::ti::sim::noise_law;
 
 /// Options of the prediction benchmark.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct PredictionArgs {
     /// Completions after which accuracy is measured.
+    #[arg(long, value_delimiter = ',', default_value = "20,50,200,1000")]
     pub checkpoints: Vec<usize>,
     /// σ of the lognormal noise (0.1 ≈ 10 %).
+    #[arg(long, default_value_t = 0.1)]
     pub noise: f64,
     /// Held-out tasks per checkpoint.
+    #[arg(long, default_value_t = 500)]
     pub test_tasks: usize,
     /// Seed of the workload.
+    #[arg(long, default_value_t = 7)]
     pub seed: u64,
 }
 

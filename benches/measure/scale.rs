@@ -14,13 +14,16 @@ use super::load::{free_port, peak_rss_mib};
 use ti_scheduler::store;
 
 /// Options of the scale benchmark.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ScaleArgs {
     /// Completed tasks in the history.
+    #[arg(long, default_value_t = 1_000_000)]
     pub history: u64,
     /// Unfinished tasks.
+    #[arg(long, default_value_t = 10_000)]
     pub unfinished: u64,
     /// `/task/query` requests to time.
+    #[arg(long, default_value_t = 2_000)]
     pub queries: u64,
 }
 

@@ -27,23 +27,33 @@ use ti_scheduler::ti::sim::SimTi;
 use ti_scheduler::App;
 
 /// Options of the strategy benchmark.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct StrategyArgs {
     /// Measured tasks per run.
+    #[arg(long, default_value_t = 600)]
     pub tasks: usize,
     /// Warm-up tasks per run (round robin, half load).
+    #[arg(long, default_value_t = 150)]
     pub warmup: usize,
     /// Arrival rates as shares of the cluster's capacity.
+    #[arg(long, value_delimiter = ',', default_value = "0.7,0.9")]
     pub loads: Vec<f64>,
     /// Strategies to compare.
+    #[arg(long, value_delimiter = ',', value_parser = StrategyKind::parse,
+          default_value = "shortest_queue,round_robin,weighted,probabilistic")]
     pub strategies: Vec<StrategyKind>,
     /// Predict modes to compare.
+    #[arg(long, value_delimiter = ',', value_parser = PredictMode::parse,
+          default_value = "default,lookup_table")]
     pub modes: Vec<PredictMode>,
     /// Multiplies every execution time (smaller runs faster).
+    #[arg(long, default_value_t = 0.25)]
     pub time_scale: f64,
     /// σ of the lognormal noise.
+    #[arg(long, default_value_t = 0.1)]
     pub noise: f64,
     /// Seed of arrivals, task sizes and noise.
+    #[arg(long, default_value_t = 7)]
     pub seed: u64,
 }
 
