@@ -8,7 +8,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::SeedableRng;
 use serde_json::{json, Map, Value};
-use ti_scheduler::domain::{DecisionReason, PredictMode, StrategyKind, TaskId, TiUuid};
+use ti_scheduler::domain::{DecisionReason, PredictMode, StrategyKind, TaskId, TiKind, TiUuid};
 use ti_scheduler::predictor::Predictor;
 use ti_scheduler::scheduling::Cache;
 use ti_scheduler::store::StoredTi;
@@ -25,7 +25,15 @@ fn state(tis: usize, strategy: StrategyKind) -> Cache {
         }
     }
     let rng = rand::rngs::StdRng::seed_from_u64(1);
-    let mut st = Cache::new(strategy, PredictMode::Default, predictor, rng, 1.0, 64);
+    let mut st = Cache::new(
+        strategy,
+        PredictMode::Default,
+        predictor,
+        rng,
+        1.0,
+        64,
+        std::time::Duration::from_millis(100),
+    );
     for i in 0..tis {
         let ti = StoredTi {
             ti_uuid: TiUuid::generate(),
@@ -36,6 +44,8 @@ fn state(tis: usize, strategy: StrategyKind) -> Cache {
             callback_token: "t".into(),
             registered_at: i as f64,
             removed_at: None,
+            kind: TiKind::Callback,
+            max_concurrency: None,
         };
         let id = ti.ti_uuid;
         st.upsert_ti(ti);

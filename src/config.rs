@@ -79,8 +79,11 @@ pub struct TiSettings {
     /// A scheduled task whose callback has not come after this long is reconciled with its
     /// TI through `GET /results/{task_id}`, ms.
     pub reconcile_after_ms: u64,
-    /// Dispatches in flight to one TI at most.
+    /// Dispatches in flight to one callback TI at most (unless its registration gives
+    /// `max_concurrency`).
     pub max_inflight_dispatches: usize,
+    /// Timeout of one request to an OpenAI-compatible TI (the whole inference), ms.
+    pub request_timeout_ms: u64,
     /// When non-empty, TIs may only be registered at these hosts or networks
     /// (`10.0.0.5`, `localhost`, `192.168.0.0/16`). Names match names (never resolved);
     /// addresses match addresses and networks.
@@ -152,6 +155,7 @@ impl Default for TiSettings {
             reroute_after_failed_probes: 3,
             reconcile_after_ms: 30_000,
             max_inflight_dispatches: 64,
+            request_timeout_ms: 600_000,
             allowed_hosts: Vec::new(),
         }
     }

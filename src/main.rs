@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use ti_scheduler::config::Settings;
-use ti_scheduler::domain::Durability;
+use ti_scheduler::domain::{Durability, TiKind};
+use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
 use ti_scheduler::{predictor, store, App};
 
@@ -76,6 +77,9 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct SimArgs {
+    /// callback (our protocol, SPEC §4) or openai (an OpenAI-compatible server, SPEC §9).
+    #[arg(long, default_value = "callback", value_parser = TiKind::parse)]
+    protocol: TiKind,
     /// The model it serves.
     #[arg(long)]
     model: String,
@@ -88,9 +92,9 @@ struct SimArgs {
     /// Port (0 picks a free one).
     #[arg(long, default_value_t = 8100)]
     port: u16,
-    /// Tasks executed at once.
-    #[arg(long, default_value_t = 1)]
-    parallelism: usize,
+    /// Tasks executed at once (openai: requests; default 1, or 8 with --protocol openai).
+    #[arg(long)]
+    parallelism: Option<usize>,
     /// Fixed execution time per task, ms.
     #[arg(long, default_value_t = 200.0)]
     base_ms: f64,
@@ -112,6 +116,9 @@ struct SimArgs {
     /// Finished tasks remembered for GET /results and deduplication (the oldest go first)
     #[arg(long, default_value_t = 100_000)]
     keep_finished: usize,
+    /// openai: smallest share of max_tokens a completion takes (uniform up to 1).
+    #[arg(long, default_value_t = 0.25)]
+    min_completion_share: f64,
 }
 
 #[tokio::main]
@@ -228,10 +235,36 @@ async fn retrain(db_path: &Path) -> anyhow::Result<()> {
 }
 
 async fn sim_ti(args: SimArgs) -> anyhow::Result<()> {
+    let bind = SocketAddr::new(args.host, args.port);
+    if args.protocol == TiKind::Openai {
+        let config = OpenAiSimConfig {
+            model: args.model,
+            concurrency: args
+                .parallelism
+                .unwrap_or(TiKind::Openai.default_concurrency() as usize),
+            base_ms: args.base_ms,
+            per_input_token_ms: args.per_input_token_ms,
+            per_output_token_ms: args.per_output_token_ms,
+            min_completion_share: args.min_completion_share,
+            noise: args.noise,
+            seed: args.seed,
+            ..OpenAiSimConfig::default()
+        };
+        let sim = OpenAiSim::spawn(config, bind).await?;
+        println!(
+            "simulated OpenAI-compatible server listening on http://{}",
+            sim.addr()
+        );
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = sim.wait() => {}
+        }
+        return Ok(());
+    }
     let config = SimConfig {
         model: args.model,
         hardware: args.hardware,
-        parallelism: args.parallelism,
+        parallelism: args.parallelism.unwrap_or(1),
         base_ms: args.base_ms,
         per_input_token_ms: args.per_input_token_ms,
         per_output_token_ms: args.per_output_token_ms,
@@ -241,7 +274,7 @@ async fn sim_ti(args: SimArgs) -> anyhow::Result<()> {
         keep_finished: args.keep_finished,
         ..SimConfig::default()
     };
-    let sim = SimTi::spawn(config, SocketAddr::new(args.host, args.port)).await?;
+    let sim = SimTi::spawn(config, bind).await?;
     println!("simulated TI listening on http://{}", sim.addr());
     tokio::select! {
         _ = shutdown_signal() => {}

@@ -10,8 +10,9 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorResponse};
 use super::{AppState, SUCCESS};
-use crate::domain::TaskId;
+use crate::domain::{TaskId, TiKind};
 use crate::scheduling::{SubmitItem, Submitted};
+use crate::ti::openai::request_path;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -111,8 +112,10 @@ pub(super) struct QueueView {
     pub waiting_time_expect: f64,
     /// Its error (standard deviation), ms.
     pub waiting_time_error: f64,
-    /// Tasks dispatched to it and not completed.
+    /// Tasks dispatched to it and not completed (waiting and running).
     pub queue_length: usize,
+    /// Tasks it is running (openai: requests in flight; callback: tasks it accepted).
+    pub running: usize,
     /// Whether it may get new tasks.
     pub healthy: bool,
     /// Host.
@@ -121,6 +124,10 @@ pub(super) struct QueueView {
     pub port: u16,
     /// Its hardware, if known.
     pub hardware: Option<String>,
+    /// `callback` or `openai`.
+    pub kind: TiKind,
+    /// Requests it runs at once.
+    pub max_concurrency: usize,
 }
 
 /// Answer of `/queue/info`.
@@ -149,10 +156,15 @@ fn check_item(
         return Err("task_input must be a JSON object".into());
     }
     let task_id = task_id.map(|raw| TaskId::parse_client(&raw)).transpose()?;
+    let metadata = metadata.unwrap_or_default();
+    if metadata.contains_key("path") {
+        // Where an OpenAI-compatible TI is sent the task: checked now, not at dispatch.
+        request_path(&Map::new(), &metadata)?;
+    }
     Ok(SubmitItem {
         task_id,
         task_input,
-        metadata: metadata.unwrap_or_default(),
+        metadata,
     })
 }
 
@@ -248,10 +260,13 @@ fn queue_info(app: &AppState, filter: QueueInfoRequest) -> Json<QueueInfoRespons
             waiting_time_expect: s.wait_ms,
             waiting_time_error: s.wait_error_ms,
             queue_length: s.queue_length,
+            running: s.running,
             healthy: s.healthy,
             host: s.ti.host,
             port: s.ti.port,
             hardware: s.ti.hardware,
+            kind: s.ti.kind,
+            max_concurrency: s.max_concurrency,
         })
         .collect();
     Json(QueueInfoResponse {

@@ -46,6 +46,12 @@ pub(super) struct TaskView {
     pub execution_time: Option<f64>,
     /// True once the result was cleared by the TTL.
     pub result_expired: bool,
+    /// `usage.prompt_tokens` of an OpenAI-compatible TI's answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<i64>,
+    /// `usage.completion_tokens` of an OpenAI-compatible TI's answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens: Option<i64>,
 }
 
 async fn query(app: &AppState, task_id: &str) -> Result<Json<TaskView>, ErrorResponse> {
@@ -73,6 +79,8 @@ async fn query(app: &AppState, task_id: &str) -> Result<Json<TaskView>, ErrorRes
         completion_time: task.completion_time,
         execution_time: task.execution_time_ms,
         result_expired: task.result_expired,
+        prompt_tokens: task.prompt_tokens,
+        completion_tokens: task.completion_tokens,
     }))
 }
 

@@ -8,7 +8,8 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiJson, ErrorResponse};
 use super::{Admin, AppState, SUCCESS};
-use crate::domain::TiUuid;
+use crate::domain::{TiKind, TiUuid};
+use crate::scheduling::Registration;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -24,9 +25,21 @@ pub(super) struct RegisterRequest {
     pub host: String,
     /// Port of the TI, 1..=65535.
     pub port: i64,
-    /// The model it serves; must agree with its `GET /info`, used when that names none.
+    /// The model it serves: for a callback TI it must agree with its `GET /info` (and is
+    /// used when that names none); for an OpenAI-compatible TI it must be one of the ids of
+    /// its `GET /v1/models` (the first is taken when omitted).
     #[serde(default)]
     pub model_name: Option<String>,
+    /// `callback` (default: our protocol) or `openai` (an OpenAI-compatible server).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Its hardware (e.g. `A100`); overrides what the TI reports.
+    #[serde(default)]
+    pub hardware: Option<String>,
+    /// Requests in flight to it at once, 1..=1024 (default 8 for `openai`; for a callback
+    /// TI, `ti.max_inflight_dispatches`).
+    #[serde(default)]
+    pub max_concurrency: Option<i64>,
 }
 
 /// Answer of `POST /ti/register` (`ti_uuid` is empty on error).
@@ -73,8 +86,14 @@ pub(super) struct TiView {
     pub hardware: Option<String>,
     /// Whether it may get new tasks.
     pub healthy: bool,
-    /// Tasks dispatched to it and not completed.
+    /// Tasks dispatched to it and not completed (waiting and running).
     pub queue_length: usize,
+    /// `callback` or `openai`.
+    pub kind: TiKind,
+    /// Requests it runs at once.
+    pub max_concurrency: usize,
+    /// Requests in flight to it (callback: tasks it accepted).
+    pub running: usize,
     /// Unix seconds.
     pub registered_at: f64,
     /// Unix seconds; null while registered.
@@ -115,14 +134,40 @@ pub(super) async fn register_ti(
                 req.port
             )))
         })?;
-    let model = req
-        .model_name
-        .as_deref()
-        .map(str::trim)
-        .filter(|m| !m.is_empty());
+    let kind = match req.kind.as_deref() {
+        None => TiKind::Callback,
+        Some(name) => TiKind::parse(name).map_err(|e| shape(ApiError::BadRequest(e)))?,
+    };
+    let max_concurrency = req
+        .max_concurrency
+        .map(|c| {
+            u32::try_from(c)
+                .ok()
+                .filter(|c| (1..=1024).contains(c))
+                .ok_or_else(|| {
+                    shape(ApiError::BadRequest(format!(
+                        "max_concurrency must be in 1..=1024, got {c}"
+                    )))
+                })
+        })
+        .transpose()?;
+    let non_empty = |s: &Option<String>| {
+        s.as_deref()
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+    };
+    let (model, hardware) = (non_empty(&req.model_name), non_empty(&req.hardware));
     let id = app
         .scheduler
-        .register(host, port, model)
+        .register(Registration {
+            host,
+            port,
+            model_name: model.as_deref(),
+            kind,
+            hardware: hardware.as_deref(),
+            max_concurrency,
+        })
         .await
         .map_err(|e| shape(e.into()))?;
     Ok(Json(RegisterResponse {
@@ -174,6 +219,9 @@ pub(super) async fn list_tis(State(app): State<AppState>) -> Json<TiListResponse
             hardware: s.ti.hardware,
             healthy: s.healthy,
             queue_length: s.queue_length,
+            kind: s.ti.kind,
+            max_concurrency: s.max_concurrency,
+            running: s.running,
             registered_at: s.ti.registered_at,
             removed_at: s.ti.removed_at,
         })

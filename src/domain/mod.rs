@@ -10,7 +10,7 @@ mod policy;
 
 pub use decision::{Candidate, DecisionReason, NewDecision};
 pub use lookup::LookupRow;
-pub use policy::{Durability, PredictMode, StrategyKind};
+pub use policy::{Durability, PredictMode, StrategyKind, TiKind};
 
 use std::fmt;
 use std::str::FromStr;
@@ -151,6 +151,15 @@ impl Outcome {
             Self::Failed => "failed",
         }
     }
+}
+
+/// Token usage of one request, as an OpenAI-compatible server reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// `usage.prompt_tokens`.
+    pub prompt_tokens: Option<i64>,
+    /// `usage.completion_tokens`.
+    pub completion_tokens: Option<i64>,
 }
 
 /// Current Unix time in seconds, rounded to milliseconds (like Python's `round(time.time(), 3)`).

@@ -109,3 +109,41 @@ pub enum Durability {
     /// (kill -9), but the last commits may be lost if the machine loses power.
     Normal,
 }
+
+/// How the scheduler talks to a TI (SPEC.md §4 and §9).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TiKind {
+    /// Our protocol: the TI accepts a task, runs it and calls back with the result.
+    Callback,
+    /// An OpenAI-compatible inference server (vLLM, SGLang, TGI, llama.cpp, Ollama):
+    /// one request, one response. The scheduler queues the tasks and sends each one when
+    /// the TI has a free slot.
+    Openai,
+}
+
+impl TiKind {
+    /// Every kind.
+    pub const ALL: [Self; 2] = [Self::Callback, Self::Openai];
+
+    /// Its API (and stored) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Callback => "callback",
+            Self::Openai => "openai",
+        }
+    }
+
+    /// Parses an API name; the error lists the valid ones.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        parse_name(name, &Self::ALL, Self::as_str, "kind")
+    }
+
+    /// Requests in flight to one TI of this kind when registration does not say.
+    pub fn default_concurrency(self) -> u32 {
+        match self {
+            Self::Callback => 1,
+            Self::Openai => 8,
+        }
+    }
+}

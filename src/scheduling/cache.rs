@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rustc_hash::FxHashMap;
@@ -20,7 +21,8 @@ use tokio::time::Instant;
 use super::queue::QueueEstimate;
 use super::strategy;
 use crate::domain::{
-    Candidate, DecisionReason, LookupRow, NewDecision, PredictMode, StrategyKind, TaskId, TiUuid,
+    Candidate, DecisionReason, LookupRow, NewDecision, PredictMode, StrategyKind, TaskId,
+    TaskStatus, TiKind, TiUuid,
 };
 use crate::predictor::{Observed, Prediction, Predictor};
 use crate::store::StoredTi;
@@ -41,6 +43,10 @@ struct TiEntry {
     dispatch_slots: Arc<Semaphore>,
     /// Its `POST /queue/submit` URL (`None` if its host cannot form one).
     submit_url: Option<reqwest::Url>,
+    /// It answered 408, 429 or 503: no new request until then.
+    paused_until: Option<Instant>,
+    /// The next pause when it gives no `Retry-After`; doubles, back to the base after a 2xx.
+    next_pause: Duration,
 }
 
 impl TiEntry {
@@ -48,7 +54,40 @@ impl TiEntry {
     fn usable(&self) -> bool {
         self.healthy && self.ti.removed_at.is_none()
     }
+
+    /// Stops the requests waiting for one of its slots (it was removed or went
+    /// unhealthy): they are decided again. Only an OpenAI-compatible TI's requests wait
+    /// there; a callback TI's dispatches are short.
+    fn close_slots(&mut self) {
+        if self.ti.kind == TiKind::Openai {
+            self.dispatch_slots.close();
+        }
+    }
+
+    /// Opens its slots again after [`TiEntry::close_slots`].
+    fn reopen_slots(&mut self) {
+        if self.dispatch_slots.is_closed() {
+            let permits = match self.ti.kind {
+                TiKind::Openai => self.queue.slots(),
+                TiKind::Callback => 1,
+            };
+            self.dispatch_slots = Arc::new(Semaphore::new(permits));
+        }
+    }
+
+    /// Its expected wait and error for a new task at `now`: the queue estimate, and no
+    /// less than the time left of a pause.
+    fn estimate(&self, now: Instant) -> (f64, f64) {
+        let (wait, error) = self.queue.estimate(now);
+        let paused = self.paused_until.map_or(0.0, |until| {
+            until.saturating_duration_since(now).as_secs_f64() * 1000.0
+        });
+        (wait.max(paused), error)
+    }
 }
+
+/// Longest pause of a TI that answers "busy" without a `Retry-After` (SPEC.md §9).
+const MAX_PAUSE: Duration = Duration::from_secs(30);
 
 /// A TI with its live queue estimate, for `/queue/info` and `/ti/list`.
 #[derive(Debug, Clone)]
@@ -61,8 +100,12 @@ pub struct TiSnapshot {
     pub wait_ms: f64,
     /// Its error, ms.
     pub wait_error_ms: f64,
-    /// Tasks dispatched to it and not completed.
+    /// Tasks dispatched to it and not completed (waiting and running).
     pub queue_length: usize,
+    /// Requests it runs at once (its queue estimate's slots).
+    pub max_concurrency: usize,
+    /// Tasks it is running (callback: accepted; openai: requests in flight).
+    pub running: usize,
 }
 
 /// Where a task was placed: the decision (with the chosen TI) when a TI of its model is
@@ -75,6 +118,9 @@ pub(super) struct Placement {
     pub(super) predicted_ms: f64,
     /// Its error, ms.
     pub(super) predicted_error_ms: f64,
+    /// `scheduled` when bound to an OpenAI-compatible TI (whose queue the scheduler
+    /// keeps), else `queued` until a TI accepts it.
+    pub(super) status: TaskStatus,
 }
 
 impl Placement {
@@ -94,6 +140,14 @@ pub(super) struct Execution<'a> {
 
 /// What a dispatcher needs to send a task to a TI.
 pub(super) struct DispatchTarget {
+    /// How to talk to it.
+    pub(super) kind: TiKind,
+    /// Where it is.
+    pub(super) host: String,
+    /// Its port.
+    pub(super) port: u16,
+    /// The model it serves (an OpenAI request's `model` when the task gives none).
+    pub(super) model: String,
     /// Its `POST /queue/submit` URL (`None` if its host cannot form one).
     pub(super) url: Option<reqwest::Url>,
     /// The token it must echo in its callback.
@@ -127,6 +181,8 @@ pub struct Cache {
     rng: StdRng,
     lambda: f64,
     max_inflight_dispatches: usize,
+    /// First pause of a TI that answers "busy" without a `Retry-After`.
+    base_pause: Duration,
 }
 
 impl Cache {
@@ -138,6 +194,7 @@ impl Cache {
         rng: StdRng,
         lambda: f64,
         max_inflight_dispatches: usize,
+        base_pause: Duration,
     ) -> Self {
         Self {
             tis: FxHashMap::default(),
@@ -150,6 +207,7 @@ impl Cache {
             rng,
             lambda,
             max_inflight_dispatches,
+            base_pause,
         }
     }
 
@@ -197,18 +255,53 @@ impl Cache {
                 .or_default()
                 .push(id);
         }
-        let slots = self.max_inflight_dispatches.max(1);
-        let entry = self.tis.entry(id).or_insert_with(|| TiEntry {
+        // Callback TIs run their own queue (modelled one task at a time) and take up to
+        // `max_inflight_dispatches` dispatches at once; an OpenAI-compatible TI runs
+        // `max_concurrency` requests, and that many are in flight to it.
+        let (dispatches, queue_slots) = match ti.kind {
+            TiKind::Callback => (
+                ti.max_concurrency
+                    .map_or(self.max_inflight_dispatches, |c| c as usize),
+                1,
+            ),
+            TiKind::Openai => {
+                let c = ti
+                    .max_concurrency
+                    .unwrap_or(TiKind::Openai.default_concurrency())
+                    as usize;
+                (c, c)
+            }
+        };
+        let fresh = |ti: &StoredTi| TiEntry {
             ti: ti.clone(),
             healthy: true,
             failed_probes: 0,
-            queue: QueueEstimate::default(),
-            dispatch_slots: Arc::new(Semaphore::new(slots)),
+            queue: QueueEstimate::with_slots(queue_slots),
+            dispatch_slots: Arc::new(Semaphore::new(dispatches.max(1))),
             submit_url: TiClient::submit_url(&ti.host, ti.port),
-        });
-        entry.ti = ti;
-        entry.healthy = true;
-        entry.failed_probes = 0;
+            paused_until: None,
+            next_pause: self.base_pause,
+        };
+        match self.tis.get_mut(&id) {
+            // Re-registered with another kind or concurrency: what runs there keeps its
+            // permits; new sends count against the new limit.
+            Some(entry)
+                if entry.ti.kind != ti.kind || entry.ti.max_concurrency != ti.max_concurrency =>
+            {
+                entry.dispatch_slots = Arc::new(Semaphore::new(dispatches.max(1)));
+                entry.queue.set_slots(queue_slots);
+                entry.ti = ti;
+            }
+            Some(entry) => entry.ti = ti,
+            None => {
+                self.tis.insert(id, fresh(&ti));
+            }
+        }
+        if let Some(entry) = self.tis.get_mut(&id) {
+            entry.healthy = true;
+            entry.failed_probes = 0;
+            entry.reopen_slots();
+        }
     }
 
     /// True if the TI is registered and not removed.
@@ -223,6 +316,7 @@ impl Cache {
             return Vec::new();
         };
         entry.ti.removed_at = Some(at);
+        entry.close_slots();
         if let Some(list) = self.models.get_mut(&entry.ti.model_name) {
             list.retain(|t| *t != id);
         }
@@ -234,12 +328,17 @@ impl Cache {
         let mut list: Vec<TiSnapshot> = self
             .tis
             .values()
-            .map(|e| TiSnapshot {
-                ti: e.ti.clone(),
-                healthy: e.healthy,
-                wait_ms: e.queue.wait_ms(now),
-                wait_error_ms: e.queue.error_ms(),
-                queue_length: e.queue.len(),
+            .map(|e| {
+                let (wait_ms, wait_error_ms) = e.estimate(now);
+                TiSnapshot {
+                    ti: e.ti.clone(),
+                    healthy: e.healthy,
+                    wait_ms,
+                    wait_error_ms,
+                    queue_length: e.queue.len(),
+                    max_concurrency: e.queue.slots(),
+                    running: e.queue.running(),
+                }
             })
             .collect();
         list.sort_by(|a, b| {
@@ -248,6 +347,13 @@ impl Cache {
                 .then(a.ti.ti_uuid.cmp(&b.ti.ti_uuid))
         });
         list
+    }
+
+    /// True if some registered TI of `model` is OpenAI-compatible.
+    pub(super) fn serves_openai(&self, model: &str) -> bool {
+        self.models
+            .get(model)
+            .is_some_and(|ids| ids.iter().any(|id| self.kind(*id) == Some(TiKind::Openai)))
     }
 
     /// True if some registered TI serves `model` (healthy or not).
@@ -272,10 +378,48 @@ impl Cache {
             .get(&ti)
             .filter(|e| e.usable())
             .map(|e| DispatchTarget {
+                kind: e.ti.kind,
+                host: e.ti.host.clone(),
+                port: e.ti.port,
+                model: e.ti.model_name.clone(),
                 url: e.submit_url.clone(),
                 callback_token: e.ti.callback_token.clone(),
                 slots: e.dispatch_slots.clone(),
             })
+    }
+
+    /// How the scheduler talks to the TI.
+    pub(super) fn kind(&self, ti: TiUuid) -> Option<TiKind> {
+        self.tis.get(&ti).map(|e| e.ti.kind)
+    }
+
+    /// The TI answered "busy" (408, 429, 503): no new request to it for `retry_after`,
+    /// or, when it gave none, for a pause that doubles each time (from `ti.retry_backoff_ms`,
+    /// at most 30 s).
+    pub(super) fn pause(&mut self, ti: TiUuid, retry_after: Option<Duration>, now: Instant) {
+        if let Some(e) = self.tis.get_mut(&ti) {
+            let pause = retry_after.unwrap_or(e.next_pause).min(MAX_PAUSE);
+            if retry_after.is_none() {
+                e.next_pause = (e.next_pause * 2).min(MAX_PAUSE);
+            }
+            e.paused_until = Some(now + pause);
+        }
+    }
+
+    /// Until when the TI is paused, if it is now.
+    pub(super) fn paused_until(&self, ti: TiUuid) -> Option<Instant> {
+        let now = Instant::now();
+        self.tis
+            .get(&ti)
+            .and_then(|e| e.paused_until)
+            .filter(|until| *until > now)
+    }
+
+    /// The TI answered a request: its pauses start again from the base.
+    pub(super) fn answered(&mut self, ti: TiUuid) {
+        if let Some(e) = self.tis.get_mut(&ti) {
+            e.next_pause = self.base_pause;
+        }
     }
 
     /// The TI's host and port, removed or not.
@@ -298,9 +442,10 @@ impl Cache {
     /// Takes a TI out of scheduling until a health probe succeeds. Returns whether it was
     /// healthy until now.
     pub(super) fn mark_unhealthy(&mut self, ti: TiUuid) -> bool {
-        self.tis
-            .get_mut(&ti)
-            .is_some_and(|e| std::mem::replace(&mut e.healthy, false))
+        self.tis.get_mut(&ti).is_some_and(|e| {
+            e.close_slots();
+            std::mem::replace(&mut e.healthy, false)
+        })
     }
 
     /// The TIs to probe: every registered one, and every removed one still holding tasks.
@@ -325,7 +470,11 @@ impl Cache {
         let mut reroute = Vec::new();
         if healthy {
             entry.failed_probes = 0;
+            if entry.ti.removed_at.is_none() {
+                entry.reopen_slots();
+            }
         } else {
+            entry.close_slots();
             entry.failed_probes += 1;
             if entry.failed_probes == threshold {
                 reroute.extend(entry.queue.task_ids().cloned());
@@ -400,6 +549,10 @@ impl Cache {
             Some(d) => Placement {
                 predicted_ms: d.predicted_ms,
                 predicted_error_ms: d.predicted_error_ms,
+                status: match self.kind(d.chosen_ti) {
+                    Some(TiKind::Openai) => TaskStatus::Scheduled,
+                    _ => TaskStatus::Queued,
+                },
                 decision: Some(d),
             },
             None => {
@@ -410,6 +563,7 @@ impl Cache {
                     decision: None,
                     predicted_ms: p.mean_ms,
                     predicted_error_ms: p.error_ms,
+                    status: TaskStatus::Queued,
                 }
             }
         }
@@ -446,10 +600,11 @@ impl Cache {
                     p
                 }
             };
+            let (wait_ms, wait_error_ms) = entry.estimate(now);
             candidates.push(Candidate {
                 ti_uuid: *id,
-                wait_ms: entry.queue.wait_ms(now),
-                wait_error_ms: entry.queue.error_ms(),
+                wait_ms,
+                wait_error_ms,
                 queue_length: entry.queue.len(),
                 predicted_ms: prediction.mean_ms,
                 predicted_error_ms: prediction.error_ms,

@@ -4,13 +4,81 @@
 //! learns is saved once a second by the flush loop (`background.rs`), not with each
 //! completion: it is derived data that `ti-scheduler retrain` can rebuild.
 
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use super::cache::Execution;
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid};
+use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid, Usage};
 use crate::store::{Completion, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo};
 use crate::ti::protocol::ResultCallback;
+
+/// Longest upstream body kept in a failed task's result, bytes.
+const UPSTREAM_BODY_LIMIT: usize = 64 * 1024;
+
+/// How a task ended, as it is stored.
+#[derive(Debug, Clone)]
+pub(super) struct Finished {
+    execution_ms: f64,
+    result: Value,
+    outcome: Outcome,
+    usage: Option<Usage>,
+}
+
+impl Finished {
+    /// What a callback TI reported: a result, or an error (stored as `{"error": ...}`).
+    pub(super) fn reported(
+        execution_ms: f64,
+        result: Option<Value>,
+        error: Option<String>,
+    ) -> Self {
+        let (result, outcome) = match error {
+            Some(e) => (json!({ "error": e }), Outcome::Failed),
+            None => (result.unwrap_or(Value::Null), Outcome::Succeeded),
+        };
+        Self {
+            execution_ms,
+            result,
+            outcome,
+            usage: None,
+        }
+    }
+
+    /// An OpenAI-compatible TI's 2xx answer: the response JSON and its token usage.
+    pub(super) fn succeeded(execution_ms: f64, response: Value) -> Self {
+        Self {
+            execution_ms,
+            usage: crate::ti::openai::usage(&response),
+            result: response,
+            outcome: Outcome::Succeeded,
+        }
+    }
+
+    /// A TI refused the task itself (a 4xx other than 408 and 429): the task failed, with
+    /// the TI's status and body (JSON when it is, else text; cut at 64 KiB).
+    pub(super) fn rejected(execution_ms: f64, status: u16, body: &[u8]) -> Self {
+        let upstream: Value = serde_json::from_slice(body).unwrap_or_else(|_| {
+            let cut = &body[..body.len().min(UPSTREAM_BODY_LIMIT)];
+            Value::String(String::from_utf8_lossy(cut).into_owned())
+        });
+        let detail = upstream
+            .pointer("/error/message")
+            .or_else(|| upstream.get("message"))
+            .or_else(|| upstream.get("detail"))
+            .and_then(Value::as_str)
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        Self {
+            execution_ms,
+            result: json!({
+                "error": format!("the TI rejected the task with HTTP {status}{detail}"),
+                "upstream_status": status,
+                "upstream_body": upstream,
+            }),
+            outcome: Outcome::Failed,
+            usage: None,
+        }
+    }
+}
 
 impl Scheduler {
     /// The TI's callback (`POST /result/submit`).
@@ -30,8 +98,8 @@ impl Scheduler {
         });
         if let (Some(ti), true) = (expected, exec_ok) {
             // Not applied means it completed meanwhile: a repeat, answered as success.
-            self.complete(&task_id, ti, exec, callback.result, callback.error)
-                .await?;
+            let finished = Finished::reported(exec, callback.result, callback.error);
+            self.complete(&task_id, ti, finished).await?;
             return Ok(());
         }
 
@@ -58,8 +126,8 @@ impl Scheduler {
                 "execution_time must be a non-negative number of ms, got {exec}"
             )));
         }
-        self.complete(&task_id, ti, exec, callback.result, callback.error)
-            .await?;
+        let finished = Finished::reported(exec, callback.result, callback.error);
+        self.complete(&task_id, ti, finished).await?;
         Ok(())
     }
 
@@ -69,19 +137,20 @@ impl Scheduler {
         &self,
         task_id: &TaskId,
         ti: TiUuid,
-        execution_ms: f64,
-        result: Option<Value>,
-        error: Option<String>,
+        finished: Finished,
     ) -> Result<bool, Error> {
-        let (result, outcome) = match error {
-            Some(e) => (serde_json::json!({ "error": e }), Outcome::Failed),
-            None => (result.unwrap_or(Value::Null), Outcome::Succeeded),
-        };
+        let Finished {
+            execution_ms,
+            result,
+            outcome,
+            usage,
+        } = finished;
         let completion = Completion {
             result: result.to_string(),
             outcome,
             execution_time_ms: execution_ms,
             completion_time: unix_now(),
+            usage,
         };
         let hardware = self.cache().hardware(ti);
         let id = task_id.clone();

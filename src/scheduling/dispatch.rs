@@ -14,10 +14,14 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use super::cache::DispatchTarget;
+use super::complete::Finished;
 use super::Scheduler;
-use crate::domain::{unix_now, TaskId, TiUuid};
+use crate::domain::{unix_now, TaskId, TiKind, TiUuid};
 use crate::store::TaskRepo;
+use crate::ti::openai::build_request;
 use crate::ti::protocol::DispatchRequest;
+use crate::ti::TiClient;
 
 /// What a dispatcher needs of a task.
 #[derive(Debug)]
@@ -62,6 +66,8 @@ enum Sent {
     Done,
     /// The TI is not usable (removed or unhealthy): choose another.
     Unusable,
+    /// The TI is busy (it answered 408, 429 or 503 and is paused): decide again.
+    Busy,
     /// Every attempt failed: the TI is unhealthy.
     Failed,
 }
@@ -110,7 +116,7 @@ impl Scheduler {
             step = match step {
                 Step::Dispatch(ti) => match self.send(task_id, ti, payload).await {
                     Sent::Done => return,
-                    Sent::Unusable => Step::Reroute,
+                    Sent::Unusable | Sent::Busy => Step::Reroute,
                     Sent::Failed => {
                         self.mark_unhealthy(ti, "dispatches failed");
                         Step::Reroute
@@ -129,6 +135,9 @@ impl Scheduler {
         let Some(target) = self.cache().dispatch_target(ti) else {
             return Sent::Unusable;
         };
+        if target.kind == TiKind::Openai {
+            return self.send_openai(task_id, ti, target, payload).await;
+        }
         let Some(url) = target.url else {
             tracing::error!(ti = %ti, "the TI's address does not form a URL");
             return Sent::Failed;
@@ -194,6 +203,121 @@ impl Scheduler {
             Err(e) => {
                 tracing::error!(task_id = %task_id, error = ?e, "storing the dispatch failed")
             }
+        }
+    }
+
+    /// Sends the task to an OpenAI-compatible TI once one of its slots is free (waiting
+    /// tasks take the slots in FIFO order), and stores its answer: a 2xx completes it, a
+    /// 4xx other than 408 and 429 fails it, 408/429/503 pause the TI and the task is
+    /// decided again; other answers, refused connections and timeouts are retried with
+    /// backoff, then the TI is unhealthy and the task moves.
+    async fn send_openai(
+        &self,
+        task_id: &TaskId,
+        ti: TiUuid,
+        target: DispatchTarget,
+        payload: &Payload,
+    ) -> Sent {
+        let request = build_request(&payload.task_input, &payload.metadata, &target.model)
+            .and_then(|(path, body)| {
+                TiClient::openai_url(&target.host, target.port, &path)
+                    .map(|url| (url, body))
+                    .ok_or_else(|| format!("the TI's address does not form a URL with '{path}'"))
+            });
+        let (url, body) = match request {
+            Ok(request) => request,
+            // Submit checked the body and path: only a TI whose host forms no URL gets here.
+            Err(e) => {
+                tracing::error!(task_id = %task_id, ti = %ti, error = %e, "cannot build the request");
+                return Sent::Failed;
+            }
+        };
+        let settings = &self.inner.settings.ti;
+        let mut backoff = Duration::from_millis(settings.retry_backoff_ms);
+        for attempt in 1..=settings.dispatch_attempts.max(1) {
+            let paused = self.cache().paused_until(ti);
+            if let Some(until) = paused {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = self.inner.shutdown.cancelled() => return Sent::Done,
+                }
+            }
+            let permit = tokio::select! {
+                permit = target.slots.clone().acquire_owned() => permit,
+                _ = self.inner.shutdown.cancelled() => return Sent::Done,
+            };
+            // A closed semaphore: the TI was removed or went unhealthy while we waited.
+            let Ok(permit) = permit else {
+                return Sent::Unusable;
+            };
+            {
+                let mut cache = self.cache();
+                if !cache.holds(task_id, ti) {
+                    // Completed or moved while it waited.
+                    return Sent::Done;
+                }
+                if cache.paused_until(ti).is_some() {
+                    // Another request found it busy while this one waited: decide again.
+                    return Sent::Busy;
+                }
+                cache.mark_started(task_id, ti, Instant::now());
+            }
+            let started = Instant::now();
+            let answer = tokio::select! {
+                answer = self.inner.client.openai_send(&url, body.clone()) => answer,
+                // Left unfinished: the next start sends it again.
+                _ = self.inner.shutdown.cancelled() => return Sent::Done,
+            };
+            let execution_ms = started.elapsed().as_secs_f64() * 1000.0;
+            // The slot frees once the answer is stored: until then the task still counts
+            // as running there, and the next one waits for it, as the estimate assumes.
+            let failure = match answer {
+                Ok(r) if (200..300).contains(&r.status) => {
+                    self.cache().answered(ti);
+                    let finished = match serde_json::from_slice(&r.body) {
+                        Ok(response) => Finished::succeeded(execution_ms, response),
+                        Err(_) => Finished::rejected(execution_ms, r.status, &r.body),
+                    };
+                    self.store_outcome(task_id, ti, finished).await;
+                    drop(permit);
+                    return Sent::Done;
+                }
+                Ok(r) if matches!(r.status, 408 | 429 | 503) => {
+                    metrics::counter!("ti_scheduler_ti_busy_total").increment(1);
+                    tracing::info!(task_id = %task_id, ti = %ti, status = r.status,
+                        retry_after_s = r.retry_after.map(|d| d.as_secs_f64()), "TI busy; task decided again");
+                    self.cache().pause(ti, r.retry_after, Instant::now());
+                    return Sent::Busy;
+                }
+                Ok(r) if (400..500).contains(&r.status) => {
+                    let finished = Finished::rejected(execution_ms, r.status, &r.body);
+                    self.store_outcome(task_id, ti, finished).await;
+                    drop(permit);
+                    return Sent::Done;
+                }
+                Ok(r) => format!("HTTP {}", r.status),
+                Err(e) => e.to_string(),
+            };
+            drop(permit);
+            metrics::counter!("ti_scheduler_dispatch_failures_total").increment(1);
+            tracing::warn!(task_id = %task_id, ti = %ti, attempt, error = %failure, "request failed");
+            if attempt < settings.dispatch_attempts {
+                metrics::counter!("ti_scheduler_dispatch_retries_total").increment(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = self.inner.shutdown.cancelled() => return Sent::Done,
+                }
+                backoff *= 2;
+            }
+        }
+        Sent::Failed
+    }
+
+    /// Stores an outcome; a failed write leaves the task unfinished for the sweep, which
+    /// sends it again.
+    async fn store_outcome(&self, task_id: &TaskId, ti: TiUuid, finished: Finished) {
+        if let Err(e) = self.complete(task_id, ti, finished).await {
+            tracing::error!(task_id = %task_id, error = ?e, "storing the answer failed; the sweep sends it again");
         }
     }
 }

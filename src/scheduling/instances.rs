@@ -3,23 +3,84 @@
 //! moves the tasks the TI had not accepted yet.
 
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, TiUuid};
+use crate::domain::{unix_now, TiKind, TiUuid};
 use crate::store::{StoredTi, TiRepo};
+use crate::ti::TiError;
+
+/// A registration, as checked by the API (host non-empty, port and concurrency in range).
+#[derive(Debug, Clone, Copy)]
+pub struct Registration<'a> {
+    /// Host of the TI.
+    pub host: &'a str,
+    /// Its port.
+    pub port: u16,
+    /// The model it should serve, if the caller says.
+    pub model_name: Option<&'a str>,
+    /// How to talk to it.
+    pub kind: TiKind,
+    /// Its hardware; overrides what the TI reports.
+    pub hardware: Option<&'a str>,
+    /// Requests in flight to it at once; `None` takes the kind's default.
+    pub max_concurrency: Option<u32>,
+}
 
 impl Scheduler {
-    /// Registers a TI after checking `GET /health` and `GET /info`; registering the same
-    /// host:port again returns the same id.
-    pub async fn register(
-        &self,
-        host: &str,
-        port: u16,
-        model_name: Option<&str>,
-    ) -> Result<TiUuid, Error> {
+    /// Registers a TI after checking it with the TI itself (a callback TI: `GET /health`
+    /// and `GET /info`; an OpenAI-compatible one: `GET /health` or `GET /v1/models`, and
+    /// the model ids of `GET /v1/models`); registering the same host:port again returns
+    /// the same id (with the new kind, model, hardware and concurrency).
+    pub async fn register(&self, reg: Registration<'_>) -> Result<TiUuid, Error> {
+        let Registration {
+            host,
+            port,
+            model_name,
+            kind,
+            hardware,
+            max_concurrency,
+        } = reg;
         if !self.inner.settings.allowed_hosts.allows(host) {
             return Err(Error::Invalid(format!(
                 "host '{host}' is not in the allowed TI hosts (ti.allowed_hosts)"
             )));
         }
+        let (model, reported_hardware) = match kind {
+            TiKind::Callback => self.check_callback_ti(host, port, model_name).await?,
+            TiKind::Openai => (self.check_openai_ti(host, port, model_name).await?, None),
+        };
+        let candidate = StoredTi {
+            ti_uuid: TiUuid::generate(),
+            host: host.to_string(),
+            port,
+            model_name: model,
+            hardware: hardware.map(str::to_string).or(reported_hardware),
+            callback_token: uuid::Uuid::new_v4().simple().to_string(),
+            registered_at: unix_now(),
+            removed_at: None,
+            kind,
+            max_concurrency,
+        };
+        let stored = self
+            .inner
+            .db
+            .writer
+            .run(move |conn| TiRepo::upsert_registered(conn, &candidate))
+            .await?;
+        let id = stored.ti_uuid;
+        tracing::info!(ti = %id, host, port, model = %stored.model_name, kind = kind.as_str(), "TI registered");
+        self.cache().upsert_ti(stored);
+        // Tasks that waited for a usable TI of this model can go now.
+        self.spawn_sweep();
+        Ok(id)
+    }
+
+    /// A callback TI's health and `GET /info`: its model (which a given one must match)
+    /// and hardware.
+    async fn check_callback_ti(
+        &self,
+        host: &str,
+        port: u16,
+        model_name: Option<&str>,
+    ) -> Result<(String, Option<String>), Error> {
         let client = &self.inner.client;
         client.health(host, port).await?;
         let info = client.info(host, port).await?;
@@ -37,28 +98,32 @@ impl Scheduler {
                 )))
             }
         };
-        let candidate = StoredTi {
-            ti_uuid: TiUuid::generate(),
-            host: host.to_string(),
-            port,
-            model_name: model,
-            hardware: info.hardware,
-            callback_token: uuid::Uuid::new_v4().simple().to_string(),
-            registered_at: unix_now(),
-            removed_at: None,
-        };
-        let stored = self
-            .inner
-            .db
-            .writer
-            .run(move |conn| TiRepo::upsert_registered(conn, &candidate))
-            .await?;
-        let id = stored.ti_uuid;
-        tracing::info!(ti = %id, host, port, model = %stored.model_name, "TI registered");
-        self.cache().upsert_ti(stored);
-        // Tasks that waited for a usable TI of this model can go now.
-        self.spawn_sweep();
-        Ok(id)
+        Ok((model, info.hardware))
+    }
+
+    /// An OpenAI-compatible TI's health and model ids: a given model must be one of them,
+    /// an omitted one takes the first.
+    async fn check_openai_ti(
+        &self,
+        host: &str,
+        port: u16,
+        model_name: Option<&str>,
+    ) -> Result<String, Error> {
+        let client = &self.inner.client;
+        client.openai_health(host, port).await?;
+        let ids = client.openai_models(host, port).await?;
+        match model_name {
+            Some(given) if ids.iter().any(|id| id == given) => Ok(given.to_string()),
+            Some(given) => Err(Error::Invalid(format!(
+                "model_name '{given}' is not served by the TI at {host}:{port}; GET /v1/models lists: {}",
+                ids.join(", ")
+            ))),
+            None => ids.into_iter().next().ok_or_else(|| {
+                Error::TiUnreachable(TiError::Protocol(format!(
+                    "the TI at {host}:{port} lists no model in GET /v1/models"
+                )))
+            }),
+        }
     }
 
     /// Removes a TI: it gets no new tasks; what it already accepted runs to completion.

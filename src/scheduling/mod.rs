@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use cache::{Cache, TiSnapshot};
+pub use instances::Registration;
 pub use queue::QueueEstimate;
 pub use submit::{SubmitItem, Submitted};
 
@@ -139,6 +140,7 @@ impl Scheduler {
             rng,
             settings.scheduling.weighted_lambda,
             settings.ti.max_inflight_dispatches,
+            std::time::Duration::from_millis(settings.ti.retry_backoff_ms),
         );
         let tis = TiRepo::all(&db.read).await?;
         let ti_count = tis.len();
@@ -178,6 +180,7 @@ impl Scheduler {
                 client: TiClient::new(
                     settings.ti.health_timeout(),
                     std::time::Duration::from_millis(settings.ti.dispatch_timeout_ms),
+                    std::time::Duration::from_millis(settings.ti.request_timeout_ms),
                 ),
                 settings: CoreSettings {
                     ti: settings.ti.clone(),

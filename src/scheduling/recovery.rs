@@ -7,9 +7,10 @@
 
 use futures::StreamExt;
 
+use super::complete::Finished;
 use super::dispatch::{Payload, Step};
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, TaskStatus, TiUuid};
+use crate::domain::{unix_now, TaskStatus, TiKind, TiUuid};
 use crate::store::{TaskRepo, UnfinishedTask};
 use crate::ti::protocol::TiTaskStatus;
 
@@ -105,12 +106,14 @@ impl Scheduler {
             if self.inner.in_flight.contains(&task.task_id) {
                 continue;
             }
+            // An OpenAI-compatible TI's task is driven from its commit to its answer;
+            // one nobody drives (its answer could not be stored) is sent again.
+            let waits_for_a_slot = self.is_openai(task.ti_uuid);
             let due = match task.status {
-                TaskStatus::Queued => {
-                    let (usable_ti, model_usable) =
-                        self.cache().usability(task.ti_uuid, &task.model_name);
-                    usable_ti.is_some() || model_usable
+                TaskStatus::Queued | TaskStatus::Scheduled if waits_for_a_slot => {
+                    self.any_usable(&task)
                 }
+                TaskStatus::Queued => self.any_usable(&task),
                 TaskStatus::Scheduled => task.dispatch_time.is_some_and(|t| t < overdue_before),
                 TaskStatus::Completed => false,
             };
@@ -123,6 +126,17 @@ impl Scheduler {
             });
         }
         Ok(())
+    }
+
+    /// True if the task's TI is OpenAI-compatible.
+    fn is_openai(&self, ti: Option<TiUuid>) -> bool {
+        ti.and_then(|ti| self.cache().kind(ti)) == Some(TiKind::Openai)
+    }
+
+    /// True if the task's TI, or another of its model, is usable.
+    fn any_usable(&self, task: &UnfinishedTask) -> bool {
+        let (usable_ti, model_usable) = self.cache().usability(task.ti_uuid, &task.model_name);
+        usable_ti.is_some() || model_usable
     }
 
     /// Runs [`Scheduler::sweep`] in the background.
@@ -152,17 +166,21 @@ impl Scheduler {
 
     async fn settle_in_flight(&self, task: UnfinishedTask, reroute_unreachable: bool) -> Settled {
         let step = match (task.status, task.ti_uuid) {
-            (TaskStatus::Scheduled, Some(ti)) => match self.ask_ti(&task, ti).await {
-                Asked::Finished => return Settled::Stored,
-                Asked::Running => return Settled::Kept,
-                // The TI never saw it (it restarted, or the dispatch was lost).
-                Asked::Unknown => Step::Dispatch(ti),
-                Asked::Unreachable if reroute_unreachable => {
-                    self.mark_unhealthy(ti, "unreachable during recovery");
-                    Step::Reroute
+            // A callback TI knows what became of a task it accepted; an OpenAI-compatible
+            // TI's request died with the connection, so its task is sent again.
+            (TaskStatus::Scheduled, Some(ti)) if !self.is_openai(Some(ti)) => {
+                match self.ask_ti(&task, ti).await {
+                    Asked::Finished => return Settled::Stored,
+                    Asked::Running => return Settled::Kept,
+                    // The TI never saw it (it restarted, or the dispatch was lost).
+                    Asked::Unknown => Step::Dispatch(ti),
+                    Asked::Unreachable if reroute_unreachable => {
+                        self.mark_unhealthy(ti, "unreachable during recovery");
+                        Step::Reroute
+                    }
+                    Asked::Unreachable => return Settled::Unreachable,
                 }
-                Asked::Unreachable => return Settled::Unreachable,
-            },
+            }
             _ => {
                 let (usable_ti, model_usable) =
                     self.cache().usability(task.ti_uuid, &task.model_name);
@@ -215,10 +233,8 @@ impl Scheduler {
             ),
         };
         let exec = report.execution_time.unwrap_or(0.0);
-        match self
-            .complete(&task.task_id, ti, exec, report.result, error)
-            .await
-        {
+        let finished = Finished::reported(exec, report.result, error);
+        match self.complete(&task.task_id, ti, finished).await {
             Ok(_) => {
                 tracing::info!(task_id = %task.task_id, ti = %ti, "result recovered from the TI");
                 Asked::Finished

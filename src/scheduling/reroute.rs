@@ -52,7 +52,11 @@ impl Scheduler {
             )
         };
         let chosen = placement.ti();
-        let (mean, error) = (placement.predicted_ms, placement.predicted_error_ms);
+        let (status, mean, error) = (
+            placement.status,
+            placement.predicted_ms,
+            placement.predicted_error_ms,
+        );
         let id = task_id.clone();
         let moved = match placement.decision.map(DecisionRow::try_from).transpose() {
             Ok(decision) => {
@@ -60,7 +64,7 @@ impl Scheduler {
                     .db
                     .writer
                     .run(move |conn| {
-                        let moved = TaskRepo::reassign(conn, &id, chosen, mean, error)?;
+                        let moved = TaskRepo::reassign(conn, &id, chosen, status, mean, error)?;
                         if let (true, Some(d)) = (moved, &decision) {
                             DecisionRepo::insert(conn, d)?;
                         }

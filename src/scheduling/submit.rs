@@ -51,8 +51,17 @@ impl Scheduler {
     pub async fn submit(
         &self,
         model: &str,
-        items: Vec<SubmitItem>,
+        mut items: Vec<SubmitItem>,
     ) -> Result<Vec<Submitted>, Error> {
+        if self.cache().serves_openai(model) {
+            // The predictor's features of an OpenAI request come from its body (SPEC.md §9),
+            // and are kept with the task so that retraining sees what was known at submit.
+            for item in &mut items {
+                if let Ok(body) = serde_json::from_str(item.task_input.get()) {
+                    crate::ti::openai::add_features(&body, &mut item.metadata);
+                }
+            }
+        }
         let Sorted {
             mut answers,
             fresh,
@@ -167,6 +176,7 @@ impl Scheduler {
                     task_input: item.task_input.get().to_string(),
                     metadata: serialized_object(&item.metadata),
                     ti_uuid: placement.ti(),
+                    status: placement.status,
                     predicted_ms: placement.predicted_ms,
                     predicted_error_ms: placement.predicted_error_ms,
                     submit_time,

@@ -5,22 +5,23 @@ use serde_json::Value;
 use sqlx::SqliteExecutor;
 
 use super::{DecisionRepo, DecisionRow, StoreError};
-use crate::domain::{Outcome, TaskId, TaskStatus, TiUuid};
+use crate::domain::{Outcome, TaskId, TaskStatus, TiUuid, Usage};
 
 pub(super) const INSERT: &str =
     "INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
                         predicted_ms, predicted_error_ms, submit_time)
-     VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8)
+     VALUES (?1, ?2, ?3, ?4, ?9, ?5, ?6, ?7, ?8)
      ON CONFLICT (task_id) DO NOTHING";
 pub(super) const MARK_SCHEDULED: &str = "UPDATE tasks SET status = 'scheduled', dispatch_time = ?1
      WHERE task_id = ?2 AND status = 'queued' AND ti_uuid = ?3";
 pub(super) const COMPLETE: &str =
     "UPDATE tasks SET status = 'completed', result = ?1, outcome = ?2,
-                      execution_time_ms = ?3, completion_time = ?4
+                      execution_time_ms = ?3, completion_time = ?4,
+                      prompt_tokens = ?6, completion_tokens = ?7
      WHERE task_id = ?5 AND status <> 'completed'
      RETURNING model_name, metadata";
 pub(super) const REASSIGN: &str =
-    "UPDATE tasks SET status = 'queued', ti_uuid = ?1, dispatch_time = NULL,
+    "UPDATE tasks SET status = ?5, ti_uuid = ?1, dispatch_time = NULL,
                       predicted_ms = ?2, predicted_error_ms = ?3
      WHERE task_id = ?4 AND status <> 'completed'";
 pub(super) const EXPIRE_RESULTS: &str = "UPDATE tasks SET result = NULL, result_expired = 1
@@ -49,6 +50,9 @@ pub struct NewTask {
     pub metadata: String,
     /// The TI the strategy chose; `None` while no TI of the model is usable.
     pub ti_uuid: Option<TiUuid>,
+    /// `queued`, or `scheduled` when bound to an OpenAI-compatible TI (whose queue the
+    /// scheduler keeps itself).
+    pub status: TaskStatus,
     /// Predicted execution time on that TI, ms.
     pub predicted_ms: f64,
     /// Error of that prediction, ms.
@@ -80,6 +84,10 @@ pub struct StoredTask {
     pub outcome: Option<Outcome>,
     /// True once the cleanup job cleared the result.
     pub result_expired: bool,
+    /// Prompt tokens an OpenAI-compatible TI reported.
+    pub prompt_tokens: Option<i64>,
+    /// Completion tokens an OpenAI-compatible TI reported.
+    pub completion_tokens: Option<i64>,
 }
 
 /// An unfinished task, with what is needed to dispatch it again and rebuild the queue
@@ -162,6 +170,8 @@ pub struct Completion {
     pub execution_time_ms: f64,
     /// Unix seconds.
     pub completion_time: f64,
+    /// Token usage an OpenAI-compatible TI reported.
+    pub usage: Option<Usage>,
 }
 
 fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
@@ -193,7 +203,8 @@ impl TaskRepo {
         let id = task_id.as_str();
         let row = sqlx::query!(
             r#"SELECT task_id, model_name, status, ti_uuid, submit_time, completion_time,
-                      execution_time_ms, result, outcome, result_expired AS "result_expired: bool"
+                      execution_time_ms, result, outcome, result_expired AS "result_expired: bool",
+                      prompt_tokens, completion_tokens
                FROM tasks WHERE task_id = ?"#,
             id
         )
@@ -222,6 +233,8 @@ impl TaskRepo {
             result,
             outcome,
             result_expired: row.result_expired,
+            prompt_tokens: row.prompt_tokens,
+            completion_tokens: row.completion_tokens,
         }))
     }
 
@@ -243,6 +256,7 @@ impl TaskRepo {
                     t.predicted_ms,
                     t.predicted_error_ms,
                     t.submit_time,
+                    t.status.as_str(),
                 ])? == 1;
                 if let (true, Some(d)) = (new, d) {
                     DecisionRepo::insert(conn, d)?;
@@ -282,6 +296,8 @@ impl TaskRepo {
                     c.execution_time_ms,
                     c.completion_time,
                     task_id.as_str(),
+                    c.usage.and_then(|u| u.prompt_tokens),
+                    c.usage.and_then(|u| u.completion_tokens),
                 ),
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -289,12 +305,14 @@ impl TaskRepo {
         Ok(stored)
     }
 
-    /// Moves an unfinished task to another TI (or to none), back in `queued`.
-    /// Returns false if it had completed meanwhile.
+    /// Moves an unfinished task to another TI (or to none), back in `status` (`queued`,
+    /// or `scheduled` for an OpenAI-compatible TI). Returns false if it had completed
+    /// meanwhile.
     pub fn reassign(
         conn: &Connection,
         task_id: &TaskId,
         ti: Option<TiUuid>,
+        status: TaskStatus,
         predicted_ms: f64,
         predicted_error_ms: f64,
     ) -> Result<bool, StoreError> {
@@ -303,6 +321,7 @@ impl TaskRepo {
             predicted_ms,
             predicted_error_ms,
             task_id.as_str(),
+            status.as_str(),
         ))?;
         Ok(changed == 1)
     }

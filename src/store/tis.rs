@@ -4,20 +4,23 @@ use rusqlite::Connection;
 use sqlx::SqliteExecutor;
 
 use super::StoreError;
-use crate::domain::TiUuid;
+use crate::domain::{TiKind, TiUuid};
 
 pub(super) const UPSERT_REGISTERED: &str =
     "INSERT INTO task_instances (ti_uuid, host, port, model_name, hardware,
-                                 callback_token, registered_at, removed_at)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL)
+                                 callback_token, registered_at, removed_at, kind,
+                                 max_concurrency)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, NULL, ?8, ?9)
      ON CONFLICT (host, port) DO UPDATE SET
          model_name = excluded.model_name,
          hardware = excluded.hardware,
+         kind = excluded.kind,
+         max_concurrency = excluded.max_concurrency,
          registered_at = CASE WHEN removed_at IS NULL THEN registered_at
                               ELSE excluded.registered_at END,
          removed_at = NULL
      RETURNING ti_uuid, host, port, model_name, hardware, callback_token,
-               registered_at, removed_at";
+               registered_at, removed_at, kind, max_concurrency";
 pub(super) const MARK_REMOVED: &str =
     "UPDATE task_instances SET removed_at = ?1 WHERE ti_uuid = ?2 AND removed_at IS NULL";
 
@@ -43,6 +46,10 @@ pub struct StoredTi {
     pub registered_at: f64,
     /// Unix seconds; `None` while registered.
     pub removed_at: Option<f64>,
+    /// How the scheduler talks to it.
+    pub kind: TiKind,
+    /// Requests in flight to it at once, when registration said.
+    pub max_concurrency: Option<u32>,
 }
 
 struct TiRow {
@@ -54,6 +61,8 @@ struct TiRow {
     callback_token: String,
     registered_at: f64,
     removed_at: Option<f64>,
+    kind: String,
+    max_concurrency: Option<i64>,
 }
 
 impl TryFrom<TiRow> for StoredTi {
@@ -73,6 +82,14 @@ impl TryFrom<TiRow> for StoredTi {
             callback_token: row.callback_token,
             registered_at: row.registered_at,
             removed_at: row.removed_at,
+            kind: TiKind::parse(&row.kind).map_err(StoreError::Corrupt)?,
+            max_concurrency: row
+                .max_concurrency
+                .map(|c| {
+                    u32::try_from(c)
+                        .map_err(|_| StoreError::Corrupt(format!("bad max_concurrency {c}")))
+                })
+                .transpose()?,
         })
     }
 }
@@ -83,7 +100,7 @@ impl TiRepo {
         let rows = sqlx::query_as!(
             TiRow,
             "SELECT ti_uuid, host, port, model_name, hardware, callback_token,
-                    registered_at, removed_at
+                    registered_at, removed_at, kind, max_concurrency
              FROM task_instances ORDER BY registered_at, ti_uuid"
         )
         .fetch_all(exec)
@@ -103,6 +120,8 @@ impl TiRepo {
                 &ti.hardware,
                 &ti.callback_token,
                 ti.registered_at,
+                ti.kind.as_str(),
+                ti.max_concurrency,
             ),
             |r| {
                 Ok(TiRow {
@@ -114,6 +133,8 @@ impl TiRepo {
                     callback_token: r.get(5)?,
                     registered_at: r.get(6)?,
                     removed_at: r.get(7)?,
+                    kind: r.get(8)?,
+                    max_concurrency: r.get(9)?,
                 })
             },
         )?;

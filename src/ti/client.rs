@@ -36,7 +36,7 @@ pub enum TiError {
 }
 
 impl TiError {
-    fn from_reqwest(e: reqwest::Error, timeout: Duration) -> Self {
+    pub(super) fn from_reqwest(e: reqwest::Error, timeout: Duration) -> Self {
         if e.is_timeout() {
             return Self::Timeout(timeout.as_millis() as u64);
         }
@@ -89,14 +89,20 @@ struct DeployedModel {
 /// HTTP client for Task Instances.
 #[derive(Clone)]
 pub struct TiClient {
-    http: reqwest::Client,
-    health_timeout: Duration,
+    pub(super) http: reqwest::Client,
+    pub(super) health_timeout: Duration,
     dispatch_timeout: Duration,
+    pub(super) request_timeout: Duration,
 }
 
 impl TiClient {
-    /// A client with these timeouts.
-    pub fn new(health_timeout: Duration, dispatch_timeout: Duration) -> Self {
+    /// A client with these timeouts: of health checks and `GET /info`, of a dispatch to a
+    /// callback TI, and of a whole request to an OpenAI-compatible TI.
+    pub fn new(
+        health_timeout: Duration,
+        dispatch_timeout: Duration,
+        request_timeout: Duration,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
@@ -108,6 +114,7 @@ impl TiClient {
             http,
             health_timeout,
             dispatch_timeout,
+            request_timeout,
         }
     }
 
@@ -117,7 +124,7 @@ impl TiClient {
         reqwest::Url::parse(&Self::url(host, port, "/queue/submit")).ok()
     }
 
-    fn url(host: &str, port: u16, path: &str) -> String {
+    pub(super) fn url(host: &str, port: u16, path: &str) -> String {
         if host.contains(':') && !host.starts_with('[') {
             format!("http://[{host}]:{port}{path}")
         } else {
@@ -126,7 +133,7 @@ impl TiClient {
     }
 
     /// Sends a request with a timeout.
-    async fn send(
+    pub(super) async fn send(
         request: reqwest::RequestBuilder,
         timeout: Duration,
     ) -> Result<reqwest::Response, TiError> {
@@ -138,7 +145,10 @@ impl TiClient {
     }
 
     /// The response if it is a 2xx, else the error naming the request.
-    fn success(resp: reqwest::Response, what: &'static str) -> Result<reqwest::Response, TiError> {
+    pub(super) fn success(
+        resp: reqwest::Response,
+        what: &'static str,
+    ) -> Result<reqwest::Response, TiError> {
         if resp.status().is_success() {
             Ok(resp)
         } else {

@@ -4,6 +4,8 @@
 
 mod allow_list;
 mod client;
+pub mod openai;
+pub mod openai_sim;
 pub mod protocol;
 pub mod sim;
 

@@ -12,6 +12,7 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 
 use ti_scheduler::config::Settings;
+use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
 use ti_scheduler::App;
 
@@ -274,4 +275,45 @@ pub async fn spawn_ti_with(config: SimConfig) -> SimTi {
     SimTi::spawn(config, "127.0.0.1:0".parse().unwrap())
         .await
         .expect("simulated TI starts")
+}
+
+/// Starts a simulated OpenAI-compatible server on an ephemeral port.
+pub async fn spawn_openai(config: OpenAiSimConfig) -> OpenAiSim {
+    OpenAiSim::spawn(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .expect("simulated OpenAI server starts")
+}
+
+impl TestApp {
+    /// Registers an OpenAI-compatible TI with these extra fields (`max_concurrency`,
+    /// `hardware`, `model_name`); returns its ti_uuid.
+    pub async fn register_openai(&self, sim: &OpenAiSim, extra: Value) -> String {
+        let mut body = json!({"host": "127.0.0.1", "port": sim.addr().port(), "kind": "openai"});
+        if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+            body.extend(extra.clone());
+        }
+        let (status, answer) = self.post("/ti/register", body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        answer["ti_uuid"].as_str().unwrap().to_string()
+    }
+
+    /// Submits a task with this input and metadata; returns (task_id, scheduled_ti).
+    pub async fn submit_input(
+        &self,
+        model: &str,
+        input: Value,
+        metadata: Value,
+    ) -> (String, String) {
+        let (status, body) = self
+            .post(
+                "/queue/submit",
+                json!({"model_name": model, "task_input": input, "metadata": metadata}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        (
+            body["task_id"].as_str().unwrap().to_string(),
+            body["scheduled_ti"].as_str().unwrap().to_string(),
+        )
+    }
 }

@@ -1,0 +1,326 @@
+//! The scheduler's side of an OpenAI-compatible TI (SPEC.md §9): vLLM, SGLang, TGI,
+//! llama.cpp's server, Ollama. Such a server answers each request with its response; it
+//! does not call back. This file checks it at registration (`GET /health`, else
+//! `GET /v1/models`; the model ids from `GET /v1/models`), builds the request of a task
+//! (its path and body), sends it, and reads what the scheduler keeps of the answer
+//! (the `usage` counts). It also estimates, from the request alone, the features the
+//! predictor uses (`input_tokens`, `max_tokens`).
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::{TiClient, TiError};
+use crate::domain::Usage;
+
+/// What an OpenAI-compatible TI answered to a request.
+#[derive(Debug, Clone)]
+pub struct UpstreamResponse {
+    /// Its HTTP status.
+    pub status: u16,
+    /// Its `Retry-After`, in seconds (the date form is not used by inference servers).
+    pub retry_after: Option<Duration>,
+    /// Its body.
+    pub body: Bytes,
+}
+
+#[derive(Deserialize)]
+struct ModelList {
+    data: Vec<ModelEntry>,
+}
+
+#[derive(Deserialize)]
+struct ModelEntry {
+    id: String,
+}
+
+impl TiClient {
+    /// Health of an OpenAI-compatible TI: `GET /health` answering 2xx; a server without
+    /// that route (404) is healthy when `GET /v1/models` answers 2xx.
+    pub async fn openai_health(&self, host: &str, port: u16) -> Result<(), TiError> {
+        let request = self.http.get(Self::url(host, port, "/health"));
+        let resp = Self::send(request, self.health_timeout).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        if status != reqwest::StatusCode::NOT_FOUND {
+            return Err(TiError::Unhealthy(status.as_u16()));
+        }
+        let request = self.http.get(Self::url(host, port, "/v1/models"));
+        let resp = Self::send(request, self.health_timeout).await?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(TiError::Unhealthy(resp.status().as_u16()))
+        }
+    }
+
+    /// The model ids an OpenAI-compatible TI serves (`GET /v1/models`), in its order.
+    pub async fn openai_models(&self, host: &str, port: u16) -> Result<Vec<String>, TiError> {
+        let request = self.http.get(Self::url(host, port, "/v1/models"));
+        let resp = Self::success(
+            Self::send(request, self.health_timeout).await?,
+            "GET /v1/models",
+        )?;
+        let list: ModelList = resp.json().await.map_err(|e| {
+            TiError::Protocol(format!(
+                "GET /v1/models answered no {{\"data\": [{{\"id\": ...}}]}} list: {e}"
+            ))
+        })?;
+        Ok(list.data.into_iter().map(|m| m.id).collect())
+    }
+
+    /// Sends one request to an OpenAI-compatible TI and reads the whole answer, whatever
+    /// its status. Transport errors and the request timeout are errors.
+    pub async fn openai_send(
+        &self,
+        url: &reqwest::Url,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, TiError> {
+        let request = self
+            .http
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let resp = Self::send(request, self.request_timeout).await?;
+        let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64);
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| TiError::from_reqwest(e, self.request_timeout))?;
+        Ok(UpstreamResponse {
+            status,
+            retry_after,
+            body,
+        })
+    }
+
+    /// The URL of `path` on a TI; `None` if `host` cannot form one.
+    pub fn openai_url(host: &str, port: u16, path: &str) -> Option<reqwest::Url> {
+        reqwest::Url::parse(&Self::url(host, port, &format!("/{path}"))).ok()
+    }
+}
+
+/// The path a task is sent to: `metadata.path` when given (a leading `/` is optional; it
+/// must start with `v1/` and hold only `A-Za-z0-9/_.-`, no `..`), else
+/// `v1/chat/completions` when `task_input` has `messages`, else `v1/completions`.
+///
+/// ```
+/// use serde_json::{json, Map};
+/// use ti_scheduler::ti::openai::request_path;
+/// let chat = json!({"messages": []});
+/// assert_eq!(request_path(chat.as_object().unwrap(), &Map::new()).unwrap(), "v1/chat/completions");
+/// let meta = json!({"path": "/v1/embeddings"});
+/// assert_eq!(request_path(&Map::new(), meta.as_object().unwrap()).unwrap(), "v1/embeddings");
+/// assert!(request_path(&Map::new(), json!({"path": "admin"}).as_object().unwrap()).is_err());
+/// ```
+pub fn request_path(
+    task_input: &Map<String, Value>,
+    metadata: &Map<String, Value>,
+) -> Result<String, String> {
+    match metadata.get("path") {
+        None | Some(Value::Null) => Ok(if task_input.contains_key("messages") {
+            "v1/chat/completions".into()
+        } else {
+            "v1/completions".into()
+        }),
+        Some(Value::String(path)) => checked_path(path).map(str::to_string),
+        Some(other) => Err(format!("metadata.path must be a string, got {other}")),
+    }
+}
+
+/// Checks a client's `metadata.path`; answers it without its leading `/`.
+fn checked_path(path: &str) -> Result<&str, String> {
+    let trimmed = path.strip_prefix('/').unwrap_or(path);
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '.' | '-');
+    if !trimmed.starts_with("v1/") || trimmed.len() == 3 {
+        return Err(format!(
+            "metadata.path must start with 'v1/' (like 'v1/chat/completions'), got '{path}'"
+        ));
+    }
+    if !trimmed.chars().all(allowed) || trimmed.split('/').any(|s| s == "..") {
+        return Err(format!(
+            "metadata.path may only hold A-Za-z0-9/_.- and no '..' segment, got '{path}'"
+        ));
+    }
+    Ok(trimmed)
+}
+
+/// The request of a task: its path ([`request_path`]) and its body ([`request_body`]).
+pub fn build_request(
+    task_input: &RawValue,
+    metadata: &Map<String, Value>,
+    model: &str,
+) -> Result<(String, Bytes), String> {
+    let body: Map<String, Value> = serde_json::from_str(task_input.get())
+        .map_err(|e| format!("task_input is not a JSON object: {e}"))?;
+    let path = request_path(&body, metadata)?;
+    Ok((path, request_body(body, model)?))
+}
+
+/// The request body of a task: `task_input` with `model` set to the TI's model id when
+/// absent and `stream` forced to `false`.
+pub fn request_body(mut body: Map<String, Value>, model: &str) -> Result<Bytes, String> {
+    if !body.get("model").is_some_and(Value::is_string) {
+        body.insert("model".into(), Value::String(model.to_string()));
+    }
+    body.insert("stream".into(), Value::Bool(false));
+    serde_json::to_vec(&body)
+        .map(Bytes::from)
+        .map_err(|e| format!("task_input: {e}"))
+}
+
+/// The token counts of an OpenAI response's `usage`, when it has them.
+pub fn usage(response: &Value) -> Option<Usage> {
+    let usage = response.get("usage")?;
+    let count = |name: &str| usage.get(name).and_then(Value::as_i64);
+    let found = Usage {
+        prompt_tokens: count("prompt_tokens"),
+        completion_tokens: count("completion_tokens"),
+    };
+    (found != Usage::default()).then_some(found)
+}
+
+/// Characters per token of the input-token estimate: the usual rule of thumb for English
+/// text with BPE tokenizers (GPT, Llama, Mistral). The learned model's coefficient for
+/// input tokens absorbs a constant error in this ratio; only its variation between
+/// prompts stays as noise.
+pub const CHARS_PER_TOKEN: f64 = 4.0;
+
+/// The predictor's features from an OpenAI request body alone: `input_tokens` estimated
+/// from the prompt or the messages' text (characters / [`CHARS_PER_TOKEN`], rounded up),
+/// and `max_tokens` from `max_tokens` or `max_completion_tokens`. Features already in
+/// `metadata` win; nothing is added when the body is not an OpenAI request.
+pub fn add_features(task_input: &Map<String, Value>, metadata: &mut Map<String, Value>) {
+    let has = |m: &Map<String, Value>, names: &[&str]| names.iter().any(|n| m.contains_key(*n));
+    if !has(metadata, &["input_tokens", "prompt_tokens"]) {
+        if let Some(chars) = prompt_chars(task_input) {
+            let tokens = (chars as f64 / CHARS_PER_TOKEN).ceil();
+            metadata.insert("input_tokens".into(), tokens.into());
+        }
+    }
+    if !has(metadata, &["output_tokens", "max_tokens"]) {
+        let bound = ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .find_map(|n| task_input.get(*n).and_then(Value::as_f64))
+            .filter(|v| v.is_finite() && *v >= 0.0);
+        if let Some(bound) = bound {
+            metadata.insert("max_tokens".into(), bound.into());
+        }
+    }
+}
+
+/// Characters of text in `prompt` (a string or a list of strings) or in the `content` of
+/// `messages` (a string, or a list of `{"type": "text", "text": ...}` parts).
+fn prompt_chars(task_input: &Map<String, Value>) -> Option<usize> {
+    fn text_chars(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.chars().count(),
+            Value::Array(items) => items.iter().map(text_chars).sum(),
+            Value::Object(part) => part.get("text").map_or(0, text_chars),
+            _ => 0,
+        }
+    }
+    if let Some(prompt) = task_input.get("prompt") {
+        return Some(text_chars(prompt));
+    }
+    let messages = task_input.get("messages")?.as_array()?;
+    Some(
+        messages
+            .iter()
+            .filter_map(|m| m.get("content"))
+            .map(text_chars)
+            .sum(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn paths_come_from_metadata_or_the_body_shape_and_are_checked() {
+        let none = Map::new();
+        assert_eq!(
+            request_path(&map(json!({"prompt": "x"})), &none).unwrap(),
+            "v1/completions"
+        );
+        assert_eq!(
+            request_path(&none, &map(json!({"path": "v1/completions"}))).unwrap(),
+            "v1/completions"
+        );
+        for bad in ["v1/", "v2/x", "v1/../admin", "v1/a?b=c", "/", ""] {
+            assert!(
+                request_path(&none, &map(json!({ "path": bad }))).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(request_path(&none, &map(json!({"path": 3}))).is_err());
+    }
+
+    #[test]
+    fn the_body_gets_the_model_when_absent_and_never_streams() {
+        let raw = RawValue::from_string(r#"{"prompt":"hi","stream":true}"#.into()).unwrap();
+        let (path, body) = build_request(&raw, &Map::new(), "m").unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(path, "v1/completions");
+        assert_eq!(body, json!({"prompt": "hi", "stream": false, "model": "m"}));
+        let own = map(json!({"model": "mine"}));
+        let body: Value = serde_json::from_slice(&request_body(own, "m").unwrap()).unwrap();
+        assert_eq!(body["model"], "mine");
+    }
+
+    #[test]
+    fn features_are_estimated_from_the_text_and_metadata_wins() {
+        let chat = map(json!({
+            "messages": [
+                {"role": "system", "content": "abcd"},
+                {"role": "user", "content": [{"type": "text", "text": "abcdefgh"}]}
+            ],
+            "max_completion_tokens": 64
+        }));
+        let mut meta = Map::new();
+        add_features(&chat, &mut meta);
+        assert_eq!(meta, map(json!({"input_tokens": 3.0, "max_tokens": 64.0})));
+
+        let mut given = map(json!({"input_tokens": 500, "output_tokens": 10}));
+        add_features(&chat, &mut given);
+        assert_eq!(
+            given,
+            map(json!({"input_tokens": 500, "output_tokens": 10}))
+        );
+
+        let mut nothing = Map::new();
+        add_features(&map(json!({"image": "x"})), &mut nothing);
+        assert!(nothing.is_empty());
+    }
+
+    #[test]
+    fn usage_is_read_when_present() {
+        let body = json!({"usage": {"prompt_tokens": 12, "completion_tokens": 30}});
+        assert_eq!(
+            usage(&body),
+            Some(Usage {
+                prompt_tokens: Some(12),
+                completion_tokens: Some(30)
+            })
+        );
+        assert_eq!(usage(&json!({"choices": []})), None);
+    }
+}
