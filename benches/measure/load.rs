@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 
 use super::workload::MODEL;
 use super::SERVICE_BIN;
-use ti_scheduler::domain::Durability;
+use ti_scheduler::domain::{Durability, TiKind};
+use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
 
 /// Options of the load benchmark.
@@ -46,6 +47,10 @@ pub struct LoadArgs {
     /// Simulated TIs (they finish every task at once).
     #[arg(long, default_value_t = 4)]
     pub tis: usize,
+    /// Kind of the simulated TIs: callback (our protocol) or openai (OpenAI-compatible
+    /// servers, 64 requests at once each).
+    #[arg(long, default_value = "callback", value_parser = TiKind::parse)]
+    pub protocol: TiKind,
     /// Tasks per request: above 1, clients use POST /queue/submit_batch and rates count
     /// tasks (not with --raw-ceiling, whose servers take single submits).
     #[arg(long, default_value_t = 1)]
@@ -86,6 +91,8 @@ pub struct ServerFigures {
     pub completed_per_s: f64,
     /// End-to-end latency of the tasks submitted in the window, ms.
     pub e2e_ms: Option<Histogram<u64>>,
+    /// End to end less the execution time, µs.
+    pub overhead_us: Option<Histogram<u64>>,
     /// CPU seconds this process (clients and simulated TIs) used in the window.
     pub load_cpu_seconds: f64,
     /// The group-commit writer over the window, from the scheduler's `/metrics`.
@@ -218,7 +225,7 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
 fn submit_body(n: u64) -> Value {
     json!({
         "model_name": MODEL,
-        "task_input": {"prompt": "Summarise the following text in one sentence."},
+        "task_input": {"prompt": "Summarise the following text in one sentence.", "max_tokens": 16},
         "metadata": {"input_tokens": 100 + n % 900, "output_tokens": 16 + n % 200},
     })
 }
@@ -228,7 +235,7 @@ fn batch_body(n: u64, batch: usize) -> Value {
     let tasks: Vec<Value> = (n..n + batch as u64)
         .map(|k| {
             json!({
-                "task_input": {"prompt": "Summarise the following text in one sentence."},
+                "task_input": {"prompt": "Summarise the following text in one sentence.", "max_tokens": 16},
                 "metadata": {"input_tokens": 100 + k % 900, "output_tokens": 16 + k % 200},
             })
         })
@@ -367,8 +374,16 @@ pub async fn drive(url: &str, args: &LoadArgs) -> anyhow::Result<Drive> {
     })
 }
 
-/// End-to-end figures of the tasks submitted within `[from, to]` (Unix seconds).
-fn end_to_end(db: &Path, from: f64, to: f64) -> anyhow::Result<(f64, Histogram<u64>)> {
+/// End-to-end figures of the tasks submitted within `[from, to]` (Unix seconds): the
+/// completion rate, the submit → result stored latency, and the scheduler's overhead (that
+/// latency less the execution time, which for an OpenAI-compatible TI the scheduler
+/// measures from sending the request to the end of the answer), µs. Timestamps have
+/// millisecond precision, so each figure is ± 1 ms.
+fn end_to_end(
+    db: &Path,
+    from: f64,
+    to: f64,
+) -> anyhow::Result<(f64, Histogram<u64>, Histogram<u64>)> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let completed: i64 = conn.query_row(
@@ -384,7 +399,15 @@ fn end_to_end(db: &Path, from: f64, to: f64) -> anyhow::Result<(f64, Histogram<u
     for ms in rows.query_map([from, to], |r| r.get::<_, f64>(0))? {
         let _ = h.record(ms?.round().max(1.0) as u64);
     }
-    Ok((completed as f64 / (to - from), h))
+    let mut overhead = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
+    let mut rows = conn.prepare(
+        "SELECT (completion_time - submit_time) * 1000.0 - execution_time_ms FROM tasks
+         WHERE submit_time BETWEEN ?1 AND ?2 AND completion_time IS NOT NULL",
+    )?;
+    for ms in rows.query_map([from, to], |r| r.get::<_, f64>(0))? {
+        let _ = overhead.record((ms? * 1000.0).round().max(1.0) as u64);
+    }
+    Ok((completed as f64 / (to - from), h, overhead))
 }
 
 async fn wait_drained(db: &Path) -> anyhow::Result<()> {
@@ -408,7 +431,68 @@ async fn wait_drained(db: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Simulated TIs that finish every task at once.
+/// Simulated TIs of either kind that finish every task at once.
+enum InstantTis {
+    Callback(Vec<SimTi>),
+    Openai(Vec<OpenAiSim>),
+}
+
+/// Requests in flight to each simulated OpenAI-compatible TI.
+const OPENAI_CONCURRENCY: usize = 64;
+
+impl InstantTis {
+    async fn spawn(kind: TiKind, n: usize) -> anyhow::Result<Self> {
+        if kind == TiKind::Callback {
+            return Ok(Self::Callback(instant_tis(n).await?));
+        }
+        let mut sims = Vec::new();
+        for i in 0..n {
+            let config = OpenAiSimConfig {
+                model: MODEL.into(),
+                concurrency: OPENAI_CONCURRENCY,
+                base_ms: 0.0,
+                seed: i as u64,
+                ..OpenAiSimConfig::default()
+            };
+            sims.push(OpenAiSim::spawn(config, "127.0.0.1:0".parse()?).await?);
+        }
+        Ok(Self::Openai(sims))
+    }
+
+    /// The `/ti/register` bodies.
+    fn registrations(&self) -> Vec<Value> {
+        match self {
+            Self::Callback(tis) => tis
+                .iter()
+                .map(|t| json!({"host": "127.0.0.1", "port": t.addr().port()}))
+                .collect(),
+            Self::Openai(sims) => sims
+                .iter()
+                .map(|s| {
+                    json!({"host": "127.0.0.1", "port": s.addr().port(), "kind": "openai",
+                           "max_concurrency": OPENAI_CONCURRENCY})
+                })
+                .collect(),
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Self::Callback(tis) => {
+                for ti in tis {
+                    ti.stop().await;
+                }
+            }
+            Self::Openai(sims) => {
+                for sim in sims {
+                    sim.stop().await;
+                }
+            }
+        }
+    }
+}
+
+/// Simulated callback TIs that finish every task at once.
 async fn instant_tis(n: usize) -> anyhow::Result<Vec<SimTi>> {
     let mut tis = Vec::new();
     for i in 0..n {
@@ -450,7 +534,7 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
     }
     let dir = scratch_dir()?;
     let db = dir.join("load.db");
-    let tis = instant_tis(args.tis).await?;
+    let tis = InstantTis::spawn(args.protocol, args.tis).await?;
     let port = free_port()?;
     let server = ChildServer::spawn(
         Path::new(SERVICE_BIN),
@@ -470,10 +554,10 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
     )?;
     server.wait_ready("/ready").await?;
     let http = reqwest::Client::builder().no_proxy().build()?;
-    for ti in &tis {
+    for registration in tis.registrations() {
         let r = http
             .post(format!("{}/ti/register", server.url()))
-            .json(&json!({"host": "127.0.0.1", "port": ti.addr().port()}))
+            .json(&registration)
             .send()
             .await?;
         anyhow::ensure!(r.status().is_success(), "register: {}", r.text().await?);
@@ -496,11 +580,9 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
     let (from, cpu_before, writer_before) = window.await?;
     wait_drained(&db).await?;
     let peak = peak_rss_mib(server.pid()).unwrap_or(f64::NAN);
-    let (completed_per_s, e2e) = end_to_end(&db, from, to)?;
+    let (completed_per_s, e2e, overhead) = end_to_end(&db, from, to)?;
     server.stop();
-    for ti in tis {
-        ti.stop().await;
-    }
+    tis.stop().await;
     std::fs::remove_dir_all(&dir).ok();
     Ok((
         result,
@@ -517,6 +599,7 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
             peak_rss_mib: peak,
             completed_per_s,
             e2e_ms: Some(e2e),
+            overhead_us: Some(overhead),
         }),
     ))
 }
@@ -581,10 +664,11 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "Load: {mode}, {:.0} s measured after {:.0} s warm-up, {} simulated TIs that finish at once, synchronous={}",
+        "Load: {mode}, {:.0} s measured after {:.0} s warm-up, {} simulated {} TIs that finish at once, synchronous={}",
         args.duration,
         args.warmup,
         args.tis,
+        args.protocol.as_str(),
         durability_name(args.durability).to_uppercase()
     );
     println!();
@@ -627,6 +711,13 @@ pub async fn run(args: &LoadArgs) -> anyhow::Result<()> {
                 e2e.value_at_quantile(0.999),
                 e2e.len(),
                 f.completed_per_s
+            );
+        }
+        if let Some(o) = &f.overhead_us {
+            println!(
+                "Scheduler overhead (submit → result stored, less the execution time; ± 1 ms, the timestamps' precision): p50 {:.2} ms, p99 {:.2} ms.",
+                o.value_at_quantile(0.5) as f64 / 1000.0,
+                o.value_at_quantile(0.99) as f64 / 1000.0,
             );
         }
         println!(
