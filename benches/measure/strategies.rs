@@ -22,7 +22,8 @@ use tokio::sync::oneshot;
 
 use super::workload::{self, HARDWARE, MODEL};
 use ti_scheduler::config::Settings;
-use ti_scheduler::domain::{PredictMode, StrategyKind};
+use ti_scheduler::domain::{PredictMode, StrategyKind, TiKind};
+use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::SimTi;
 use ti_scheduler::App;
 
@@ -55,7 +56,18 @@ pub struct StrategyArgs {
     /// Seed of arrivals, task sizes and noise.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Kind of the simulated TIs: callback (2 fast + 2 slow, one task at a time) or
+    /// openai (OpenAI-compatible servers of mixed hardware and concurrency, see OPENAI_TIS).
+    #[arg(long, default_value = "callback", value_parser = TiKind::parse)]
+    pub protocol: TiKind,
+    /// openai: smallest share of max_tokens a completion takes (1: the output length is
+    /// known at submit; below 1 it varies and the predictor only knows the bound).
+    #[arg(long, default_value_t = 1.0)]
+    pub min_completion_share: f64,
 }
+
+/// The OpenAI-compatible cluster: (hardware, requests at once) of each server.
+const OPENAI_TIS: [(usize, usize); 4] = [(0, 4), (0, 1), (1, 2), (1, 4)];
 
 /// One run's figures.
 #[derive(Debug, Clone)]
@@ -79,11 +91,35 @@ pub struct RunResult {
 }
 
 /// The cluster's capacity in tasks per second under the workload's mix.
-pub fn capacity(time_scale: f64) -> f64 {
-    HARDWARE
-        .iter()
-        .map(|hw| 2.0 * 1000.0 / workload::mean_ms(&workload::sim_config(*hw, time_scale, 0.0, 0)))
-        .sum()
+pub fn capacity(args: &StrategyArgs) -> f64 {
+    match args.protocol {
+        TiKind::Callback => HARDWARE
+            .iter()
+            .map(|hw| {
+                2.0 * 1000.0
+                    / workload::mean_ms(&workload::sim_config(*hw, args.time_scale, 0.0, 0))
+            })
+            .sum(),
+        TiKind::Openai => OPENAI_TIS
+            .iter()
+            .map(|&(hw, c)| {
+                let config = openai_config(args, hw, c, 0);
+                c as f64 * 1000.0 / workload::openai_mean_ms(&config)
+            })
+            .sum(),
+    }
+}
+
+/// The simulated OpenAI-compatible server of `HARDWARE[hw]` with `c` slots.
+fn openai_config(args: &StrategyArgs, hw: usize, c: usize, seed: u64) -> OpenAiSimConfig {
+    workload::openai_config(
+        HARDWARE[hw],
+        c,
+        args.time_scale,
+        args.noise,
+        args.min_completion_share,
+        seed,
+    )
 }
 
 /// Runs every combination and returns the results.
@@ -128,6 +164,8 @@ struct Cluster {
     stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
     sims: Vec<SimTi>,
+    openai: Vec<OpenAiSim>,
+    protocol: TiKind,
     db: PathBuf,
     dir: PathBuf,
 }
@@ -147,10 +185,26 @@ impl Cluster {
         let server = tokio::spawn(app.run_until(async move {
             let _ = stopped.await;
         }));
-        let mut sims = Vec::new();
-        for (i, hw) in HARDWARE.iter().flat_map(|hw| [hw, hw]).enumerate() {
-            let config = workload::sim_config(*hw, args.time_scale, args.noise, seed + i as u64);
-            sims.push(SimTi::spawn(config, "127.0.0.1:0".parse()?).await?);
+        let (mut sims, mut openai, mut registrations) = (Vec::new(), Vec::new(), Vec::new());
+        match args.protocol {
+            TiKind::Callback => {
+                for (i, hw) in HARDWARE.iter().flat_map(|hw| [hw, hw]).enumerate() {
+                    let config =
+                        workload::sim_config(*hw, args.time_scale, args.noise, seed + i as u64);
+                    let sim = SimTi::spawn(config, "127.0.0.1:0".parse()?).await?;
+                    registrations.push(json!({"host": "127.0.0.1", "port": sim.addr().port()}));
+                    sims.push(sim);
+                }
+            }
+            TiKind::Openai => {
+                for (i, &(hw, c)) in OPENAI_TIS.iter().enumerate() {
+                    let config = openai_config(args, hw, c, seed + i as u64);
+                    let sim = OpenAiSim::spawn(config, "127.0.0.1:0".parse()?).await?;
+                    registrations.push(json!({"host": "127.0.0.1", "port": sim.addr().port(),
+                        "kind": "openai", "max_concurrency": c, "hardware": HARDWARE[hw].name}));
+                    openai.push(sim);
+                }
+            }
         }
         let http = reqwest::Client::builder().no_proxy().build()?;
         let cluster = Self {
@@ -159,16 +213,13 @@ impl Cluster {
             stop: Some(stop),
             server,
             sims,
+            openai,
+            protocol: args.protocol,
             db,
             dir,
         };
-        for sim in &cluster.sims {
-            cluster
-                .post(
-                    "/ti/register",
-                    json!({"host": "127.0.0.1", "port": sim.addr().port()}),
-                )
-                .await?;
+        for registration in registrations {
+            cluster.post("/ti/register", registration).await?;
         }
         let table = cluster
             .http
@@ -212,8 +263,13 @@ impl Cluster {
         for _ in 0..n {
             at += gaps.sample(rng);
             tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
-            let body = json!({"model_name": MODEL, "task_input": {"prompt": "bench"},
-                              "metadata": workload::task_metadata(rng)});
+            let body = match self.protocol {
+                TiKind::Callback => json!({"model_name": MODEL, "task_input": {"prompt": "bench"},
+                                           "metadata": workload::task_metadata(rng)}),
+                TiKind::Openai => {
+                    json!({"model_name": MODEL, "task_input": workload::openai_body(rng)})
+                }
+            };
             let (http, url) = (self.http.clone(), format!("{}/queue/submit", self.base));
             pending.push(tokio::spawn(async move {
                 let resp: Value = http.post(url).json(&body).send().await?.json().await?;
@@ -261,6 +317,9 @@ impl Cluster {
         }
         (&mut self.server).await??;
         for sim in self.sims.drain(..) {
+            sim.stop().await;
+        }
+        for sim in self.openai.drain(..) {
             sim.stop().await;
         }
         std::fs::remove_dir_all(&self.dir).ok();
@@ -320,7 +379,7 @@ async fn run_once(
 ) -> anyhow::Result<RunResult> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let cluster = Cluster::start(args, args.seed).await?;
-    let capacity = capacity(args.time_scale);
+    let capacity = capacity(args);
 
     cluster
         .post("/scheduler/set", json!({"name": "round_robin"}))
@@ -359,15 +418,32 @@ async fn run_once(
 
 /// Prints the results as Markdown tables.
 pub fn print(args: &StrategyArgs, results: &[RunResult]) {
+    let cluster = match args.protocol {
+        TiKind::Callback => {
+            "2 fast (A100) + 2 slow (T4, ×2.5) callback TIs, one task at a time each".to_string()
+        }
+        TiKind::Openai => {
+            let tis: Vec<String> = OPENAI_TIS
+                .iter()
+                .map(|&(hw, c)| format!("{} ×{c}", HARDWARE[hw].name))
+                .collect();
+            format!(
+                "OpenAI-compatible TIs ({}; hardware and requests at once), completions of \
+                 {:.0}–100% of max_tokens",
+                tis.join(", "),
+                100.0 * args.min_completion_share
+            )
+        }
+    };
     println!(
-        "Job completion time: 2 fast (A100) + 2 slow (T4, ×2.5) TIs, one task at a time each, \
+        "Job completion time: {cluster}, \
          {} measured tasks per run after {} warm-up tasks, time scale {}, {:.0}% noise, \
          capacity {:.1} tasks/s, seed {}",
         args.tasks,
         args.warmup,
         args.time_scale,
         args.noise * 100.0,
-        capacity(args.time_scale),
+        capacity(args),
         args.seed
     );
     println!();

@@ -4,6 +4,7 @@
 use rand::Rng;
 use serde_json::{json, Value};
 
+use ti_scheduler::ti::openai_sim::OpenAiSimConfig;
 use ti_scheduler::ti::sim::SimConfig;
 
 /// The model every benchmark task asks for.
@@ -50,6 +51,49 @@ pub fn sim_config(hw: Hardware, time_scale: f64, noise: f64, seed: u64) -> SimCo
         seed,
         ..SimConfig::default()
     }
+}
+
+/// The simulated OpenAI-compatible server of one hardware kind running `concurrency`
+/// requests at once, with the same law as [`sim_config`] (prompt tokens for input tokens,
+/// completion tokens for output tokens). Each completion takes a share of `max_tokens`
+/// drawn uniformly from `[min_completion_share, 1]`.
+pub fn openai_config(
+    hw: Hardware,
+    concurrency: usize,
+    time_scale: f64,
+    noise: f64,
+    min_completion_share: f64,
+    seed: u64,
+) -> OpenAiSimConfig {
+    let k = hw.slowness * time_scale;
+    OpenAiSimConfig {
+        model: MODEL.into(),
+        concurrency,
+        base_ms: 20.0 * k,
+        per_input_token_ms: 0.02 * k,
+        per_output_token_ms: 0.4 * k,
+        min_completion_share,
+        noise,
+        seed,
+        ..OpenAiSimConfig::default()
+    }
+}
+
+/// One task as an OpenAI completion request: a prompt of `input_tokens` tokens (by the
+/// 4-characters-per-token estimate both sides use) and `max_tokens` = `output_tokens`.
+pub fn openai_body(rng: &mut impl Rng) -> Value {
+    let input = rng.random_range(INPUT_TOKENS.0..=INPUT_TOKENS.1) as usize;
+    let output = rng.random_range(OUTPUT_TOKENS.0..=OUTPUT_TOKENS.1);
+    json!({"prompt": "abcd".repeat(input), "max_tokens": output})
+}
+
+/// The mean execution time over the task mix on an OpenAI-compatible server, ms.
+pub fn openai_mean_ms(config: &OpenAiSimConfig) -> f64 {
+    let mid = |(lo, hi): (u32, u32)| f64::from(lo + hi) / 2.0;
+    let share = (1.0 + config.min_completion_share.clamp(0.0, 1.0)) / 2.0;
+    config.base_ms
+        + config.per_input_token_ms * mid(INPUT_TOKENS)
+        + config.per_output_token_ms * mid(OUTPUT_TOKENS) * share
 }
 
 /// One task's metadata.
