@@ -45,6 +45,11 @@ pub struct ServerSettings {
     /// When non-empty, `/scheduler/*`, `/ti/*` writes and lookup import require
     /// `Authorization: Bearer <token>`.
     pub admin_token: String,
+    /// Deepest nesting of arrays and objects accepted in a task's `task_input` and
+    /// `metadata` (`{}` is 1); deeper is 400. Below what TIs' JSON parsers take.
+    pub max_json_depth: usize,
+    /// Most tasks in one `POST /queue/submit_batch`; more is 400.
+    pub max_batch_tasks: usize,
 }
 
 /// SQLite settings.
@@ -127,6 +132,8 @@ impl Default for ServerSettings {
             public_url: String::new(),
             body_limit_bytes: 8 * 1024 * 1024,
             admin_token: String::new(),
+            max_json_depth: 64,
+            max_batch_tasks: 1_000,
         }
     }
 }

@@ -91,6 +91,8 @@ impl App {
             admin_token,
             body_limit: settings.server.body_limit_bytes,
             metrics: metrics_handle(),
+            max_json_depth: settings.server.max_json_depth,
+            max_batch_tasks: settings.server.max_batch_tasks,
         });
         tracing::info!(%addr, db = %settings.database.path.display(), "ti-scheduler ready");
         Ok(Self {

@@ -39,6 +39,10 @@ pub struct AppState {
     pub body_limit: usize,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Deepest nesting accepted in a task's `task_input` and `metadata`.
+    pub max_json_depth: usize,
+    /// Most tasks in one `POST /queue/submit_batch`.
+    pub max_batch_tasks: usize,
 }
 
 impl AppState {
@@ -47,10 +51,13 @@ impl AppState {
         let Some(expected) = &self.admin_token else {
             return Ok(());
         };
+        // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
         let given = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim_start_matches(' '))
             .unwrap_or_default();
         let same = given.len() == expected.len()
             && given

@@ -29,6 +29,7 @@ use crate::store::{
     UnfinishedTask,
 };
 use crate::ti::protocol::{DispatchRequest, ResultCallback, TiTaskStatus};
+use crate::ti::TiError;
 
 /// What a dispatcher needs of a task.
 #[derive(Debug)]
@@ -283,6 +284,12 @@ impl Scheduler {
                     self.note_accepted(task_id, ti).await;
                     return Sent::Done;
                 }
+                // The TI refused the task itself (4xx): the task fails, the TI stays healthy.
+                Err(TiError::Rejected { status, body }) => {
+                    drop(permit);
+                    self.fail_rejected(task_id, ti, status, body).await;
+                    return Sent::Done;
+                }
                 Err(e) => {
                     metrics::counter!("ti_scheduler_dispatch_failures_total").increment(1);
                     tracing::warn!(task_id = %task_id, ti = %ti, attempt, error = %e, "dispatch failed");
@@ -299,6 +306,25 @@ impl Scheduler {
             }
         }
         Sent::Failed
+    }
+
+    /// Completes a task its TI rejected (a 4xx answer to the dispatch) as failed, with
+    /// the TI's answer, as SPEC.md §9 does for OpenAI TIs.
+    async fn fail_rejected(&self, task_id: &TaskId, ti: TiUuid, status: u16, body: Value) {
+        metrics::counter!("ti_scheduler_dispatch_rejections_total").increment(1);
+        tracing::warn!(task_id = %task_id, ti = %ti, status, "the TI rejected the task; it fails");
+        let result = serde_json::json!({
+            "error": format!("the TaskInstance rejected the task: HTTP {status}"),
+            "upstream_status": status,
+            "upstream_body": body,
+        });
+        if let Err(e) = self
+            .complete_with(task_id, ti, 0.0, result, Outcome::Failed)
+            .await
+        {
+            // Left unfinished: the sweep sends it again and it fails again.
+            tracing::error!(task_id = %task_id, error = ?e, "storing the rejection failed");
+        }
     }
 
     async fn note_accepted(&self, task_id: &TaskId, ti: TiUuid) {
@@ -466,11 +492,25 @@ impl Scheduler {
             Some(e) => (serde_json::json!({ "error": e }), Outcome::Failed),
             None => (result.unwrap_or(Value::Null), Outcome::Succeeded),
         };
+        self.complete_with(task_id, ti, execution_ms, result, outcome)
+            .await
+    }
+
+    /// [`Scheduler::complete`] with the stored result already shaped.
+    async fn complete_with(
+        &self,
+        task_id: &TaskId,
+        ti: TiUuid,
+        execution_ms: f64,
+        result: Value,
+        outcome: Outcome,
+    ) -> Result<bool, Error> {
         let completion = Completion {
             result: result.to_string(),
             outcome,
             execution_time_ms: execution_ms,
             completion_time: unix_now(),
+            result_ti: ti,
         };
         let hardware = self
             .state()

@@ -226,6 +226,8 @@ pub struct Scheduler {
 }
 
 const STRATEGY_KEY: &str = "strategy";
+/// Tasks of a batch decided per hold of the cache lock.
+const DECIDE_CHUNK: usize = 64;
 const PREDICT_MODE_KEY: &str = "predict_mode";
 
 impl Scheduler {
@@ -538,45 +540,52 @@ impl Scheduler {
         if !fresh.is_empty() {
             let now = Instant::now();
             let submit_time = unix_now();
-            let mut st = self.state();
-            if !st.serves(model) {
-                return Err(Error::NoInstance(format!(
-                    "no TaskInstance is registered for model '{model}'"
-                )));
-            }
-            for &i in &fresh {
-                let item = &items[i];
-                let task_id = item.task_id.clone().unwrap_or_else(TaskId::generate);
-                let decision = st.decide(
-                    &task_id,
-                    model,
-                    &item.metadata,
-                    DecisionReason::Submit,
-                    now,
-                    submit_time,
-                );
-                let (ti, mean, error) = match &decision {
-                    Some(d) => (Some(d.chosen_ti), d.predicted_ms, d.predicted_error_ms),
-                    None => {
-                        let p = st
-                            .predictor
-                            .predict(st.predict_mode, model, None, &item.metadata);
-                        (None, p.mean_ms, p.error_ms)
-                    }
-                };
-                rows.push((
-                    NewTask {
-                        task_id,
-                        model_name: model.to_string(),
-                        task_input: item.task_input.get().to_string(),
-                        metadata: serialized_object(&item.metadata),
-                        ti_uuid: ti,
-                        predicted_ms: mean,
-                        predicted_error_ms: error,
+            // A batch gives the lock back between chunks, so single submits are decided
+            // in between instead of waiting for the whole batch.
+            for (c, chunk) in fresh.chunks(DECIDE_CHUNK).enumerate() {
+                if c > 0 {
+                    tokio::task::yield_now().await;
+                }
+                let mut st = self.state();
+                if c == 0 && !st.serves(model) {
+                    return Err(Error::NoInstance(format!(
+                        "no TaskInstance is registered for model '{model}'"
+                    )));
+                }
+                for &i in chunk {
+                    let item = &items[i];
+                    let task_id = item.task_id.clone().unwrap_or_else(TaskId::generate);
+                    let decision = st.decide(
+                        &task_id,
+                        model,
+                        &item.metadata,
+                        DecisionReason::Submit,
+                        now,
                         submit_time,
-                    },
-                    decision,
-                ));
+                    );
+                    let (ti, mean, error) = match &decision {
+                        Some(d) => (Some(d.chosen_ti), d.predicted_ms, d.predicted_error_ms),
+                        None => {
+                            let p =
+                                st.predictor
+                                    .predict(st.predict_mode, model, None, &item.metadata);
+                            (None, p.mean_ms, p.error_ms)
+                        }
+                    };
+                    rows.push((
+                        NewTask {
+                            task_id,
+                            model_name: model.to_string(),
+                            task_input: item.task_input.get().to_string(),
+                            metadata: serialized_object(&item.metadata),
+                            ti_uuid: ti,
+                            predicted_ms: mean,
+                            predicted_error_ms: error,
+                            submit_time,
+                        },
+                        decision,
+                    ));
+                }
             }
         }
 

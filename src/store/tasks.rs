@@ -16,7 +16,7 @@ pub(super) const MARK_SCHEDULED: &str = "UPDATE tasks SET status = 'scheduled', 
      WHERE task_id = ?2 AND status = 'queued' AND ti_uuid = ?3";
 pub(super) const COMPLETE: &str =
     "UPDATE tasks SET status = 'completed', result = ?1, outcome = ?2,
-                      execution_time_ms = ?3, completion_time = ?4
+                      execution_time_ms = ?3, completion_time = ?4, result_ti = ?6
      WHERE task_id = ?5 AND status <> 'completed'
      RETURNING model_name, metadata";
 pub(super) const REASSIGN: &str =
@@ -80,6 +80,9 @@ pub struct StoredTask {
     pub outcome: Option<Outcome>,
     /// True once the cleanup job cleared the result.
     pub result_expired: bool,
+    /// The TI whose result was stored, once completed (after a re-route, the first TI to
+    /// answer, which may be the one the task was moved away from).
+    pub result_ti: Option<TiUuid>,
 }
 
 /// An unfinished task, with what is needed to dispatch it again and rebuild the queue
@@ -162,6 +165,8 @@ pub struct Completion {
     pub execution_time_ms: f64,
     /// Unix seconds.
     pub completion_time: f64,
+    /// The TI whose outcome this is (after a re-route, possibly not the current one).
+    pub result_ti: TiUuid,
 }
 
 fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
@@ -193,7 +198,8 @@ impl TaskRepo {
         let id = task_id.as_str();
         let row = sqlx::query!(
             r#"SELECT task_id, model_name, status, ti_uuid, submit_time, completion_time,
-                      execution_time_ms, result, outcome, result_expired AS "result_expired: bool"
+                      execution_time_ms, result, outcome, result_expired AS "result_expired: bool",
+                      result_ti
                FROM tasks WHERE task_id = ?"#,
             id
         )
@@ -222,6 +228,7 @@ impl TaskRepo {
             result,
             outcome,
             result_expired: row.result_expired,
+            result_ti: parse_ti(row.result_ti)?,
         }))
     }
 
@@ -282,6 +289,7 @@ impl TaskRepo {
                     c.execution_time_ms,
                     c.completion_time,
                     task_id.as_str(),
+                    c.result_ti.to_string(),
                 ),
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
