@@ -64,6 +64,11 @@ pub struct DatabaseSettings {
     pub max_batch: usize,
     /// Connections in the read pool.
     pub read_connections: u32,
+    /// Largest size of the database file, MiB (`PRAGMA max_page_count`); 0 = no limit.
+    /// Beyond it writes are refused as on a full disk (507) while reads go on.
+    pub max_size_mb: u64,
+    /// Run `PRAGMA quick_check` on the file at start and refuse a corrupt one.
+    pub quick_check: bool,
 }
 
 /// Settings for the scheduler's side of the TI protocol.
@@ -145,6 +150,8 @@ impl Default for DatabaseSettings {
             durability: Durability::Full,
             max_batch: 512,
             read_connections: 4,
+            max_size_mb: 0,
+            quick_check: true,
         }
     }
 }

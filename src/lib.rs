@@ -57,6 +57,8 @@ pub struct App {
     writer_stop: CancellationToken,
     writer: tokio::task::JoinHandle<()>,
     cron: tokio_cron_scheduler::JobScheduler,
+    /// Held until the database is closed: no second process may use the file.
+    lock: store::DbLock,
 }
 
 impl App {
@@ -67,6 +69,13 @@ impl App {
             .await
             .with_context(|| format!("binding {}", settings.server.bind))?;
         let addr = listener.local_addr()?;
+        let db_path = &settings.database.path;
+        let lock = store::DbLock::acquire(db_path)?;
+        if settings.database.quick_check {
+            let path = db_path.clone();
+            let ms = tokio::task::spawn_blocking(move || store::quick_check(&path)).await??;
+            tracing::info!(db = %db_path.display(), elapsed_ms = ms, "PRAGMA quick_check: ok");
+        }
         let writer_stop = CancellationToken::new();
         let (db, writer) = store::open(
             &settings.database.path,
@@ -77,6 +86,10 @@ impl App {
         )
         .await
         .with_context(|| format!("opening database {}", settings.database.path.display()))?;
+        let cap = store::limit_size(&db, settings.database.max_size_mb).await?;
+        if cap > 0 {
+            tracing::info!(pages = cap, "database size capped (database.max_size_mb)");
+        }
         let callback_url = format!("{}/result/submit", settings.public_url(addr));
         let scheduler = Scheduler::load(db.clone(), &settings, callback_url)
             .await
@@ -104,6 +117,7 @@ impl App {
             writer_stop,
             writer,
             cron,
+            lock,
         })
     }
 
@@ -133,6 +147,7 @@ impl App {
             tracing::error!(error = ?e, "the writer task failed");
         }
         self.db.read.close().await;
+        drop(self.lock);
         tracing::info!("ti-scheduler stopped");
         Ok(())
     }

@@ -6,7 +6,11 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use ti_scheduler::ti::sim::Faults;
 
-use crate::helpers::{assert_message, spawn_app, spawn_app_with, spawn_ti, wait_for, TestApp};
+use ti_scheduler::App;
+
+use crate::helpers::{
+    assert_message, restart_from, spawn_app, spawn_app_with, spawn_ti, wait_for, TestApp,
+};
 
 /// `task_input` nested `levels` deep (`{}` is 1).
 fn nested_input(levels: usize) -> Value {
@@ -276,4 +280,143 @@ async fn a_batch_over_the_cap_is_400_naming_count_and_limit_and_creates_nothing(
     let (status, body) = app.post("/queue/submit_batch", batch(3)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 3);
+}
+
+// Point 5: two services on one file.
+
+#[tokio::test]
+async fn a_second_service_on_the_same_database_file_refuses_naming_the_holders_pid() {
+    let app = spawn_app().await;
+    let refused = match App::build(app.settings.clone()).await {
+        Ok(_) => panic!("a second service started on the same file"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains(&format!("pid {}", std::process::id())),
+        "{refused}"
+    );
+    assert!(refused.contains("scheduler.db"), "{refused}");
+    assert!(!refused.contains('\n'), "one line: {refused}");
+    let (status, _) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "the first one is unharmed");
+
+    let (settings, dir) = app.stop().await;
+    let again = restart_from(settings, dir).await;
+    let (status, body) = again.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+// Point 6: a full disk.
+
+#[tokio::test]
+async fn a_full_database_answers_507_turns_ready_503_keeps_reads_and_recovers_once_space_is_freed()
+{
+    let app = spawn_app_with(|s| s.database.max_size_mb = 1).await;
+    let ti = spawn_ti("llama-7b", "A100", 5.0).await;
+    let ti_id = app.register(&ti).await;
+    // Tasks stay queued: no completion (which may still fit in place) clears the state
+    // in the middle of the test; `/ready` reflects the last write.
+    ti.set_faults(Faults {
+        fail_health: true,
+        ..Faults::default()
+    });
+    wait_for("the probe to mark the TI unhealthy", || async {
+        (!app.healthy(&ti_id).await).then_some(())
+    })
+    .await;
+    let padding = "x".repeat(2_000);
+    let batch = json!({"model_name": "llama-7b",
+                       "tasks": vec![json!({"task_input": {"pad": padding}}); 50]});
+    let mut first_task = None;
+    let mut refused = None;
+    for _ in 0..100 {
+        let (status, body) = app.post("/queue/submit_batch", batch.clone()).await;
+        if status == StatusCode::INSUFFICIENT_STORAGE {
+            refused = Some(body);
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+        first_task
+            .get_or_insert_with(|| body["results"][0]["task_id"].as_str().unwrap().to_string());
+    }
+    let refused = refused.expect("a 1 MiB database fills up");
+    assert_message(&refused, "the database is full");
+    // The last pages go to single submits.
+    let mut single = None;
+    for _ in 0..1_000 {
+        let (status, body) = submit_input(&app, json!({"pad": padding})).await;
+        if status == StatusCode::INSUFFICIENT_STORAGE {
+            single = Some(body);
+            break;
+        }
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let single = single.expect("single submits fill the last pages");
+    assert_message(&single, "the database is full");
+    assert_eq!(single["task_id"], "");
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_message(&ready, "database full");
+    let (status, _) = app
+        .get(&format!("/task/query?task_id={}", first_task.unwrap()))
+        .await;
+    assert_eq!(status, StatusCode::OK, "reads go on");
+
+    // Space is freed (here: rows deleted by another connection, as an operator or the
+    // cleanup job would); the service recovers by itself, without a restart.
+    {
+        let conn = rusqlite::Connection::open(app.db_path()).unwrap();
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .unwrap();
+        conn.execute("DELETE FROM decisions", []).unwrap();
+    }
+    let (status, body) = submit_input(&app, json!({"small": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, ready) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+}
+
+// Point 7: corruption at rest.
+
+#[tokio::test]
+async fn a_database_file_with_a_corrupt_page_is_refused_at_start_with_the_command_to_inspect_it() {
+    let app = spawn_app().await;
+    let ti = spawn_ti("llama-7b", "A100", 5.0).await;
+    app.register(&ti).await;
+    let batch = json!({"model_name": "llama-7b",
+                       "tasks": vec![json!({"task_input": {"prompt": "p".repeat(300)}}); 200]});
+    for _ in 0..3 {
+        let (status, body) = app.post("/queue/submit_batch", batch.clone()).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (settings, dir) = app.stop().await;
+    let path = settings.database.path.clone();
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+    }
+    let pages = std::fs::metadata(&path).unwrap().len() / 4096;
+    assert!(pages > 20, "{pages} pages");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.seek(SeekFrom::Start(pages / 2 * 4096)).unwrap();
+        file.write_all(&[0xA5; 4096]).unwrap();
+    }
+
+    let refused = match App::build(settings.clone()).await {
+        Ok(_) => panic!("a corrupt database was served"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(refused.contains("failed PRAGMA quick_check"), "{refused}");
+    assert!(
+        refused.contains(&format!(
+            "sqlite3 {} 'PRAGMA integrity_check'",
+            path.display()
+        )),
+        "{refused}"
+    );
+    assert!(!refused.contains('\n'), "one line: {refused}");
+    drop(dir);
 }
