@@ -50,6 +50,15 @@ pub struct ServerSettings {
     pub max_json_depth: usize,
     /// Most tasks in one `POST /queue/submit_batch`; more is 400.
     pub max_batch_tasks: usize,
+    /// Time a client has to send a request's head (and, on a keep-alive connection, the
+    /// next request's), ms; then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A connection that moves no byte this long is closed once its request is
+    /// answered (dropped after a second such period), ms.
+    pub idle_timeout_ms: u64,
+    /// Connections served at once; beyond, a new one is closed at once. Lowered at start
+    /// to three quarters of the open-file limit if that is smaller.
+    pub max_connections: usize,
 }
 
 /// SQLite settings.
@@ -139,6 +148,9 @@ impl Default for ServerSettings {
             admin_token: String::new(),
             max_json_depth: 64,
             max_batch_tasks: 1_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 1_024,
         }
     }
 }

@@ -32,12 +32,14 @@ pub mod domain;
 pub mod jobs;
 pub mod predictor;
 pub mod scheduling;
+pub mod server;
 pub mod store;
 pub mod ti;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -59,6 +61,7 @@ pub struct App {
     cron: tokio_cron_scheduler::JobScheduler,
     /// Held until the database is closed: no second process may use the file.
     lock: store::DbLock,
+    limits: server::Limits,
 }
 
 impl App {
@@ -69,6 +72,11 @@ impl App {
             .await
             .with_context(|| format!("binding {}", settings.server.bind))?;
         let addr = listener.local_addr()?;
+        let limits = server::Limits {
+            header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(settings.server.idle_timeout_ms),
+            max_connections: server::raise_fd_limit(settings.server.max_connections),
+        };
         let db_path = &settings.database.path;
         let lock = store::DbLock::acquire(db_path)?;
         if settings.database.quick_check {
@@ -118,6 +126,7 @@ impl App {
             writer,
             cron,
             lock,
+            limits,
         })
     }
 
@@ -133,10 +142,7 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        axum::serve(nodelay(self.listener), self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving HTTP")?;
+        server::serve(self.listener, self.router, self.limits, shutdown).await;
         let mut cron = self.cron;
         if let Err(e) = cron.shutdown().await {
             tracing::warn!(error = ?e, "stopping the cron scheduler failed");

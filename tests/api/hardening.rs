@@ -420,3 +420,75 @@ async fn a_database_file_with_a_corrupt_page_is_refused_at_start_with_the_comman
     assert!(!refused.contains('\n'), "one line: {refused}");
     drop(dir);
 }
+
+// Point 3: slowloris.
+
+/// Reads until the server closes the connection (or resets it); what it sent, if anything.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(crate::helpers::PATIENCE, stream.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "the server kept the connection open");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_half_a_request_head_is_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|s| s.server.header_read_timeout_ms = 300).await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream).await;
+    assert!(!answer.contains("200 OK"), "{answer}");
+    let (status, _) = app.get("/health").await;
+    assert_eq!(status, StatusCode::OK, "others are served");
+}
+
+#[tokio::test]
+async fn beyond_max_connections_a_new_connection_is_closed_and_requests_work_again_once_others_close(
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(|s| s.server.max_connections = 2).await;
+    const GET: &[u8] = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        // Answered, and kept alive: each holds its slot.
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(GET).await.unwrap();
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+        held.push(stream);
+    }
+    let mut third = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    // The server may close before the request is written: that is the refusal too.
+    let _ = third.write_all(GET).await;
+    let answer = read_until_closed(&mut third).await;
+    assert!(
+        answer.is_empty(),
+        "the third connection was served: {answer}"
+    );
+
+    drop(held);
+    wait_for("a slot to free up", || async {
+        let resp = app.client.get(app.url("/health")).send().await.ok()?;
+        (resp.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ti_scheduler_connections_refused_total"),
+        "{metrics}"
+    );
+}
