@@ -44,6 +44,20 @@ pub struct ServerSettings {
     /// When non-empty, `/scheduler/*`, `/ti/*` writes and lookup import require
     /// `Authorization: Bearer <token>`.
     pub admin_token: String,
+    /// Deepest nesting of arrays and objects accepted in a task's `task_input` and
+    /// `metadata` (`{}` is 1); deeper is 400. Below what TIs' JSON parsers take.
+    pub max_json_depth: usize,
+    /// Most tasks in one `POST /queue/submit_batch`; more is 400.
+    pub max_batch_tasks: usize,
+    /// Time a client has to send a request's head (and, on a keep-alive connection, the
+    /// next request's), ms; then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// A connection that moves no byte this long is closed once its request is
+    /// answered (dropped after a second such period), ms.
+    pub idle_timeout_ms: u64,
+    /// Connections served at once; beyond, a new one is closed at once. Lowered at start
+    /// to three quarters of the open-file limit if that is smaller.
+    pub max_connections: usize,
 }
 
 /// SQLite settings.
@@ -58,6 +72,11 @@ pub struct DatabaseSettings {
     pub max_batch: usize,
     /// Connections in the read pool.
     pub read_connections: u32,
+    /// Largest size of the database file, MiB (`PRAGMA max_page_count`); 0 = no limit.
+    /// Beyond it writes are refused as on a full disk (507) while reads go on.
+    pub max_size_mb: u64,
+    /// Run `PRAGMA quick_check` on the file at start and refuse a corrupt one.
+    pub quick_check: bool,
 }
 
 /// Settings for the scheduler's side of the TI protocol.
@@ -129,6 +148,11 @@ impl Default for ServerSettings {
             public_url: String::new(),
             body_limit_bytes: 8 * 1024 * 1024,
             admin_token: String::new(),
+            max_json_depth: 64,
+            max_batch_tasks: 1_000,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_connections: 1_024,
         }
     }
 }
@@ -140,6 +164,8 @@ impl Default for DatabaseSettings {
             durability: Durability::Full,
             max_batch: 512,
             read_connections: 4,
+            max_size_mb: 0,
+            quick_check: true,
         }
     }
 }

@@ -49,12 +49,14 @@ pub mod domain;
 pub mod jobs;
 pub mod predictor;
 pub mod scheduling;
+pub mod server;
 pub mod store;
 pub mod ti;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -74,6 +76,9 @@ pub struct App {
     writer_stop: CancellationToken,
     writer: tokio::task::JoinHandle<()>,
     cron: tokio_cron_scheduler::JobScheduler,
+    /// Held until the database is closed: no second process may use the file.
+    lock: store::DbLock,
+    limits: server::Limits,
 }
 
 impl App {
@@ -84,6 +89,18 @@ impl App {
             .await
             .with_context(|| format!("binding {}", settings.server.bind))?;
         let addr = listener.local_addr()?;
+        let limits = server::Limits {
+            header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
+            idle_timeout: Duration::from_millis(settings.server.idle_timeout_ms),
+            max_connections: server::raise_fd_limit(settings.server.max_connections),
+        };
+        let db_path = &settings.database.path;
+        let lock = store::DbLock::acquire(db_path)?;
+        if settings.database.quick_check {
+            let path = db_path.clone();
+            let ms = tokio::task::spawn_blocking(move || store::quick_check(&path)).await??;
+            tracing::info!(db = %db_path.display(), elapsed_ms = ms, "PRAGMA quick_check: ok");
+        }
         let writer_stop = CancellationToken::new();
         let (db, writer) = store::open(
             &settings.database.path,
@@ -94,6 +111,10 @@ impl App {
         )
         .await
         .with_context(|| format!("opening database {}", settings.database.path.display()))?;
+        let cap = store::limit_size(&db, settings.database.max_size_mb).await?;
+        if cap > 0 {
+            tracing::info!(pages = cap, "database size capped (database.max_size_mb)");
+        }
         let callback_url = format!("{}/result/submit", settings.public_url(addr));
         let scheduler = Scheduler::load(db.clone(), &settings, callback_url)
             .await
@@ -108,6 +129,8 @@ impl App {
             admin_token,
             body_limit: settings.server.body_limit_bytes,
             metrics: metrics_handle(),
+            max_json_depth: settings.server.max_json_depth,
+            max_batch_tasks: settings.server.max_batch_tasks,
         });
         tracing::info!(%addr, db = %settings.database.path.display(), "ti-scheduler ready");
         Ok(Self {
@@ -119,6 +142,8 @@ impl App {
             writer_stop,
             writer,
             cron,
+            lock,
+            limits,
         })
     }
 
@@ -134,10 +159,7 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        axum::serve(nodelay(self.listener), self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving HTTP")?;
+        server::serve(self.listener, self.router, self.limits, shutdown).await;
         let mut cron = self.cron;
         if let Err(e) = cron.shutdown().await {
             tracing::warn!(error = ?e, "stopping the cron scheduler failed");
@@ -148,6 +170,7 @@ impl App {
             tracing::error!(error = ?e, "the writer task failed");
         }
         self.db.read.close().await;
+        drop(self.lock);
         tracing::info!("ti-scheduler stopped");
         Ok(())
     }

@@ -39,8 +39,8 @@ enum Command {
         db: PathBuf,
     },
     /// Import a lookup table (CSV or SwarmPilot JSON) into a database (replacing the table
-    /// unless --append). A running server loads it at its next start; to change a running
-    /// server's table, use POST /predictor/lookup_table.
+    /// unless --append). Run it while the server is stopped (it refuses to touch a file a
+    /// server holds); to change a running server's table, use POST /predictor/lookup_table.
     ImportLookup {
         /// The table file.
         file: PathBuf,
@@ -135,6 +135,7 @@ async fn main() -> anyhow::Result<()> {
     })) {
         Command::Serve(args) => serve(args).await,
         Command::Migrate { db } => {
+            let _lock = store::DbLock::acquire(&db)?;
             let applied = store::migrate(&db)?;
             println!("{}: {applied} migration(s) applied", db.display());
             Ok(())
@@ -198,6 +199,7 @@ async fn import_lookup(file: &Path, db_path: &Path, append: bool) -> anyhow::Res
     let rows = predictor::parse_table(content_type, &text)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let count = rows.len();
+    let _lock = store::DbLock::acquire(db_path)?;
     let stop = CancellationToken::new();
     let (db, writer) = store::open(db_path, Durability::Full, 1, 1, stop.clone()).await?;
     db.writer
@@ -220,6 +222,7 @@ async fn import_lookup(file: &Path, db_path: &Path, append: bool) -> anyhow::Res
 }
 
 async fn retrain(db_path: &Path) -> anyhow::Result<()> {
+    let _lock = store::DbLock::acquire(db_path)?;
     let stop = CancellationToken::new();
     let (db, writer) = store::open(db_path, Durability::Full, 1, 1, stop.clone()).await?;
     let report = predictor::retrain(&db).await?;

@@ -44,6 +44,10 @@ pub enum ApiError {
     /// 503: no usable TI, or the service is not ready.
     #[error("{0}")]
     Unavailable(String),
+    /// 507: the database is full (the disk, or `database.max_size_mb`); nothing was
+    /// written. Clears by itself once space is freed.
+    #[error("the database is full (no space left on its disk, or database.max_size_mb reached): nothing was written; retry once space is freed")]
+    InsufficientStorage,
     /// 500: the database or another internal part failed; the cause is logged, not shown.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -61,6 +65,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -85,13 +90,17 @@ impl From<scheduling::Error> for ApiError {
             E::Forbidden(m) => Self::Forbidden(m),
             E::TiUnreachable(e) => Self::BadGateway(e.to_string()),
             E::NoInstance(m) => Self::Unavailable(m),
-            E::Store(e) => Self::Internal(e.into()),
+            E::Store(e) => e.into(),
         }
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if e.is_full() {
+            tracing::warn!(error = ?e, "a write found the database full");
+            return Self::InsufficientStorage;
+        }
         Self::Internal(e.into())
     }
 }

@@ -40,6 +40,10 @@ pub struct AppState {
     pub body_limit: usize,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Deepest nesting accepted in a task's `task_input` and `metadata`.
+    pub max_json_depth: usize,
+    /// Most tasks in one `POST /queue/submit_batch`.
+    pub max_batch_tasks: usize,
 }
 
 /// The whole API.

@@ -56,9 +56,16 @@ pub(super) async fn health() -> Json<Value> {
     Json(json!({"status": SUCCESS, "message": "alive"}))
 }
 
-/// The database is open and migrated.
+/// The database is open and migrated, and was not full at the last write.
 #[utoipa::path(get, path = "/ready", responses((status = 200, description = "ready"), (status = 503, description = "not ready")))]
 pub(super) async fn ready(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if app.scheduler.db().writer.is_full() {
+        return Err(ApiError::Unavailable(
+            "database full: the last write found no space left (disk, or database.max_size_mb); \
+             ready again once a write succeeds"
+                .into(),
+        ));
+    }
     TaskRepo::probe(&app.scheduler.db().read)
         .await
         .map_err(|e| {

@@ -151,9 +151,26 @@ fn check_item(
     task_input: Box<RawValue>,
     metadata: Option<Map<String, Value>>,
     task_id: Option<String>,
+    max_depth: usize,
 ) -> Result<SubmitItem, String> {
     if !task_input.get().starts_with('{') {
         return Err("task_input must be a JSON object".into());
+    }
+    // A TI's JSON parser has a nesting limit of its own (serde_json's is 128 for the
+    // whole submit body); what it would refuse is refused here, before it is accepted.
+    let depth = text_depth(task_input.get());
+    if depth > max_depth {
+        return Err(format!(
+            "task_input nests {depth} levels deep; the limit is {max_depth} (server.max_json_depth)"
+        ));
+    }
+    if let Some(m) = &metadata {
+        let depth = 1 + m.values().map(value_depth).max().unwrap_or(0);
+        if depth > max_depth {
+            return Err(format!(
+                "metadata nests {depth} levels deep; the limit is {max_depth} (server.max_json_depth)"
+            ));
+        }
     }
     let task_id = task_id.map(|raw| TaskId::parse_client(&raw)).transpose()?;
     let metadata = metadata.unwrap_or_default();
@@ -166,6 +183,44 @@ fn check_item(
         task_input,
         metadata,
     })
+}
+
+/// How deeply arrays and objects nest in valid JSON text (`{}` is 1, a scalar 0),
+/// without building the value.
+fn text_depth(json: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// How deeply arrays and objects nest in a parsed value (`{}` is 1, a scalar 0). The
+/// parser already bounds the recursion (128 levels).
+fn value_depth(v: &Value) -> usize {
+    match v {
+        Value::Array(items) => 1 + items.iter().map(value_depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(value_depth).max().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 fn ti_text(s: &Submitted) -> String {
@@ -183,8 +238,13 @@ pub(super) async fn submit_task(
     let shape = |e: ApiError| e.with(&[("task_id", ""), ("scheduled_ti", "")]);
     let ApiJson(req) = body.map_err(shape)?;
     let model = check_model(&req.model_name).map_err(shape)?;
-    let item = check_item(req.task_input, req.metadata, req.task_id)
-        .map_err(|m| shape(ApiError::BadRequest(m)))?;
+    let item = check_item(
+        req.task_input,
+        req.metadata,
+        req.task_id,
+        app.max_json_depth,
+    )
+    .map_err(|m| shape(ApiError::BadRequest(m)))?;
     let submitted = app
         .scheduler
         .submit(model, vec![item])
@@ -218,12 +278,19 @@ pub(super) async fn submit_batch(
             "tasks must not be empty".into(),
         )));
     }
+    if req.tasks.len() > app.max_batch_tasks {
+        return Err(shape(ApiError::BadRequest(format!(
+            "tasks has {} entries; the limit is {} per batch (server.max_batch_tasks)",
+            req.tasks.len(),
+            app.max_batch_tasks
+        ))));
+    }
     let items = req
         .tasks
         .into_iter()
         .enumerate()
         .map(|(i, t)| {
-            check_item(t.task_input, t.metadata, t.task_id)
+            check_item(t.task_input, t.metadata, t.task_id, app.max_json_depth)
                 .map_err(|m| ApiError::BadRequest(format!("tasks[{i}]: {m}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -298,4 +365,18 @@ pub(super) async fn queue_info_post(
         super::error::parse_json(&bytes)?
     };
     Ok(queue_info(&app, filter))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_depth_counts_nesting_outside_strings() {
+        assert_eq!(text_depth("{}"), 1);
+        assert_eq!(text_depth(r#"{"a": [1, {"b": []}]}"#), 4);
+        assert_eq!(text_depth(r#"{"a": "[[[{{{", "b": "\\\"[["}"#), 1);
+        assert_eq!(value_depth(&serde_json::json!({"a": [[1]]})), 3);
+        assert_eq!(value_depth(&serde_json::json!(1)), 0);
+    }
 }

@@ -46,6 +46,9 @@ pub(super) struct TaskView {
     pub execution_time: Option<f64>,
     /// True once the result was cleared by the TTL.
     pub result_expired: bool,
+    /// The TI whose result is stored, once completed: after a re-route it may be the TI
+    /// the task was moved away from (the first result wins), not `scheduled_ti`.
+    pub result_ti: Option<String>,
     /// `usage.prompt_tokens` of an OpenAI-compatible TI's answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<i64>,
@@ -79,6 +82,7 @@ async fn query(app: &AppState, task_id: &str) -> Result<Json<TaskView>, ErrorRes
         completion_time: task.completion_time,
         execution_time: task.execution_time_ms,
         result_expired: task.result_expired,
+        result_ti: task.result_ti.map(|t| t.to_string()),
         prompt_tokens: task.prompt_tokens,
         completion_tokens: task.completion_tokens,
     }))

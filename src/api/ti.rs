@@ -109,6 +109,20 @@ pub(super) struct TiListResponse {
     pub tis: Vec<TiView>,
 }
 
+/// A host as it is stored: a name in lower case without its trailing dot, so that
+/// `LOCALHOST`, `localhost.` and `localhost` are one TI; an address as it was given.
+fn normalize_host(raw: &str) -> String {
+    let host = raw.trim();
+    if host
+        .trim_matches(['[', ']'])
+        .parse::<std::net::IpAddr>()
+        .is_ok()
+    {
+        return host.to_string();
+    }
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+}
+
 /// Registers a TI after checking its `GET /health` and `GET /info`.
 #[utoipa::path(post, path = "/ti/register", request_body = RegisterRequest,
     responses((status = 200, body = RegisterResponse), (status = 400, description = "bad host, port or model_name"),
@@ -121,7 +135,8 @@ pub(super) async fn register_ti(
     let shape = |e: ApiError| e.with(&[("ti_uuid", "")]);
     admin.map_err(shape)?;
     let ApiJson(req) = body.map_err(shape)?;
-    let host = req.host.trim();
+    let host = normalize_host(&req.host);
+    let host = host.as_str();
     if host.is_empty() {
         return Err(shape(ApiError::BadRequest("host must not be empty".into())));
     }
@@ -230,4 +245,18 @@ pub(super) async fn list_tis(State(app): State<AppState>) -> Json<TiListResponse
         status: SUCCESS.into(),
         tis,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_host;
+
+    #[test]
+    fn host_names_are_lower_case_without_a_trailing_dot_and_addresses_stay() {
+        assert_eq!(normalize_host(" LocalHost. "), "localhost");
+        assert_eq!(normalize_host("ti-1.Example.ORG"), "ti-1.example.org");
+        assert_eq!(normalize_host("127.0.0.1"), "127.0.0.1");
+        assert_eq!(normalize_host("[::1]"), "[::1]");
+        assert_eq!(normalize_host("."), "");
+    }
 }

@@ -12,9 +12,6 @@ use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid, Usage};
 use crate::store::{Completion, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo};
 use crate::ti::protocol::ResultCallback;
 
-/// Longest upstream body kept in a failed task's result, bytes.
-const UPSTREAM_BODY_LIMIT: usize = 64 * 1024;
-
 /// How a task ended, as it is stored.
 #[derive(Debug, Clone)]
 pub(super) struct Finished {
@@ -53,13 +50,10 @@ impl Finished {
         }
     }
 
-    /// A TI refused the task itself (a 4xx other than 408 and 429): the task failed, with
-    /// the TI's status and body (JSON when it is, else text; cut at 64 KiB).
-    pub(super) fn rejected(execution_ms: f64, status: u16, body: &[u8]) -> Self {
-        let upstream: Value = serde_json::from_slice(body).unwrap_or_else(|_| {
-            let cut = &body[..body.len().min(UPSTREAM_BODY_LIMIT)];
-            Value::String(String::from_utf8_lossy(cut).into_owned())
-        });
+    /// A TI refused the task itself (a 4xx other than 408 and 429, to a dispatch or to an
+    /// OpenAI request): the task failed, with the TI's status and body (see
+    /// [`crate::ti::upstream_body`]).
+    pub(super) fn rejected(execution_ms: f64, status: u16, upstream: Value) -> Self {
         let detail = upstream
             .pointer("/error/message")
             .or_else(|| upstream.get("message"))
@@ -151,6 +145,7 @@ impl Scheduler {
             execution_time_ms: execution_ms,
             completion_time: unix_now(),
             usage,
+            result_ti: ti,
         };
         let hardware = self.cache().hardware(ti);
         let id = task_id.clone();

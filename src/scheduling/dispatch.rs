@@ -21,7 +21,7 @@ use crate::domain::{unix_now, TaskId, TiKind, TiUuid};
 use crate::store::TaskRepo;
 use crate::ti::openai::build_request;
 use crate::ti::protocol::DispatchRequest;
-use crate::ti::TiClient;
+use crate::ti::{upstream_body, TiClient, TiError};
 
 /// What a dispatcher needs of a task.
 #[derive(Debug)]
@@ -164,6 +164,15 @@ impl Scheduler {
                     self.note_accepted(task_id, ti).await;
                     return Sent::Done;
                 }
+                // The TI refused the task itself (4xx): the task fails, the TI stays healthy.
+                Err(TiError::Rejected { status, body }) => {
+                    drop(permit);
+                    metrics::counter!("ti_scheduler_dispatch_rejections_total").increment(1);
+                    tracing::warn!(task_id = %task_id, ti = %ti, status, "the TI rejected the task; it fails");
+                    self.store_outcome(task_id, ti, Finished::rejected(0.0, status, body))
+                        .await;
+                    return Sent::Done;
+                }
                 Err(e) => {
                     metrics::counter!("ti_scheduler_dispatch_failures_total").increment(1);
                     tracing::warn!(task_id = %task_id, ti = %ti, attempt, error = %e, "dispatch failed");
@@ -276,7 +285,9 @@ impl Scheduler {
                     self.cache().answered(ti);
                     let finished = match serde_json::from_slice(&r.body) {
                         Ok(response) => Finished::succeeded(execution_ms, response),
-                        Err(_) => Finished::rejected(execution_ms, r.status, &r.body),
+                        Err(_) => {
+                            Finished::rejected(execution_ms, r.status, upstream_body(&r.body))
+                        }
                     };
                     self.store_outcome(task_id, ti, finished).await;
                     drop(permit);
@@ -290,7 +301,9 @@ impl Scheduler {
                     return Sent::Busy;
                 }
                 Ok(r) if (400..500).contains(&r.status) => {
-                    let finished = Finished::rejected(execution_ms, r.status, &r.body);
+                    metrics::counter!("ti_scheduler_dispatch_rejections_total").increment(1);
+                    let finished =
+                        Finished::rejected(execution_ms, r.status, upstream_body(&r.body));
                     self.store_outcome(task_id, ti, finished).await;
                     drop(permit);
                     return Sent::Done;

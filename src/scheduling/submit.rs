@@ -14,6 +14,9 @@ use super::{Error, Scheduler};
 use crate::domain::{unix_now, DecisionReason, NewDecision, TaskId, TiUuid};
 use crate::store::{DecisionRow, NewTask, StoreError, TaskRepo};
 
+/// Tasks of a batch placed per hold of the cache lock.
+const PLACE_CHUNK: usize = 64;
+
 /// A task of a submit.
 #[derive(Debug, Clone)]
 pub struct SubmitItem {
@@ -70,7 +73,7 @@ impl Scheduler {
         let rows = if fresh.is_empty() {
             Vec::new()
         } else {
-            self.place_all(model, &items, &fresh)?
+            self.place_all(model, &items, &fresh).await?
         };
         // What dispatching needs afterwards; the rows themselves go to the writer.
         let placed: Vec<(TaskId, Option<TiUuid>, String)> = rows
@@ -142,8 +145,10 @@ impl Scheduler {
             }))
     }
 
-    /// Places the fresh items under one hold of the cache lock.
-    fn place_all(
+    /// Places the fresh items, [`PLACE_CHUNK`] per hold of the cache lock: a batch gives
+    /// the lock back between chunks, so single submits are placed in between instead of
+    /// waiting for the whole batch.
+    async fn place_all(
         &self,
         model: &str,
         items: &[SubmitItem],
@@ -151,15 +156,18 @@ impl Scheduler {
     ) -> Result<Vec<(NewTask, Option<NewDecision>)>, Error> {
         let now = Instant::now();
         let submit_time = unix_now();
-        let mut cache = self.cache();
-        if !cache.serves(model) {
+        if !self.cache().serves(model) {
             return Err(Error::NoInstance(format!(
                 "no TaskInstance is registered for model '{model}'"
             )));
         }
-        Ok(fresh
-            .iter()
-            .map(|&i| {
+        let mut rows = Vec::with_capacity(fresh.len());
+        for (c, chunk) in fresh.chunks(PLACE_CHUNK).enumerate() {
+            if c > 0 {
+                tokio::task::yield_now().await;
+            }
+            let mut cache = self.cache();
+            rows.extend(chunk.iter().map(|&i| {
                 let item = &items[i];
                 let task_id = item.task_id.clone().unwrap_or_else(TaskId::generate);
                 let placement = cache.place(
@@ -182,8 +190,9 @@ impl Scheduler {
                     submit_time,
                 };
                 (task, placement.decision)
-            })
-            .collect())
+            }));
+        }
+        Ok(rows)
     }
 
     /// Commits the tasks and their decisions in one transaction. Returns, per task,

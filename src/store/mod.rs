@@ -8,6 +8,7 @@
 //! prepared against the migrated schema by a test (`store::tests`).
 
 mod decisions;
+mod guard;
 mod learned;
 mod lookup;
 mod settings;
@@ -27,6 +28,7 @@ use sqlx::ConnectOptions;
 use crate::domain::Durability;
 
 pub use decisions::{DecisionRepo, DecisionRow};
+pub use guard::{quick_check, DbLock};
 pub use learned::{LearnedRepo, StoredModel};
 pub use lookup::LookupRepo;
 pub use settings::SettingsRepo;
@@ -52,12 +54,25 @@ pub enum StoreError {
     /// A write of the batch failed, so the batch was rolled back.
     #[error("a write of the batch failed")]
     BatchFailed,
+    /// A write of the batch found the database full, so the batch was rolled back.
+    #[error("a write of the batch found the database full")]
+    BatchFull,
     /// Migrating the file failed.
     #[error("database migration failed")]
     Migrate(#[from] refinery::Error),
     /// A statement on the write connection failed, or opening the file did.
     #[error("database error")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(#[source] rusqlite::Error),
+    /// SQLite answered SQLITE_FULL: the disk is full, or `database.max_size_mb` is
+    /// reached. Writes fail until space is freed; reads go on.
+    #[error("the database is full: the disk has no space left or database.max_size_mb is reached")]
+    Full(#[source] rusqlite::Error),
+    /// Another process holds the database file (the message names it).
+    #[error("{0}")]
+    Locked(String),
+    /// The file failed its integrity check at start (the message says how to inspect it).
+    #[error("{0}")]
+    Damaged(String),
     /// Creating the database's directory failed.
     #[error("creating the database directory failed")]
     Io(#[from] std::io::Error),
@@ -67,6 +82,28 @@ pub enum StoreError {
     /// The writer task has stopped (the service is shutting down).
     #[error("the database writer has stopped")]
     WriterClosed,
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Self::Full(e),
+            _ => Self::Sqlite(e),
+        }
+    }
+}
+
+impl StoreError {
+    /// True if this write failed, or was rolled back with its batch, because the
+    /// database is full.
+    pub fn is_full(&self) -> bool {
+        match self {
+            Self::Full(_) | Self::BatchFull => true,
+            Self::Batch(cause) => cause.is_full(),
+            Self::Sql(sqlx::Error::Database(e)) => e.code().as_deref() == Some("13"),
+            _ => false,
+        }
+    }
 }
 
 /// The open database: a read pool and the writer.
@@ -123,6 +160,26 @@ pub async fn open(
         .await?;
     let (writer, handle) = Writer::spawn(conn, max_batch, stop)?;
     Ok((Db { read, writer }, handle))
+}
+
+/// Caps the database at `max_mb` MiB (`PRAGMA max_page_count` on the write connection;
+/// 0 = no cap): beyond it writes fail as on a full disk (SQLITE_FULL) while reads go on.
+/// A file already larger keeps its size as its cap. Returns the cap in pages (0: none).
+pub async fn limit_size(db: &Db, max_mb: u64) -> Result<u64, StoreError> {
+    if max_mb == 0 {
+        return Ok(0);
+    }
+    db.writer
+        .run(move |conn| {
+            let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = (max_mb * 1024 * 1024 / page_size.max(1)).max(1);
+            let cap: u64 =
+                conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                    r.get(0)
+                })?;
+            Ok(cap)
+        })
+        .await
 }
 
 /// How long a connection waits for another one's lock before it fails.

@@ -16,8 +16,8 @@ pub(super) const MARK_SCHEDULED: &str = "UPDATE tasks SET status = 'scheduled', 
      WHERE task_id = ?2 AND status = 'queued' AND ti_uuid = ?3";
 pub(super) const COMPLETE: &str =
     "UPDATE tasks SET status = 'completed', result = ?1, outcome = ?2,
-                      execution_time_ms = ?3, completion_time = ?4,
-                      prompt_tokens = ?6, completion_tokens = ?7
+                      execution_time_ms = ?3, completion_time = ?4, result_ti = ?6,
+                      prompt_tokens = ?7, completion_tokens = ?8
      WHERE task_id = ?5 AND status <> 'completed'
      RETURNING model_name, metadata";
 pub(super) const REASSIGN: &str =
@@ -88,6 +88,9 @@ pub struct StoredTask {
     pub prompt_tokens: Option<i64>,
     /// Completion tokens an OpenAI-compatible TI reported.
     pub completion_tokens: Option<i64>,
+    /// The TI whose result was stored, once completed (after a re-route, the first TI to
+    /// answer, which may be the one the task was moved away from).
+    pub result_ti: Option<TiUuid>,
 }
 
 /// An unfinished task, with what is needed to dispatch it again and rebuild the queue
@@ -172,6 +175,8 @@ pub struct Completion {
     pub completion_time: f64,
     /// Token usage an OpenAI-compatible TI reported.
     pub usage: Option<Usage>,
+    /// The TI whose outcome this is (after a re-route, possibly not the current one).
+    pub result_ti: TiUuid,
 }
 
 fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
@@ -204,7 +209,7 @@ impl TaskRepo {
         let row = sqlx::query!(
             r#"SELECT task_id, model_name, status, ti_uuid, submit_time, completion_time,
                       execution_time_ms, result, outcome, result_expired AS "result_expired: bool",
-                      prompt_tokens, completion_tokens
+                      result_ti, prompt_tokens, completion_tokens
                FROM tasks WHERE task_id = ?"#,
             id
         )
@@ -235,6 +240,7 @@ impl TaskRepo {
             result_expired: row.result_expired,
             prompt_tokens: row.prompt_tokens,
             completion_tokens: row.completion_tokens,
+            result_ti: parse_ti(row.result_ti)?,
         }))
     }
 
@@ -296,6 +302,7 @@ impl TaskRepo {
                     c.execution_time_ms,
                     c.completion_time,
                     task_id.as_str(),
+                    c.result_ti.to_string(),
                     c.usage.and_then(|u| u.prompt_tokens),
                     c.usage.and_then(|u| u.completion_tokens),
                 ),

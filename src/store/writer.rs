@@ -16,6 +16,7 @@
 //! runs where the connection lives instead of being handed to a connection thread.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,9 +32,18 @@ type Outcome = Result<(), Arc<StoreError>>;
 /// What a write sends back to its caller once the batch's outcome is known.
 type Reply = Box<dyn FnOnce(Outcome) + Send>;
 
-/// One queued write: runs on the connection; says whether it succeeded and how to answer
-/// its caller.
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
+/// How one write of a batch went.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ran {
+    Succeeded,
+    Failed,
+    /// Failed because the database is full.
+    Full,
+}
+
+/// One queued write: runs on the connection; says how it went and how to answer its
+/// caller.
+type Job = Box<dyn FnOnce(&Connection) -> (Ran, Reply) + Send>;
 
 enum Message {
     Write(Job),
@@ -45,6 +55,8 @@ enum Message {
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Message>,
+    /// True while the last batch failed because the database is full.
+    full: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -60,10 +72,12 @@ impl Writer {
         let max_batch = max_batch.max(1);
         let (jobs, rx) = mpsc::channel(max_batch * 4);
         let (ended, mut ended_rx) = oneshot::channel::<()>();
+        let full = Arc::new(AtomicBool::new(false));
+        let flag = full.clone();
         std::thread::Builder::new()
             .name("db-writer".into())
             .spawn(move || {
-                run(conn, rx, max_batch);
+                run(conn, rx, max_batch, &flag);
                 let _ = ended.send(());
             })?;
         // Only a weak handle, so that dropping every `Writer` still ends the thread.
@@ -79,7 +93,13 @@ impl Writer {
             }
             let _ = ended_rx.await;
         });
-        Ok((Self { jobs }, handle))
+        Ok((Self { jobs, full }, handle))
+    }
+
+    /// True while the last batch failed because the database is full (the disk, or
+    /// `database.max_size_mb`); false again once a batch commits.
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
     }
 
     /// Runs `write` in the next batch and returns its output once the batch is committed.
@@ -94,7 +114,11 @@ impl Writer {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |conn| {
             let output = write(conn);
-            let succeeded = output.is_ok();
+            let ran = match &output {
+                Ok(_) => Ran::Succeeded,
+                Err(e) if e.is_full() => Ran::Full,
+                Err(_) => Ran::Failed,
+            };
             let reply = Box::new(move |batch: Outcome| {
                 let answer = match (output, batch) {
                     // Our own error says more than the batch's.
@@ -106,7 +130,7 @@ impl Writer {
                 // stands either way.
                 let _ = tx.send(answer);
             }) as Reply;
-            (succeeded, reply)
+            (ran, reply)
         });
         self.jobs
             .send(Message::Write(job))
@@ -117,7 +141,7 @@ impl Writer {
 }
 
 /// The writer thread: one transaction per batch of waiting writes, until stopped.
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch: usize) {
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch: usize, full: &AtomicBool) {
     let mut batch = Vec::with_capacity(max_batch);
     // After `close`, the channel still yields what was queued, then `None`.
     while let Some(first) = rx.blocking_recv() {
@@ -135,7 +159,7 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch: usize) 
                 Err(_) => break,
             }
         }
-        write_batch(&mut conn, &mut batch);
+        write_batch(&mut conn, &mut batch, full);
     }
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = ?e, "closing the write connection failed");
@@ -143,19 +167,21 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch: usize) 
 }
 
 /// Runs every write of `batch` in one transaction and answers each caller.
-fn write_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
+fn write_batch(conn: &mut Connection, batch: &mut Vec<Job>, full: &AtomicBool) {
     let started = Instant::now();
     let size = batch.len();
     let mut replies = Vec::with_capacity(size);
     let outcome = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(txn) => {
             let mut all_succeeded = true;
+            let mut any_full = false;
             for job in batch.drain(..) {
                 // A write that panics fails its batch like one that returns an error (its
                 // caller hears that the writer dropped it); the thread lives on.
                 match std::panic::catch_unwind(AssertUnwindSafe(|| job(&txn))) {
-                    Ok((succeeded, reply)) => {
-                        all_succeeded &= succeeded;
+                    Ok((ran, reply)) => {
+                        all_succeeded &= ran == Ran::Succeeded;
+                        any_full |= ran == Ran::Full;
                         replies.push(reply);
                     }
                     Err(_) => {
@@ -168,7 +194,13 @@ fn write_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
                 txn.commit().map_err(StoreError::from)
             } else {
                 let rolled_back = txn.rollback();
-                Err(rolled_back.map_or_else(StoreError::from, |()| StoreError::BatchFailed))
+                Err(if any_full {
+                    // SQLite may have rolled the transaction back itself on SQLITE_FULL,
+                    // so the rollback's own error says nothing new.
+                    StoreError::BatchFull
+                } else {
+                    rolled_back.map_or_else(StoreError::from, |()| StoreError::BatchFailed)
+                })
             }
         }
         Err(e) => {
@@ -185,6 +217,12 @@ fn write_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
         elapsed_us = elapsed.as_micros() as u64,
         "batch written"
     );
+    // Any other failure says nothing about space: the flag waits for a commit.
+    match &outcome {
+        Ok(()) => full.store(false, Ordering::Relaxed),
+        Err(e) if e.is_full() => full.store(true, Ordering::Relaxed),
+        Err(_) => {}
+    }
     let outcome = outcome.map_err(|e| {
         tracing::error!(error = ?e, size, "batch rolled back");
         Arc::new(e)

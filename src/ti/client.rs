@@ -27,6 +27,29 @@ pub enum TiError {
         /// Its HTTP code.
         status: u16,
     },
+    /// The TI rejected the task itself: a 4xx answer to a dispatch other than 408 and
+    /// 429. Retrying it, or sending it to another TI, would fail the same way.
+    #[error("the TI rejected the task: HTTP {status}")]
+    Rejected {
+        /// Its HTTP code.
+        status: u16,
+        /// Its body (at most [`REJECTION_BODY_LIMIT`] bytes): JSON when it parses, else
+        /// the text.
+        body: Value,
+    },
+    /// The TI answered with a redirect, which is never followed: the allow-list and the
+    /// callback token are for the registered host only.
+    #[error(
+        "{what} answered HTTP {status} (a redirect to {location}); redirects are not followed"
+    )]
+    Redirect {
+        /// Which request.
+        what: String,
+        /// Its HTTP code.
+        status: u16,
+        /// Where it pointed (`Location`).
+        location: String,
+    },
     /// The answer was not what the protocol says.
     #[error("{0}")]
     Protocol(String),
@@ -55,6 +78,9 @@ impl TiError {
         Self::Transport(root_cause(&e))
     }
 }
+
+/// Most bytes of a rejecting TI's body kept with the task's result.
+pub(super) const REJECTION_BODY_LIMIT: usize = 4096;
 
 fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut last = e;
@@ -106,6 +132,9 @@ impl TiClient {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(60))
             .tcp_nodelay(true)
+            // A redirect would send the task, the callback URL and the callback token to a
+            // host that was never checked against `ti.allowed_hosts`.
+            .redirect(reqwest::redirect::Policy::none())
             // TIs live on our own network; no system proxy should sit in between.
             .no_proxy()
             .build()
@@ -132,16 +161,33 @@ impl TiClient {
         }
     }
 
-    /// Sends a request with a timeout.
+    /// Sends a request with a timeout; a redirect is an error naming `what`.
     pub(super) async fn send(
         request: reqwest::RequestBuilder,
         timeout: Duration,
+        what: &str,
     ) -> Result<reqwest::Response, TiError> {
-        request
+        let resp = request
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| TiError::from_reqwest(e, timeout))
+            .map_err(|e| TiError::from_reqwest(e, timeout))?;
+        if resp.status().is_redirection() {
+            let location = resp
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("nowhere")
+                .chars()
+                .take(200)
+                .collect();
+            return Err(TiError::Redirect {
+                what: what.to_string(),
+                status: resp.status().as_u16(),
+                location,
+            });
+        }
+        Ok(resp)
     }
 
     /// The response if it is a 2xx, else the error naming the request.
@@ -162,7 +208,7 @@ impl TiClient {
     /// `GET /health`: Ok if it answers 2xx in time.
     pub async fn health(&self, host: &str, port: u16) -> Result<(), TiError> {
         let request = self.http.get(Self::url(host, port, "/health"));
-        let resp = Self::send(request, self.health_timeout).await?;
+        let resp = Self::send(request, self.health_timeout, "GET /health").await?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -173,7 +219,10 @@ impl TiClient {
     /// `GET /info`: the model and hardware the TI reports.
     pub async fn info(&self, host: &str, port: u16) -> Result<TiInfo, TiError> {
         let request = self.http.get(Self::url(host, port, "/info"));
-        let resp = Self::success(Self::send(request, self.health_timeout).await?, "GET /info")?;
+        let resp = Self::success(
+            Self::send(request, self.health_timeout, "GET /info").await?,
+            "GET /info",
+        )?;
         let body: InfoBody = resp
             .json()
             .await
@@ -195,10 +244,19 @@ impl TiClient {
         request: &DispatchRequest<'_>,
     ) -> Result<(), TiError> {
         let request = self.http.post(url.clone()).json(request);
-        Self::success(
-            Self::send(request, self.dispatch_timeout).await?,
-            "dispatch",
-        )?;
+        let resp = Self::send(request, self.dispatch_timeout, "dispatch").await?;
+        let status = resp.status();
+        let retryable = matches!(
+            status,
+            reqwest::StatusCode::REQUEST_TIMEOUT | reqwest::StatusCode::TOO_MANY_REQUESTS
+        );
+        if status.is_client_error() && !retryable {
+            return Err(TiError::Rejected {
+                status: status.as_u16(),
+                body: rejection_body(resp).await,
+            });
+        }
+        Self::success(resp, "dispatch")?;
         Ok(())
     }
 
@@ -212,7 +270,7 @@ impl TiClient {
         let request = self
             .http
             .get(Self::url(host, port, &format!("/results/{task_id}")));
-        let resp = Self::send(request, self.dispatch_timeout).await?;
+        let resp = Self::send(request, self.dispatch_timeout, "GET /results").await?;
         if resp.status() == reqwest::StatusCode::NOT_FOUND {
             return Ok(None);
         }
@@ -224,4 +282,29 @@ impl TiClient {
             .map(Some)
             .map_err(|e| TiError::Protocol(format!("GET /results answered an unknown shape: {e}")))
     }
+}
+
+/// The first [`REJECTION_BODY_LIMIT`] bytes of a rejecting TI's body, read without
+/// taking more of it.
+async fn rejection_body(mut resp: reqwest::Response) -> Value {
+    let mut bytes = Vec::new();
+    while bytes.len() < REJECTION_BODY_LIMIT {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    upstream_body(&bytes)
+}
+
+/// What is kept of a TI's answer in a failed task's result: its first
+/// [`REJECTION_BODY_LIMIT`] bytes, as JSON when they parse, else as text (lossy UTF-8);
+/// `null` when it sent none.
+pub fn upstream_body(bytes: &[u8]) -> Value {
+    let bytes = &bytes[..bytes.len().min(REJECTION_BODY_LIMIT)];
+    if bytes.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()))
 }

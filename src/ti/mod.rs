@@ -10,4 +10,4 @@ pub mod protocol;
 pub mod sim;
 
 pub use allow_list::AllowList;
-pub use client::{TiClient, TiError, TiInfo};
+pub use client::{upstream_body, TiClient, TiError, TiInfo};

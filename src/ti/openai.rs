@@ -42,7 +42,7 @@ impl TiClient {
     /// that route (404) is healthy when `GET /v1/models` answers 2xx.
     pub async fn openai_health(&self, host: &str, port: u16) -> Result<(), TiError> {
         let request = self.http.get(Self::url(host, port, "/health"));
-        let resp = Self::send(request, self.health_timeout).await?;
+        let resp = Self::send(request, self.health_timeout, "GET /health").await?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -51,7 +51,7 @@ impl TiClient {
             return Err(TiError::Unhealthy(status.as_u16()));
         }
         let request = self.http.get(Self::url(host, port, "/v1/models"));
-        let resp = Self::send(request, self.health_timeout).await?;
+        let resp = Self::send(request, self.health_timeout, "GET /v1/models").await?;
         if resp.status().is_success() {
             Ok(())
         } else {
@@ -63,7 +63,7 @@ impl TiClient {
     pub async fn openai_models(&self, host: &str, port: u16) -> Result<Vec<String>, TiError> {
         let request = self.http.get(Self::url(host, port, "/v1/models"));
         let resp = Self::success(
-            Self::send(request, self.health_timeout).await?,
+            Self::send(request, self.health_timeout, "GET /v1/models").await?,
             "GET /v1/models",
         )?;
         let list: ModelList = resp.json().await.map_err(|e| {
@@ -86,7 +86,7 @@ impl TiClient {
             .post(url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body);
-        let resp = Self::send(request, self.request_timeout).await?;
+        let resp = Self::send(request, self.request_timeout, "the request").await?;
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()

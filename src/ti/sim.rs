@@ -6,7 +6,10 @@
 //! times a mean-one lognormal noise times the slowdown factor, then POSTs the result to
 //! the task's callback URL. Fault switches (`POST /admin/faults`) make it fail its health
 //! check, refuse or hang on submits, drop callbacks, fail tasks or slow down; `GET /admin/stats`
-//! counts what it received and executed. Tests, the demo and benchmarks start it on
+//! counts what it received and executed. A task whose `task_input` has `"sim_reject": true`
+//! is rejected with 400 at submit (as a real TI rejects input it cannot take), and so is
+//! a body its JSON parser refuses (serde_json's limit: 128 levels of nesting in the whole
+//! submit body). Tests, the demo and benchmarks start it on
 //! ephemeral ports with [`SimTi::spawn`]; `ti-scheduler sim-ti` runs one from the shell.
 
 use std::collections::{HashMap, VecDeque};
@@ -489,6 +492,13 @@ async fn submit(State(sim): State<Arc<Sim>>, body: axum::body::Bytes) -> Respons
                 .into_response()
         }
     };
+    if task.task_input.get("sim_reject") == Some(&Value::Bool(true)) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"status": "error", "message": "task_input rejected (sim_reject)"})),
+        )
+            .into_response();
+    }
     let fresh = lock(&sim.tasks).insert_new(&task.task_id, sim.config.keep_finished);
     let task_id = task.task_id.clone();
     if fresh {

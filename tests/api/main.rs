@@ -6,6 +6,7 @@ mod helpers;
 mod cleanup;
 mod faults;
 mod fuzz;
+mod hardening;
 mod openai;
 mod ops;
 mod prediction;
