@@ -8,6 +8,7 @@
 //! prepared against the migrated schema by a test (`store::tests`).
 
 mod decisions;
+mod history;
 mod learned;
 mod lookup;
 mod settings;
@@ -26,6 +27,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::ConnectOptions;
 
 pub use decisions::{Candidate, DecisionReason, DecisionRepo, DecisionRow, NewDecision};
+pub use history::{
+    history_sql, HistoryBind, HistoryCursor, HistoryFilter, HistoryPage, HistoryRow, HistorySql,
+};
 pub use learned::{LearnedRepo, StoredModel};
 pub use lookup::LookupRepo;
 pub use settings::SettingsRepo;
