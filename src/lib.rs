@@ -16,6 +16,7 @@
 //! - [`jobs`]: the periodic cleanup job.
 //! - [`config`]: typed settings (file, environment, flags).
 //! - [`bench`]: the benchmarks behind `ti-scheduler bench`.
+//! - [`cli`]: the client commands (`ti-scheduler tasks`).
 //!
 //! # The path of a task
 //!
@@ -27,6 +28,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod jobs;

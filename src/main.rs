@@ -1,5 +1,5 @@
-//! The `ti-scheduler` command: the service (default), migrations, lookup import and the
-//! simulated Task Instance.
+//! The `ti-scheduler` command: the service (default), migrations, lookup import, the task
+//! history client and the simulated Task Instance.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -55,6 +55,9 @@ enum Command {
         #[arg(long, default_value = "data/ti-scheduler.db")]
         db: PathBuf,
     },
+    /// List the task history of a running scheduler (GET /tasks), newest first: a table,
+    /// or JSON with --json; --all follows every page.
+    Tasks(ti_scheduler::cli::TasksArgs),
     /// Run a simulated Task Instance.
     SimTi(SimArgs),
     /// Benchmarks: measurements for the README, not tests.
@@ -232,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // Benchmarks print tables; the service's own logs would drown them.
     let default_level = match cli.command {
-        Some(Command::Bench(_)) => "warn",
+        Some(Command::Bench(_) | Command::Tasks(_)) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -252,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::ImportLookup { file, db, append } => import_lookup(&file, &db, append).await,
         Command::Retrain { db } => retrain(&db).await,
+        Command::Tasks(args) => ti_scheduler::cli::run(&args, &mut std::io::stdout().lock()).await,
         Command::SimTi(args) => sim_ti(args).await,
         Command::Bench(which) => bench(which).await,
     }

@@ -14,4 +14,5 @@ mod result;
 mod scheduler;
 mod strategies;
 mod task;
+mod tasks;
 mod ti;
