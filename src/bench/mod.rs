@@ -2,6 +2,7 @@
 //! not tests. Each prints a Markdown table for the README.
 
 pub mod ceiling;
+pub mod history;
 pub mod load;
 pub mod prediction;
 pub mod scale;
