@@ -255,7 +255,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::ImportLookup { file, db, append } => import_lookup(&file, &db, append).await,
         Command::Retrain { db } => retrain(&db).await,
-        Command::Tasks(args) => ti_scheduler::cli::run(&args, &mut std::io::stdout().lock()).await,
+        Command::Tasks(args) => {
+            // A client command: the error is the message, without anyhow's backtrace.
+            if let Err(e) = ti_scheduler::cli::run(&args, &mut std::io::stdout().lock()).await {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::SimTi(args) => sim_ti(args).await,
         Command::Bench(which) => bench(which).await,
     }
