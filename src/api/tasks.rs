@@ -70,11 +70,11 @@ pub struct HistoryTask {
 impl From<HistoryRow> for HistoryTask {
     fn from(row: HistoryRow) -> Self {
         Self {
-            task_id: row.task_id,
+            task_id: row.task_id.to_string(),
             model_name: row.model_name,
-            task_status: row.status,
-            outcome: row.outcome,
-            scheduled_ti: row.ti_uuid.unwrap_or_default(),
+            task_status: row.status.as_str().into(),
+            outcome: row.outcome.map(|o| o.as_str().into()),
+            scheduled_ti: row.ti_uuid.map(|t| t.to_string()).unwrap_or_default(),
             submit_time: row.submit_time,
             completion_time: row.completion_time,
             execution_time: row.execution_time_ms,

@@ -11,6 +11,7 @@
 
 use sqlx::SqliteExecutor;
 
+use super::tasks::{parse_status, parse_ti};
 use super::{StoreError, TaskRepo};
 use crate::domain::{Outcome, TaskId, TaskStatus, TiUuid};
 
@@ -114,24 +115,60 @@ impl HistoryCursor {
 }
 
 /// One task of the history.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HistoryRow {
     /// Its id.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// The model it asked for.
     pub model_name: String,
-    /// `queued`, `scheduled` or `completed`.
-    pub status: String,
-    /// `succeeded` or `failed` once completed.
-    pub outcome: Option<String>,
+    /// Where it is in its life.
+    pub status: TaskStatus,
+    /// How it ended, once completed.
+    pub outcome: Option<Outcome>,
     /// The TI currently chosen for it, if any.
-    pub ti_uuid: Option<String>,
+    pub ti_uuid: Option<TiUuid>,
     /// Unix seconds.
     pub submit_time: f64,
     /// Unix seconds, once completed.
     pub completion_time: Option<f64>,
     /// As reported by the TI, ms.
     pub execution_time_ms: Option<f64>,
+}
+
+/// A history row as read from the table.
+#[derive(sqlx::FromRow)]
+struct StoredRow {
+    task_id: String,
+    model_name: String,
+    status: String,
+    outcome: Option<String>,
+    ti_uuid: Option<String>,
+    submit_time: f64,
+    completion_time: Option<f64>,
+    execution_time_ms: Option<f64>,
+}
+
+impl TryFrom<StoredRow> for HistoryRow {
+    type Error = StoreError;
+
+    fn try_from(row: StoredRow) -> Result<Self, StoreError> {
+        let outcome = match row.outcome.as_deref() {
+            None => None,
+            Some("succeeded") => Some(Outcome::Succeeded),
+            Some("failed") => Some(Outcome::Failed),
+            Some(other) => return Err(StoreError::Corrupt(format!("bad outcome {other:?}"))),
+        };
+        Ok(Self {
+            task_id: TaskId::from_stored(row.task_id),
+            model_name: row.model_name,
+            status: parse_status(&row.status)?,
+            outcome,
+            ti_uuid: parse_ti(row.ti_uuid)?,
+            submit_time: row.submit_time,
+            completion_time: row.completion_time,
+            execution_time_ms: row.execution_time_ms,
+        })
+    }
 }
 
 /// A page of the history.
@@ -284,13 +321,19 @@ impl TaskRepo {
                 next: None,
             });
         };
-        let mut tasks: Vec<HistoryRow> = query.query_as("").fetch_all(exec).await?;
+        let mut tasks = query
+            .query_as::<StoredRow>("")
+            .fetch_all(exec)
+            .await?
+            .into_iter()
+            .map(HistoryRow::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
         let limit = filter.limit as usize;
         let next = if tasks.len() > limit {
             tasks.truncate(limit);
             tasks.last().map(|last| HistoryCursor {
                 submit_time: last.submit_time,
-                task_id: TaskId::from_stored(last.task_id.clone()),
+                task_id: last.task_id.clone(),
             })
         } else {
             None

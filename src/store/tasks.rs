@@ -164,7 +164,7 @@ pub struct Completion {
     pub completion_time: f64,
 }
 
-fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
+pub(super) fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
     raw.map(|s| {
         s.parse()
             .map_err(|_| StoreError::Corrupt(format!("bad ti_uuid {s:?}")))
@@ -172,7 +172,7 @@ fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
     .transpose()
 }
 
-fn parse_status(raw: &str) -> Result<TaskStatus, StoreError> {
+pub(super) fn parse_status(raw: &str) -> Result<TaskStatus, StoreError> {
     TaskStatus::from_stored(raw).ok_or_else(|| StoreError::Corrupt(format!("bad status {raw:?}")))
 }
 
