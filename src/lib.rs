@@ -18,6 +18,7 @@
 //! - [`domain`]: the nouns every layer shares (ids, states, strategies, decisions).
 //! - [`jobs`]: the periodic cleanup job.
 //! - [`config`]: typed settings (file, environment, flags).
+//! - [`cli`]: the client commands (`ti-scheduler tasks`).
 //!
 //! The benchmarks are not part of the library: they are the `measure` and `decision`
 //! bench targets (`benches/`). `ARCHITECTURE.md` maps the whole repository.
@@ -44,6 +45,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod jobs;

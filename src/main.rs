@@ -1,5 +1,5 @@
-//! The `ti-scheduler` command: the service (default), migrations, lookup import and the
-//! simulated Task Instance.
+//! The `ti-scheduler` command: the service (default), migrations, lookup import, the task
+//! history client and the simulated Task Instance.
 
 #![forbid(unsafe_code)]
 
@@ -58,6 +58,9 @@ enum Command {
         #[arg(long, default_value = "data/ti-scheduler.db")]
         db: PathBuf,
     },
+    /// List the task history of a running scheduler (GET /tasks), newest first: a table,
+    /// or JSON with --json; --all follows every page.
+    Tasks(ti_scheduler::cli::TasksArgs),
     /// Run a simulated Task Instance.
     SimTi(SimArgs),
 }
@@ -124,9 +127,14 @@ struct SimArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // A client command prints what it fetched; the logs would drown it.
+    let default_level = match cli.command {
+        Some(Command::Tasks(_)) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .init();
     match cli.command.unwrap_or(Command::Serve(ServeArgs {
@@ -142,6 +150,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::ImportLookup { file, db, append } => import_lookup(&file, &db, append).await,
         Command::Retrain { db } => retrain(&db).await,
+        Command::Tasks(args) => {
+            // A client command: the error is the message, without anyhow's backtrace.
+            if let Err(e) = ti_scheduler::cli::run(&args, &mut std::io::stdout().lock()).await {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::SimTi(args) => sim_ti(args).await,
     }
 }

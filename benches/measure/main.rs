@@ -5,6 +5,7 @@
 //! starts (`CARGO_BIN_EXE_ti-scheduler`).
 
 mod ceiling;
+mod history;
 mod load;
 mod prediction;
 mod scale;

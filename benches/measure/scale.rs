@@ -2,7 +2,8 @@
 //! large history of completed tasks (each with its decision) and a number of unfinished
 //! ones, then starts the service on it (a child process) and measures the time from spawn
 //! to the first successful `GET /ready`, the latency of `GET /task/query` on random
-//! historical tasks, and the service's peak RSS.
+//! historical tasks, that of `GET /tasks` for each documented filter ([`super::history`]),
+//! and the service's peak RSS. One task in a hundred failed.
 
 use std::time::{Duration, Instant};
 
@@ -27,12 +28,14 @@ pub struct ScaleArgs {
     pub queries: u64,
 }
 
-fn fill(db: &std::path::Path, args: &ScaleArgs) -> anyhow::Result<()> {
+/// Builds the database; returns the submit time of its oldest task.
+fn fill(db: &std::path::Path, args: &ScaleArgs) -> anyhow::Result<f64> {
     store::migrate(db)?;
     let mut conn = rusqlite::Connection::open(db)?;
     conn.pragma_update(None, "synchronous", "OFF")?;
     let txn = conn.transaction()?;
     let ti = "00000000-0000-4000-8000-000000000001";
+    let first = ti_scheduler::domain::unix_now() - 86_400.0;
     // Port 9 (discard): nothing listens, so recovery finds the TI unreachable at once.
     txn.execute(
         "INSERT INTO task_instances (ti_uuid, host, port, model_name, hardware, callback_token, registered_at)
@@ -53,11 +56,11 @@ fn fill(db: &std::path::Path, args: &ScaleArgs) -> anyhow::Result<()> {
              VALUES (?1, ?2, 'submit', 'shortest_queue', 'default', 100, 10, 'learned', 0, ?3,
                      '[{\"ti_uuid\":\"00000000-0000-4000-8000-000000000001\",\"wait_ms\":0}]')",
         )?;
-        let now = ti_scheduler::domain::unix_now();
         for i in 0..args.history + args.unfinished {
             let id = format!("task-scale-{i:09}");
-            let at = now - 86_400.0 + i as f64 * 0.001;
+            let at = first + i as f64 * 0.001;
             let done = i < args.history;
+            let failed = done && i % 100 == 0;
             task.execute(rusqlite::params![
                 id,
                 if done { "completed" } else { "scheduled" },
@@ -65,15 +68,19 @@ fn fill(db: &std::path::Path, args: &ScaleArgs) -> anyhow::Result<()> {
                 at,
                 done.then_some(at + 0.1),
                 done.then_some(100.0),
-                done.then_some("{\"output\":\"ok\"}"),
-                done.then_some("succeeded"),
+                done.then_some(if failed {
+                    "{\"error\":\"failed\"}"
+                } else {
+                    "{\"output\":\"ok\"}"
+                }),
+                done.then_some(if failed { "failed" } else { "succeeded" }),
             ])?;
             decision.execute(rusqlite::params![id, at, ti])?;
         }
     }
     txn.commit()?;
     conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
-    Ok(())
+    Ok(first)
 }
 
 /// Runs the benchmark and prints its figures.
@@ -82,7 +89,7 @@ pub async fn run(args: &ScaleArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let db = dir.join("scale.db");
     let filled = Instant::now();
-    fill(&db, args).context("building the database")?;
+    let first_submit = fill(&db, args).context("building the database")?;
     let size_mib = std::fs::metadata(&db)?.len() as f64 / (1024.0 * 1024.0);
     eprintln!(
         "built {} completed + {} unfinished tasks ({size_mib:.0} MiB) in {:.1} s",
@@ -129,6 +136,14 @@ pub async fn run(args: &ScaleArgs) -> anyhow::Result<()> {
         r.bytes().await?;
         latency.record(t.elapsed().as_micros().max(1) as u64)?;
     }
+    let layout = super::history::HistoryLayout {
+        first_submit,
+        last_submit: first_submit + (args.history + args.unfinished) as f64 * 0.001,
+        model_name: "llama-7b".into(),
+        ti_uuid: "00000000-0000-4000-8000-000000000001".into(),
+    };
+    let per_filter = (args.queries / 10).max(2);
+    let history = super::history::run(&http, &base, &layout, per_filter).await?;
     let rss = peak_rss_mib(child.id()).unwrap_or(f64::NAN);
     let _ = child.kill();
     let _ = child.wait();
@@ -153,5 +168,7 @@ pub async fn run(args: &ScaleArgs) -> anyhow::Result<()> {
         latency.max() as f64 / 1000.0
     );
     println!("| peak RSS of the service | {rss:.1} MiB |");
+    println!();
+    super::history::print(&history, per_filter);
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! The HTTP API (SPEC.md §2–§3): one `router()` per area, merged by [`app`].
+//! The HTTP API (SPEC.md §2–§3, §11): one `router()` per area, merged by [`app`].
 //!
 //! Handlers are short: they validate the request, call the scheduling core, and shape the
 //! answer. Every error is the JSON envelope of [`error::ApiError`]; endpoints that
@@ -12,6 +12,7 @@ mod queue;
 mod result;
 mod scheduler;
 mod task;
+mod tasks;
 mod ti;
 
 use std::sync::Arc;
@@ -54,6 +55,7 @@ pub fn app(state: AppState) -> Router {
         .merge(ti::router())
         .merge(queue::router())
         .merge(task::router())
+        .merge(tasks::router())
         .merge(result::router())
         .merge(predictor::router())
         .merge(ops::router())

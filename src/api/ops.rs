@@ -40,6 +40,7 @@ pub(super) fn router() -> Router<AppState> {
         super::queue::queue_info_post,
         super::task::query_task_get,
         super::task::query_task_post,
+        super::tasks::list_tasks,
         super::result::submit_result,
         super::predictor::import_lookup_table,
         health,

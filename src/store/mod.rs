@@ -9,6 +9,7 @@
 
 mod decisions;
 mod guard;
+mod history;
 mod learned;
 mod lookup;
 mod settings;
@@ -29,6 +30,9 @@ use crate::domain::Durability;
 
 pub use decisions::{DecisionRepo, DecisionRow};
 pub use guard::{quick_check, DbLock};
+pub use history::{
+    history_sql, HistoryBind, HistoryCursor, HistoryFilter, HistoryPage, HistoryRow, HistorySql,
+};
 pub use learned::{LearnedRepo, StoredModel};
 pub use lookup::LookupRepo;
 pub use settings::SettingsRepo;

@@ -179,7 +179,7 @@ pub struct Completion {
     pub result_ti: TiUuid,
 }
 
-fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
+pub(super) fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
     raw.map(|s| {
         s.parse()
             .map_err(|_| StoreError::Corrupt(format!("bad ti_uuid {s:?}")))
@@ -187,7 +187,7 @@ fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
     .transpose()
 }
 
-fn parse_status(raw: &str) -> Result<TaskStatus, StoreError> {
+pub(super) fn parse_status(raw: &str) -> Result<TaskStatus, StoreError> {
     TaskStatus::from_stored(raw).ok_or_else(|| StoreError::Corrupt(format!("bad status {raw:?}")))
 }
 

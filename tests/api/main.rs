@@ -16,4 +16,5 @@ mod result;
 mod scheduler;
 mod strategies;
 mod task;
+mod tasks;
 mod ti;

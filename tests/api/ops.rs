@@ -36,6 +36,7 @@ async fn openapi_document_covers_every_endpoint() {
         "/queue/submit_batch",
         "/queue/info",
         "/task/query",
+        "/tasks",
         "/result/submit",
         "/predictor/lookup_table",
         "/health",

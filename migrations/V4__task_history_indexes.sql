@@ -1,0 +1,34 @@
+-- Task history (`GET /tasks`, SPEC.md §11): newest first, keyset-paged on
+-- (submit_time, task_id), filtered by model_name, ti_uuid, status, outcome and a
+-- submit_time window. src/store/history.rs builds the queries these indexes serve.
+--
+-- A task's *state* is coalesce(outcome, status): 'queued', 'scheduled', 'succeeded' or
+-- 'failed' (COMPLETE is the only statement that sets status = 'completed', and it sets
+-- outcome with it). Every status and outcome filter is a set of states:
+--   status=queued → {queued}     status=scheduled → {scheduled}
+--   outcome=X     → {X}          status=completed → {succeeded, failed}
+--   no status or outcome → all four.
+-- A query reads one range per state, (prefix, state) equal and submit_time in the window
+-- and below the cursor, each range already in (submit_time, task_id) order, and SQLite
+-- merges them (`MERGE (UNION ALL)`): never a sort, never more than about `limit` rows read
+-- per range, whatever the size of the history. tasks is WITHOUT ROWID, so every index
+-- entry ends with the primary key, task_id: the tie-breaker of the cursor is in the key.
+--
+-- Three indexes, one per leading filter, instead of one per combination:
+--   tasks_by_state: no filter, status, outcome (each with since/until);
+--   tasks_by_model: model_name, alone or with status or outcome (and since/until);
+--   tasks_by_ti:    ti_uuid, alone or with status or outcome (and since/until).
+-- A model_name and a ti_uuid given together read tasks_by_ti and check model_name on its
+-- rows (a TI serves one model).
+--
+-- Cost on the hot path: each submit inserts three more index entries (all at the end of
+-- their ranges, as submit_time only grows), and each of the task's two state changes
+-- (scheduled, completed) moves its entry in each of the three to the end of another
+-- range; a re-route also moves its tasks_by_ti entry. Keying the state into every index
+-- is what lets three indexes serve every combination without reading rows that do not
+-- match: an index on (submit_time) alone would have to skip, row by row, every
+-- unfinished task at the head of the history to answer `status=completed`, and every
+-- success to answer `outcome=failed`.
+CREATE INDEX tasks_by_state ON tasks (coalesce(outcome, status), submit_time);
+CREATE INDEX tasks_by_model ON tasks (model_name, coalesce(outcome, status), submit_time);
+CREATE INDEX tasks_by_ti ON tasks (ti_uuid, coalesce(outcome, status), submit_time);
