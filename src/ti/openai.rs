@@ -221,17 +221,20 @@ pub fn add_features(task_input: &Map<String, Value>, metadata: &mut Map<String, 
     }
 }
 
+/// Characters of text in a prompt or a message's content: a string, a list of them, or
+/// `{"type": "text", "text": ...}` parts.
+pub fn text_chars(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.chars().count(),
+        Value::Array(items) => items.iter().map(text_chars).sum(),
+        Value::Object(part) => part.get("text").map_or(0, text_chars),
+        _ => 0,
+    }
+}
+
 /// Characters of text in `prompt` (a string or a list of strings) or in the `content` of
 /// `messages` (a string, or a list of `{"type": "text", "text": ...}` parts).
 fn prompt_chars(task_input: &Map<String, Value>) -> Option<usize> {
-    fn text_chars(v: &Value) -> usize {
-        match v {
-            Value::String(s) => s.chars().count(),
-            Value::Array(items) => items.iter().map(text_chars).sum(),
-            Value::Object(part) => part.get("text").map_or(0, text_chars),
-            _ => 0,
-        }
-    }
     if let Some(prompt) = task_input.get("prompt") {
         return Some(text_chars(prompt));
     }

@@ -38,7 +38,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::openai::CHARS_PER_TOKEN;
+use super::openai::{text_chars, CHARS_PER_TOKEN};
 use super::sim::noise_law;
 
 /// How the simulated OpenAI-compatible server behaves.
@@ -256,11 +256,7 @@ impl Sim {
         }
         let text_chars = match route {
             Route::Completions => match body.get("prompt") {
-                Some(Value::String(p)) => p.chars().count(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .map(|p| p.as_str().map_or(1, |s| s.chars().count()))
-                    .sum(),
+                Some(p @ (Value::String(_) | Value::Array(_))) => text_chars(p),
                 _ => {
                     return Err(bad(
                         StatusCode::BAD_REQUEST,
@@ -271,7 +267,7 @@ impl Sim {
             Route::Chat => match body.get("messages").and_then(Value::as_array) {
                 Some(messages) if !messages.is_empty() => messages
                     .iter()
-                    .map(|m| content_chars(m.get("content").unwrap_or(&Value::Null)))
+                    .map(|m| text_chars(m.get("content").unwrap_or(&Value::Null)))
                     .sum(),
                 _ => {
                     return Err(bad(
@@ -419,16 +415,6 @@ impl Sim {
 
     fn count(&self, f: impl FnOnce(&mut OpenAiSimStats)) {
         f(&mut lock(&self.stats));
-    }
-}
-
-/// Characters of a chat message's content (a string, or a list of text parts).
-fn content_chars(content: &Value) -> usize {
-    match content {
-        Value::String(s) => s.chars().count(),
-        Value::Array(parts) => parts.iter().map(content_chars).sum(),
-        Value::Object(part) => part.get("text").map_or(0, content_chars),
-        _ => 0,
     }
 }
 
