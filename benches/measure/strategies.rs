@@ -88,6 +88,21 @@ pub struct RunResult {
     pub calibration: f64,
     /// The same, allowing the 2 ms resolution of the stored timestamps, %.
     pub calibration_resolved: f64,
+    /// OpenAI cluster only: how well the execution times were predicted.
+    pub accuracy: Option<Accuracy>,
+}
+
+/// How well the predictions a cluster's tasks were placed with matched their execution
+/// times, next to the best any predictor could do from the same request.
+#[derive(Debug, Clone, Copy)]
+pub struct Accuracy {
+    /// MAPE of the predictions used, %.
+    pub mape: f64,
+    /// MAPE of the best predictor from the request alone: the law at the prompt's tokens
+    /// and the expected completion length given `max_tokens`, %.
+    pub best_mape: f64,
+    /// Share of execution times within the prediction ± 2 errors, %.
+    pub within_2sigma: f64,
 }
 
 /// The cluster's capacity in tasks per second under the workload's mix.
@@ -403,6 +418,10 @@ async fn run_once(
     cluster.drain().await?;
 
     let (jct, calibration, calibration_resolved) = measure(&cluster.db, &ids)?;
+    let accuracy = match args.protocol {
+        TiKind::Openai => Some(accuracy(args, &cluster.db, &ids)?),
+        TiKind::Callback => None,
+    };
     cluster.stop().await?;
     Ok(RunResult {
         strategy,
@@ -413,6 +432,52 @@ async fn run_once(
         p99_ms: workload::quantile(&jct, 0.99),
         calibration,
         calibration_resolved,
+        accuracy,
+    })
+}
+
+/// [`Accuracy`] of the measured tasks on the OpenAI cluster, from the database.
+fn accuracy(args: &StrategyArgs, db: &PathBuf, ids: &[String]) -> anyhow::Result<Accuracy> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut query = conn.prepare(
+        "SELECT t.execution_time_ms, d.predicted_ms, d.predicted_error_ms, t.metadata, ti.hardware
+         FROM tasks t JOIN decisions d ON d.task_id = t.task_id AND d.reason = 'submit'
+              JOIN task_instances ti ON ti.ti_uuid = d.chosen_ti
+         WHERE t.task_id = ?",
+    )?;
+    let share = args.min_completion_share.clamp(0.0, 1.0);
+    let (mut ape, mut best_ape, mut within, mut n) = (0.0, 0.0, 0usize, 0usize);
+    for id in ids {
+        let (actual, predicted, error, metadata, hardware): (f64, f64, f64, String, String) =
+            query.query_row([id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?;
+        if actual <= 0.0 {
+            continue;
+        }
+        let metadata: Value = serde_json::from_str(&metadata)?;
+        let feature = |name: &str| metadata[name].as_f64().unwrap_or(0.0);
+        let hw = HARDWARE
+            .iter()
+            .position(|h| h.name == hardware)
+            .context("hardware of the chosen TI")?;
+        let law = openai_config(args, hw, 1, 0);
+        // A completion takes ceil(max_tokens · u) tokens, u uniform in [share, 1].
+        let expected_tokens = feature("max_tokens") * (1.0 + share) / 2.0 + 0.5;
+        let best = law.base_ms
+            + law.per_input_token_ms * feature("input_tokens")
+            + law.per_output_token_ms * expected_tokens;
+        ape += (actual - predicted).abs() / actual;
+        best_ape += (actual - best).abs() / actual;
+        within += usize::from((actual - predicted).abs() <= 2.0 * error);
+        n += 1;
+    }
+    let pct = |x: f64| 100.0 * x / n.max(1) as f64;
+    Ok(Accuracy {
+        mape: pct(ape),
+        best_mape: pct(best_ape),
+        within_2sigma: pct(within as f64),
     })
 }
 
@@ -461,6 +526,23 @@ pub fn print(args: &StrategyArgs, results: &[RunResult]) {
             r.calibration,
             r.calibration_resolved
         );
+    }
+    if results.iter().any(|r| r.accuracy.is_some()) {
+        println!();
+        println!("| load | strategy | prediction MAPE | best possible from the request | execution within ±2σ |");
+        println!("|---:|---|---:|---:|---:|");
+        for r in results {
+            if let Some(a) = r.accuracy {
+                println!(
+                    "| {:.0}% | {} | {:.1}% | {:.1}% | {:.1}% |",
+                    r.load * 100.0,
+                    r.strategy.as_str(),
+                    a.mape,
+                    a.best_mape,
+                    a.within_2sigma
+                );
+            }
+        }
     }
     println!();
     for mode in &args.modes {
