@@ -449,8 +449,8 @@ fn accuracy(args: &StrategyArgs, db: &PathBuf, ids: &[String]) -> anyhow::Result
     let share = args.min_completion_share.clamp(0.0, 1.0);
     let (mut ape, mut best_ape, mut within, mut n) = (0.0, 0.0, 0usize, 0usize);
     for id in ids {
-        let (actual, predicted, error, metadata, hardware): (f64, f64, f64, String, String) =
-            query.query_row([id], |r| {
+        let (actual, predicted, error, metadata, hardware): (f64, f64, f64, String, String) = query
+            .query_row([id], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })?;
         if actual <= 0.0 {
