@@ -442,3 +442,101 @@ async fn openai_tasks_left_unfinished_by_a_restart_are_sent_again() {
     }
     assert!(server.stats().requests >= 3);
 }
+
+#[tokio::test]
+async fn a_503_pauses_the_ti_like_a_429_and_the_task_completes_after() {
+    let app = spawn_app().await;
+    let server = spawn_openai(OpenAiSimConfig {
+        faults: OpenAiFaults {
+            unavailable: true,
+            retry_after_s: 0.2,
+            ..OpenAiFaults::default()
+        },
+        ..sim(5.0, 2)
+    })
+    .await;
+    let ti = app.register_openai(&server, json!({})).await;
+    let (task, _) = app.submit_input(MODEL, prompt("busy"), json!({})).await;
+    wait_for("a 503", || async {
+        (server.stats().faulted > 0).then_some(())
+    })
+    .await;
+    server.set_faults(OpenAiFaults::default());
+    assert_eq!(
+        app.wait_completed(&task).await["result"]["object"],
+        "text_completion"
+    );
+    assert!(app.healthy(&ti).await, "busy is not unhealthy");
+}
+
+#[tokio::test]
+async fn a_request_that_times_out_is_retried_then_sent_to_another_ti() {
+    let app = crate::helpers::spawn_app_with(|s| s.ti.request_timeout_ms = 200).await;
+    app.set_strategy("round_robin").await;
+    let hanging = spawn_openai(OpenAiSimConfig {
+        faults: OpenAiFaults {
+            hang_ms: 5_000,
+            ..OpenAiFaults::default()
+        },
+        ..sim(5.0, 4)
+    })
+    .await;
+    let fine = spawn_openai(sim(5.0, 4)).await;
+    let hanging_ti = app.register_openai(&hanging, json!({})).await;
+    let fine_ti = app.register_openai(&fine, json!({})).await;
+    let mut on_hanging = None;
+    for i in 0..2 {
+        let (task, ti) = app
+            .submit_input(MODEL, prompt(&format!("t{i}")), json!({}))
+            .await;
+        if ti == hanging_ti {
+            on_hanging = Some(task);
+        }
+    }
+    let task = on_hanging.expect("round robin sent one task to each TI");
+    let done = app.wait_completed(&task).await;
+    assert_eq!(done["scheduled_ti"], fine_ti.as_str());
+    assert!(
+        hanging.stats().requests >= 3,
+        "retried: {:?}",
+        hanging.stats()
+    );
+}
+
+#[tokio::test]
+async fn the_simulated_server_streams_one_chunk_per_token_then_usage_and_done() {
+    let server = spawn_openai(OpenAiSimConfig {
+        min_completion_share: 1.0,
+        ..sim(5.0, 1)
+    })
+    .await;
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", server.addr()))
+        .json(
+            &json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 5, "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let text = resp.text().await.unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, " tok".repeat(5));
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["usage"]["completion_tokens"], 5);
+    assert_eq!(server.stats().completed, 1);
+}
