@@ -15,12 +15,19 @@ pub(super) fn router() -> Router<AppState> {
     Router::new().route("/task/query", get(query_task_get).post(query_task_post))
 }
 
-/// Which task.
+/// Which task, and how long to wait for it to complete.
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct TaskQuery {
     /// The id `/queue/submit` returned.
     pub task_id: String,
+    /// Long-poll: when the task is not completed, answer once it is or after this many
+    /// ms (0..=60000; default 0, answer at once).
+    #[serde(default)]
+    pub wait_ms: Option<f64>,
 }
+
+/// Longest long-poll, ms.
+const MAX_WAIT_MS: f64 = 60_000.0;
 
 /// Answer of `/task/query`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -57,7 +64,8 @@ pub(super) struct TaskView {
     pub completion_tokens: Option<i64>,
 }
 
-async fn query(app: &AppState, task_id: &str) -> Result<Json<TaskView>, ErrorResponse> {
+async fn query(app: &AppState, q: &TaskQuery) -> Result<Json<TaskView>, ErrorResponse> {
+    let task_id = q.task_id.as_str();
     let shape = |e: ApiError| e.with(&[("task_id", task_id)]);
     let not_found = || shape(ApiError::NotFound(format!("task '{task_id}' not found")));
     if task_id.is_empty() {
@@ -65,9 +73,18 @@ async fn query(app: &AppState, task_id: &str) -> Result<Json<TaskView>, ErrorRes
             "task_id must not be empty".into(),
         )));
     }
+    let wait_ms = q.wait_ms.unwrap_or(0.0);
+    if !(0.0..=MAX_WAIT_MS).contains(&wait_ms) {
+        return Err(shape(ApiError::BadRequest(format!(
+            "wait_ms must be in 0..=60000, got {wait_ms}"
+        ))));
+    }
     let task = app
         .scheduler
-        .task(&TaskId::from_stored(task_id.to_string()))
+        .task_when_completed(
+            &TaskId::from_stored(task_id.to_string()),
+            std::time::Duration::from_secs_f64(wait_ms / 1000.0),
+        )
         .await
         .map_err(|e| shape(e.into()))?
         .ok_or_else(not_found)?;
@@ -89,14 +106,15 @@ async fn query(app: &AppState, task_id: &str) -> Result<Json<TaskView>, ErrorRes
 }
 
 /// A task's status and result (`?task_id=`).
-#[utoipa::path(get, path = "/task/query", params(("task_id" = String, Query, description = "the task")),
+#[utoipa::path(get, path = "/task/query", params(("task_id" = String, Query, description = "the task"),
+    ("wait_ms" = Option<f64>, Query, description = "long-poll: wait up to this many ms (0..=60000) for the task to complete")),
     responses((status = 200, body = TaskView), (status = 400), (status = 404, description = "unknown or purged task")))]
 pub(super) async fn query_task_get(
     State(app): State<AppState>,
     query_params: Result<ApiQuery<TaskQuery>, ApiError>,
 ) -> Result<Json<TaskView>, ErrorResponse> {
     let ApiQuery(q) = query_params.map_err(|e| e.with(&[("task_id", "")]))?;
-    query(&app, &q.task_id).await
+    query(&app, &q).await
 }
 
 /// As `GET /task/query`, with `{task_id}` in a JSON body.
@@ -107,5 +125,5 @@ pub(super) async fn query_task_post(
     body: Result<ApiJson<TaskQuery>, ApiError>,
 ) -> Result<Json<TaskView>, ErrorResponse> {
     let ApiJson(q) = body.map_err(|e| e.with(&[("task_id", "")]))?;
-    query(&app, &q.task_id).await
+    query(&app, &q).await
 }

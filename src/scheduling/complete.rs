@@ -169,6 +169,7 @@ impl Scheduler {
             execution_ms,
         });
         self.cache().complete(task_id, succeeded);
+        self.inner.waiters.notify(task_id);
         let label = match outcome {
             Outcome::Succeeded => "ti_scheduler_completions_total",
             Outcome::Failed => "ti_scheduler_failures_total",

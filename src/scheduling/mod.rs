@@ -29,6 +29,7 @@ mod recovery;
 mod reroute;
 mod strategy;
 mod submit;
+mod waiters;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -44,7 +45,7 @@ pub use queue::QueueEstimate;
 pub use submit::{SubmitItem, Submitted};
 
 use crate::config::Settings;
-use crate::domain::{unix_now, LookupRow, PredictMode, StrategyKind, TaskId};
+use crate::domain::{unix_now, LookupRow, PredictMode, StrategyKind, TaskId, TaskStatus};
 use crate::predictor::Predictor;
 use crate::store::{
     Db, LearnedRepo, LookupRepo, SettingsRepo, StatsRepo, StoreError, StoredTask, TaskRepo, TiRepo,
@@ -90,6 +91,8 @@ struct Inner {
     cache: Mutex<Cache>,
     /// Tasks with a dispatch or re-route under way, so the sweep leaves them alone.
     in_flight: dispatch::InFlight,
+    /// Clients waiting for a task to complete.
+    waiters: waiters::Waiters,
     db: Db,
     client: TiClient,
     settings: CoreSettings,
@@ -176,6 +179,7 @@ impl Scheduler {
             inner: Arc::new(Inner {
                 cache: Mutex::new(cache),
                 in_flight: dispatch::InFlight::default(),
+                waiters: waiters::Waiters::default(),
                 db,
                 client: TiClient::new(
                     settings.ti.health_timeout(),
@@ -267,5 +271,37 @@ impl Scheduler {
     /// A stored task.
     pub async fn task(&self, task_id: &TaskId) -> Result<Option<StoredTask>, Error> {
         Ok(TaskRepo::find(&self.inner.db.read, task_id).await?)
+    }
+
+    /// A stored task, once it is completed or `wait` has passed (long-poll): woken by the
+    /// completion itself, not by polling.
+    pub async fn task_when_completed(
+        &self,
+        task_id: &TaskId,
+        wait: std::time::Duration,
+    ) -> Result<Option<StoredTask>, Error> {
+        if wait.is_zero() {
+            return self.task(task_id).await;
+        }
+        let notify = self.inner.waiters.subscribe(task_id);
+        let (task, waiting) = {
+            // Registered before the read, so a completion between the read and the wait
+            // still wakes it.
+            let completed = notify.notified();
+            tokio::pin!(completed);
+            completed.as_mut().enable();
+            let task = self.task(task_id).await;
+            let waiting = matches!(&task, Ok(Some(t)) if t.status != TaskStatus::Completed);
+            if waiting {
+                let _ = tokio::time::timeout(wait, completed).await;
+            }
+            (task, waiting)
+        };
+        self.inner.waiters.release(task_id, notify);
+        if waiting {
+            self.task(task_id).await
+        } else {
+            task
+        }
     }
 }

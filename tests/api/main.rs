@@ -7,6 +7,7 @@ mod cleanup;
 mod faults;
 mod fuzz;
 mod hardening;
+mod longpoll;
 mod openai;
 mod ops;
 mod prediction;
