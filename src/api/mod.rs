@@ -5,12 +5,14 @@
 //! return identifiers keep them (empty, or echoing the caller) in their errors.
 
 mod auth;
+mod decisions;
 mod error;
 mod ops;
 mod predictor;
 mod queue;
 mod result;
 mod scheduler;
+mod stats;
 mod task;
 mod tasks;
 mod ti;
@@ -55,6 +57,8 @@ pub fn app(state: AppState) -> Router {
         .merge(ti::router())
         .merge(queue::router())
         .merge(task::router())
+        .merge(decisions::router())
+        .merge(stats::router())
         .merge(tasks::router())
         .merge(result::router())
         .merge(predictor::router())

@@ -41,6 +41,8 @@ pub(super) fn router() -> Router<AppState> {
         super::task::query_task_get,
         super::task::query_task_post,
         super::tasks::list_tasks,
+        super::decisions::task_decisions,
+        super::stats::stats,
         super::result::submit_result,
         super::predictor::import_lookup_table,
         health,

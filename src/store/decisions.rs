@@ -75,4 +75,64 @@ impl DecisionRepo {
         .await?;
         Ok(found)
     }
+
+    /// Every decision made for a task, oldest first.
+    pub async fn for_task(
+        exec: impl SqliteExecutor<'_>,
+        task_id: &TaskId,
+    ) -> Result<Vec<StoredDecision>, StoreError> {
+        let id = task_id.as_str();
+        let rows = sqlx::query!(
+            r#"SELECT decided_at, reason, strategy, predict_mode, predicted_ms, predicted_error_ms,
+                      prediction_source, lookup_fallback AS "lookup_fallback: bool", chosen_ti,
+                      candidates
+               FROM decisions WHERE task_id = ? ORDER BY id"#,
+            id
+        )
+        .fetch_all(exec)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(StoredDecision {
+                    candidates: serde_json::from_str(&r.candidates).map_err(|e| {
+                        StoreError::Corrupt(format!("candidates of a decision of {id}: {e}"))
+                    })?,
+                    decided_at: r.decided_at,
+                    reason: r.reason,
+                    strategy: r.strategy,
+                    predict_mode: r.predict_mode,
+                    predicted_ms: r.predicted_ms,
+                    predicted_error_ms: r.predicted_error_ms,
+                    prediction_source: r.prediction_source,
+                    lookup_fallback: r.lookup_fallback,
+                    chosen_ti: r.chosen_ti,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A decision as stored, for `GET /task/decisions`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredDecision {
+    /// Unix seconds.
+    pub decided_at: f64,
+    /// `submit` or `reroute`.
+    pub reason: String,
+    /// Strategy name.
+    pub strategy: String,
+    /// Predict mode name.
+    pub predict_mode: String,
+    /// Prediction on the chosen TI, ms.
+    pub predicted_ms: f64,
+    /// Its error, ms.
+    pub predicted_error_ms: f64,
+    /// Which predictor gave it.
+    pub prediction_source: String,
+    /// lookup_table mode found no row and the default chain answered.
+    pub lookup_fallback: bool,
+    /// The TI chosen.
+    pub chosen_ti: String,
+    /// Every TI considered, with its estimates (the stored JSON array).
+    pub candidates: serde_json::Value,
 }

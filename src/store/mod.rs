@@ -16,6 +16,7 @@ mod settings;
 mod stats;
 mod tasks;
 mod tis;
+mod window;
 pub mod writer;
 
 use std::path::Path;
@@ -28,7 +29,7 @@ use sqlx::ConnectOptions;
 
 use crate::domain::Durability;
 
-pub use decisions::{DecisionRepo, DecisionRow};
+pub use decisions::{DecisionRepo, DecisionRow, StoredDecision};
 pub use guard::{quick_check, DbLock};
 pub use history::{
     history_sql, HistoryBind, HistoryCursor, HistoryFilter, HistoryPage, HistoryRow, HistorySql,
@@ -39,6 +40,7 @@ pub use settings::SettingsRepo;
 pub use stats::{ExecutionStats, StatsRepo};
 pub use tasks::{Completion, Execution, NewTask, StoredTask, TaskRepo, UnfinishedTask};
 pub use tis::{StoredTi, TiRepo};
+pub use window::{CompletedTask, WindowRepo};
 pub use writer::Writer;
 
 mod embedded {

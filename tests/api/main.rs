@@ -7,6 +7,7 @@ mod cleanup;
 mod faults;
 mod fuzz;
 mod hardening;
+mod insight;
 mod longpoll;
 mod openai;
 mod ops;

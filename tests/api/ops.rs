@@ -37,6 +37,8 @@ async fn openapi_document_covers_every_endpoint() {
         "/queue/info",
         "/task/query",
         "/tasks",
+        "/task/decisions",
+        "/stats",
         "/result/submit",
         "/predictor/lookup_table",
         "/health",
