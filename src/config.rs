@@ -36,6 +36,9 @@ pub struct Settings {
 pub struct ServerSettings {
     /// Address the API listens on.
     pub bind: SocketAddr,
+    /// Events kept for `GET /events` clients that reconnect (`Last-Event-ID`) or read
+    /// slowly.
+    pub event_buffer: usize,
     /// Base URL TIs use to reach this scheduler's `/result/submit`; derived from `bind`
     /// when empty (a wildcard bind address becomes 127.0.0.1).
     pub public_url: String,
@@ -145,6 +148,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8102)),
+            event_buffer: 10_000,
             public_url: String::new(),
             body_limit_bytes: 8 * 1024 * 1024,
             admin_token: String::new(),

@@ -161,6 +161,12 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let scheduler = self.scheduler.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Long-polls and event streams end now, so the requests under way finish.
+            scheduler.stop_waiting();
+        };
         server::serve(self.listener, self.router, self.limits, shutdown).await;
         let mut cron = self.cron;
         if let Err(e) = cron.shutdown().await {

@@ -7,6 +7,7 @@
 mod auth;
 mod decisions;
 mod error;
+mod events;
 mod ops;
 mod predictor;
 mod queue;
@@ -59,6 +60,7 @@ pub fn app(state: AppState) -> Router {
         .merge(task::router())
         .merge(decisions::router())
         .merge(stats::router())
+        .merge(events::router())
         .merge(tasks::router())
         .merge(result::router())
         .merge(predictor::router())

@@ -43,6 +43,7 @@ pub(super) fn router() -> Router<AppState> {
         super::tasks::list_tasks,
         super::decisions::task_decisions,
         super::stats::stats,
+        super::events::events,
         super::result::submit_result,
         super::predictor::import_lookup_table,
         health,

@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::events::Event;
 use super::queue::QueueEstimate;
 use super::strategy;
 use crate::domain::{
@@ -420,6 +421,16 @@ impl Cache {
         if let Some(e) = self.tis.get_mut(&ti) {
             e.next_pause = self.base_pause;
         }
+    }
+
+    /// The TI's state as a `ti` event.
+    pub(super) fn ti_event(&self, ti: TiUuid) -> Option<Event> {
+        self.tis.get(&ti).map(|e| Event::Ti {
+            ti_uuid: ti,
+            model_name: e.ti.model_name.clone(),
+            healthy: e.healthy,
+            removed: e.ti.removed_at.is_some(),
+        })
     }
 
     /// The TI's host and port, removed or not.

@@ -7,6 +7,7 @@
 use serde_json::{json, Map, Value};
 
 use super::cache::Execution;
+use super::events::Event;
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid, Usage};
 use crate::store::{Completion, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo};
@@ -170,6 +171,12 @@ impl Scheduler {
         });
         self.cache().complete(task_id, succeeded);
         self.inner.waiters.notify(task_id);
+        self.inner.events.publish(Event::task(
+            task_id,
+            &model,
+            TaskStatus::Completed,
+            Some(ti),
+        ));
         let label = match outcome {
             Outcome::Succeeded => "ti_scheduler_completions_total",
             Outcome::Failed => "ti_scheduler_failures_total",

@@ -16,8 +16,9 @@ use tokio::time::Instant;
 
 use super::cache::DispatchTarget;
 use super::complete::Finished;
+use super::events::Event;
 use super::Scheduler;
-use crate::domain::{unix_now, TaskId, TiKind, TiUuid};
+use crate::domain::{unix_now, TaskId, TaskStatus, TiKind, TiUuid};
 use crate::store::TaskRepo;
 use crate::ti::openai::build_request;
 use crate::ti::protocol::DispatchRequest;
@@ -161,7 +162,7 @@ impl Scheduler {
                 Ok(()) => {
                     // The slot is for talking to the TI, not for our own bookkeeping.
                     drop(permit);
-                    self.note_accepted(task_id, ti).await;
+                    self.note_accepted(task_id, ti, &payload.model).await;
                     return Sent::Done;
                 }
                 // The TI refused the task itself (4xx): the task fails, the TI stays healthy.
@@ -191,7 +192,7 @@ impl Scheduler {
         Sent::Failed
     }
 
-    async fn note_accepted(&self, task_id: &TaskId, ti: TiUuid) {
+    async fn note_accepted(&self, task_id: &TaskId, ti: TiUuid, model: &str) {
         if !self.cache().holds(task_id, ti) {
             // Its result is already stored (a fast TI called back first; the reservation
             // goes only after that commit) or it was moved: nothing to record.
@@ -205,7 +206,15 @@ impl Scheduler {
             .run(move |conn| TaskRepo::mark_scheduled(conn, &id, ti, at))
             .await;
         match marked {
-            Ok(true) => self.cache().mark_started(task_id, ti, Instant::now()),
+            Ok(true) => {
+                self.cache().mark_started(task_id, ti, Instant::now());
+                self.inner.events.publish(Event::task(
+                    task_id,
+                    model,
+                    TaskStatus::Scheduled,
+                    Some(ti),
+                ));
+            }
             // Completed already (a fast TI called back first) or re-routed meanwhile.
             Ok(false) => {}
             // The TI has it; the sweep will send it again and the TI dedupes.

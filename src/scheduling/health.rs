@@ -9,9 +9,17 @@ use crate::domain::TiUuid;
 impl Scheduler {
     /// Takes a TI out of scheduling until a health probe succeeds.
     pub(super) fn mark_unhealthy(&self, ti: TiUuid, why: &str) {
-        if self.cache().mark_unhealthy(ti) {
+        let changed = {
+            let mut cache = self.cache();
+            cache
+                .mark_unhealthy(ti)
+                .then(|| cache.ti_event(ti))
+                .flatten()
+        };
+        if changed.is_some() {
             tracing::warn!(ti = %ti, why, "TI marked unhealthy");
         }
+        self.publish_ti(changed);
     }
 
     /// Probes every registered TI, and every removed one still holding tasks, once;
@@ -26,6 +34,7 @@ impl Scheduler {
         let threshold = self.inner.settings.ti.reroute_after_failed_probes.max(1);
         let mut recovered = false;
         let mut dead = Vec::new();
+        let mut changed = Vec::new();
         {
             let mut cache = self.cache();
             for (id, result) in results {
@@ -36,14 +45,19 @@ impl Scheduler {
                     Ok(()) if !change.was_healthy => {
                         tracing::info!(ti = %id, "TI healthy again");
                         recovered = true;
+                        changed.extend(cache.ti_event(id));
                     }
                     Err(e) if change.was_healthy => {
                         tracing::warn!(ti = %id, error = %e, "TI failed its health probe");
+                        changed.extend(cache.ti_event(id));
                     }
                     _ => {}
                 }
                 dead.extend(change.reroute);
             }
+        }
+        for event in changed {
+            self.publish_ti(Some(event));
         }
         for task_id in dead {
             self.spawn_reroute(task_id);

@@ -67,7 +67,12 @@ impl Scheduler {
             .await?;
         let id = stored.ti_uuid;
         tracing::info!(ti = %id, host, port, model = %stored.model_name, kind = kind.as_str(), "TI registered");
-        self.cache().upsert_ti(stored);
+        let event = {
+            let mut cache = self.cache();
+            cache.upsert_ti(stored);
+            cache.ti_event(id)
+        };
+        self.publish_ti(event);
         // Tasks that waited for a usable TI of this model can go now.
         self.spawn_sweep();
         Ok(id)
@@ -142,12 +147,23 @@ impl Scheduler {
         if !removed {
             return Err(not_found());
         }
-        let waiting = self.cache().remove_ti(id, at);
+        let (waiting, event) = {
+            let mut cache = self.cache();
+            (cache.remove_ti(id, at), cache.ti_event(id))
+        };
+        self.publish_ti(event);
         tracing::info!(ti = %id, rerouted = waiting.len(), "TI removed");
         // Tasks it had not accepted yet go elsewhere; what it accepted runs there.
         for task_id in waiting {
             self.spawn_reroute(task_id);
         }
         Ok(())
+    }
+
+    /// Publishes a TI's new state, if it is known.
+    pub(super) fn publish_ti(&self, event: Option<super::events::Event>) {
+        if let Some(event) = event {
+            self.inner.events.publish(event);
+        }
     }
 }

@@ -22,6 +22,7 @@ mod background;
 mod cache;
 mod complete;
 mod dispatch;
+mod events;
 mod health;
 mod instances;
 mod queue;
@@ -40,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use cache::{Cache, TiSnapshot};
+pub use events::{Event, Events, Since, EVENT_BUFFER};
 pub use instances::Registration;
 pub use queue::QueueEstimate;
 pub use submit::{SubmitItem, Submitted};
@@ -93,6 +95,10 @@ struct Inner {
     in_flight: dispatch::InFlight,
     /// Clients waiting for a task to complete.
     waiters: waiters::Waiters,
+    /// What changed, for `GET /events`.
+    events: Events,
+    /// Cancelled when the service stops serving: long-polls and event streams end.
+    stop_waiting: CancellationToken,
     db: Db,
     client: TiClient,
     settings: CoreSettings,
@@ -180,6 +186,8 @@ impl Scheduler {
                 cache: Mutex::new(cache),
                 in_flight: dispatch::InFlight::default(),
                 waiters: waiters::Waiters::default(),
+                events: Events::with_capacity(settings.server.event_buffer),
+                stop_waiting: CancellationToken::new(),
                 db,
                 client: TiClient::new(
                     settings.ti.health_timeout(),
@@ -210,6 +218,22 @@ impl Scheduler {
     /// The database.
     pub fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// What changed: task and TI events, for `GET /events`.
+    pub fn events(&self) -> &Events {
+        &self.inner.events
+    }
+
+    /// Completes when the service stops serving: long-polls and event streams end then,
+    /// so that a graceful shutdown need not wait for them.
+    pub async fn serving_stops(&self) {
+        self.inner.stop_waiting.cancelled().await;
+    }
+
+    /// The service stops serving (see [`Scheduler::serving_stops`]).
+    pub fn stop_waiting(&self) {
+        self.inner.stop_waiting.cancel();
     }
 
     /// Current strategy, predict mode and lookup-table size.
@@ -293,7 +317,10 @@ impl Scheduler {
             let task = self.task(task_id).await;
             let waiting = matches!(&task, Ok(Some(t)) if t.status != TaskStatus::Completed);
             if waiting {
-                let _ = tokio::time::timeout(wait, completed).await;
+                tokio::select! {
+                    _ = tokio::time::timeout(wait, completed) => {}
+                    _ = self.serving_stops() => {}
+                }
             }
             (task, waiting)
         };

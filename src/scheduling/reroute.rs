@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::dispatch::{Payload, Step};
+use super::events::Event;
 use super::Scheduler;
 use crate::domain::{unix_now, DecisionReason, TaskId, TiUuid};
 use crate::store::{DecisionRepo, DecisionRow, TaskRepo};
@@ -76,6 +77,9 @@ impl Scheduler {
         };
         match moved {
             Ok(true) => {
+                self.inner
+                    .events
+                    .publish(Event::task(task_id, &payload.model, status, chosen));
                 match chosen {
                     Some(ti) => tracing::info!(task_id = %task_id, ti = %ti, "task re-routed"),
                     None => {

@@ -10,8 +10,9 @@ use serde_json::{Map, Value};
 use tokio::time::Instant;
 
 use super::dispatch::{Payload, Step};
+use super::events::Event;
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, DecisionReason, NewDecision, TaskId, TiUuid};
+use crate::domain::{unix_now, DecisionReason, NewDecision, TaskId, TaskStatus, TiUuid};
 use crate::store::{DecisionRow, NewTask, StoreError, TaskRepo};
 
 /// Tasks of a batch placed per hold of the cache lock.
@@ -76,9 +77,9 @@ impl Scheduler {
             self.place_all(model, &items, &fresh).await?
         };
         // What dispatching needs afterwards; the rows themselves go to the writer.
-        let placed: Vec<(TaskId, Option<TiUuid>, String)> = rows
+        let placed: Vec<(TaskId, Option<TiUuid>, TaskStatus, String)> = rows
             .iter()
-            .map(|(t, _)| (t.task_id.clone(), t.ti_uuid, t.metadata.clone()))
+            .map(|(t, _)| (t.task_id.clone(), t.ti_uuid, t.status, t.metadata.clone()))
             .collect();
         let inserted = match self.commit(rows).await {
             Ok(flags) => flags,
@@ -90,11 +91,11 @@ impl Scheduler {
                 return Err(e.into());
             }
         };
-        for ((task_id, ti, metadata), (&i, new)) in
+        for ((task_id, ti, status, metadata), (&i, new)) in
             placed.into_iter().zip(fresh.iter().zip(inserted))
         {
             answers[i] = Some(if new {
-                self.hand_off(model, &items[i], task_id, ti, metadata)
+                self.hand_off(model, &items[i], (task_id, ti, status), metadata)
             } else {
                 // A concurrent submit of the same client id won the race: answer with it.
                 self.cache().release(&task_id);
@@ -220,11 +221,13 @@ impl Scheduler {
         &self,
         model: &str,
         item: &SubmitItem,
-        task_id: TaskId,
-        ti: Option<TiUuid>,
+        (task_id, ti, status): (TaskId, Option<TiUuid>, TaskStatus),
         metadata: String,
     ) -> Submitted {
         metrics::counter!("ti_scheduler_submits_total").increment(1);
+        self.inner
+            .events
+            .publish(Event::task(&task_id, model, status, ti));
         let answer = Submitted {
             task_id: task_id.clone(),
             scheduled_ti: ti,

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod cleanup;
+mod events;
 mod faults;
 mod fuzz;
 mod hardening;
