@@ -5,6 +5,7 @@
 //! return identifiers keep them (empty, or echoing the caller) in their errors.
 
 mod auth;
+mod dashboard;
 mod decisions;
 mod error;
 mod events;
@@ -61,6 +62,7 @@ pub fn app(state: AppState) -> Router {
         .merge(decisions::router())
         .merge(stats::router())
         .merge(events::router())
+        .merge(dashboard::router())
         .merge(tasks::router())
         .merge(result::router())
         .merge(predictor::router())

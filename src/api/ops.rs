@@ -44,6 +44,7 @@ pub(super) fn router() -> Router<AppState> {
         super::decisions::task_decisions,
         super::stats::stats,
         super::events::events,
+        super::dashboard::dashboard,
         super::result::submit_result,
         super::predictor::import_lookup_table,
         health,

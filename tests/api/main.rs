@@ -4,6 +4,7 @@
 mod helpers;
 
 mod cleanup;
+mod dashboard;
 mod events;
 mod faults;
 mod fuzz;
