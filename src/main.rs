@@ -61,6 +61,12 @@ enum Command {
     /// List the task history of a running scheduler (GET /tasks), newest first: a table,
     /// or JSON with --json; --all follows every page.
     Tasks(ti_scheduler::cli::TasksArgs),
+    /// Submit a task to a running scheduler; prints its id (with --wait, its result).
+    Submit(ti_scheduler::cli::SubmitArgs),
+    /// Wait for a task to complete (a long-poll, no polling loop); prints its final state.
+    Wait(ti_scheduler::cli::WaitArgs),
+    /// Follow a running scheduler's events (/events), one line per event.
+    Watch(ti_scheduler::cli::WatchArgs),
     /// Run a simulated Task Instance.
     SimTi(SimArgs),
 }
@@ -129,7 +135,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // A client command prints what it fetched; the logs would drown it.
     let default_level = match cli.command {
-        Some(Command::Tasks(_)) => "warn",
+        Some(Command::Tasks(_) | Command::Submit(_) | Command::Wait(_) | Command::Watch(_)) => {
+            "warn"
+        }
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -150,16 +158,29 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::ImportLookup { file, db, append } => import_lookup(&file, &db, append).await,
         Command::Retrain { db } => retrain(&db).await,
-        Command::Tasks(args) => {
-            // A client command: the error is the message, without anyhow's backtrace.
-            if let Err(e) = ti_scheduler::cli::run(&args, &mut std::io::stdout().lock()).await {
-                eprintln!("error: {e:#}");
-                std::process::exit(1);
-            }
-            Ok(())
+        Command::Tasks(args) => client(ti_scheduler::cli::run(&args, &mut std::io::stdout())).await,
+        Command::Submit(args) => {
+            client(ti_scheduler::cli::run_submit(&args, &mut std::io::stdout())).await
+        }
+        Command::Wait(args) => {
+            client(ti_scheduler::cli::run_wait(&args, &mut std::io::stdout())).await
+        }
+        Command::Watch(args) => {
+            client(ti_scheduler::cli::run_watch(&args, &mut std::io::stdout())).await
         }
         Command::SimTi(args) => sim_ti(args).await,
     }
+}
+
+/// Runs a client command: its error is one line, without anyhow's backtrace, and exit 1.
+async fn client(
+    command: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    if let Err(e) = command.await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

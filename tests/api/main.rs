@@ -4,6 +4,7 @@
 mod helpers;
 
 mod cleanup;
+mod cli;
 mod dashboard;
 mod events;
 mod faults;

@@ -84,25 +84,12 @@ pub async fn fetch_page(
         .send()
         .await
         .with_context(|| format!("requesting {url}"))?;
-    let status = response.status();
-    let text = response
-        .text()
-        .await
-        .with_context(|| format!("reading the answer of {url}"))?;
-    let body: Option<Value> = serde_json::from_str(&text).ok();
-    if !status.is_success() {
-        let message = body
-            .as_ref()
-            .and_then(|b| b["message"].as_str())
-            .unwrap_or(&text);
-        anyhow::bail!("{url} answered HTTP {status}: {message}");
-    }
-    body.with_context(|| format!("{url} answered something that is not JSON: {text}"))
+    super::answer(response, &url).await
 }
 
 /// Runs the command, writing to `out`.
 pub async fn run(args: &TasksArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder().no_proxy().build()?;
+    let client = super::client()?;
     let mut cursor = args.cursor.clone();
     let mut collected: Vec<Value> = Vec::new();
     let mut first = true;
