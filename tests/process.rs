@@ -480,3 +480,164 @@ fn import_lookup_names_the_bad_line_and_column_and_imports_nothing() {
         .unwrap();
     assert_eq!(rows, 2);
 }
+
+/// Runs the binary with `args` in `dir`, with `env` set (and no inherited
+/// `TI_SCHEDULER__` variable or `RUST_LOG`); returns (success, stdout, stderr).
+fn run_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ti-scheduler"));
+    command.current_dir(dir).args(args).stdin(Stdio::null());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TI_SCHEDULER__") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The lines of `stderr` that are not log lines (which start with a timestamp).
+fn non_log_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with(|c: char| c.is_ascii_digit()))
+        .collect()
+}
+
+#[test]
+fn serve_refuses_a_config_file_that_does_not_exist_in_one_line_even_with_rust_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = run_in(
+        dir.path(),
+        &["serve", "--config", "missing.toml", "--bind", "127.0.0.1:0"],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert!(!ok, "it must not start on the defaults");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(
+        non_log_lines(&stderr),
+        ["error: config file missing.toml does not exist"],
+        "{stderr}"
+    );
+    assert!(!dir.path().join("data").exists(), "no database was created");
+}
+
+#[test]
+fn an_error_is_one_line_and_its_chain_and_backtrace_come_only_with_verbose() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the database file should be: opening it fails deep in SQLite.
+    std::fs::create_dir(dir.path().join("dir.db")).unwrap();
+    let env = [("RUST_BACKTRACE", "1")];
+    let (ok, _, stderr) = run_in(dir.path(), &["migrate", "--db", "dir.db"], &env);
+    assert!(!ok);
+    let lines = non_log_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+
+    let (ok, _, stderr) = run_in(dir.path(), &["migrate", "--db", "dir.db", "-v"], &env);
+    assert!(!ok);
+    assert!(stderr.contains("Stack backtrace"), "{stderr}");
+}
+
+#[test]
+fn maintenance_commands_use_the_config_file_then_the_environment_then_db() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.toml"),
+        "[database]\npath = \"from-file.db\"\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = run_in(dir.path(), &["migrate", "--config", "s.toml"], &[]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("from-file.db: 6 migration(s) applied"),
+        "{stdout}"
+    );
+
+    let env = [("TI_SCHEDULER__DATABASE__PATH", "from-env.db")];
+    let (ok, stdout, stderr) = run_in(dir.path(), &["retrain", "--config", "s.toml"], &env);
+    assert!(!ok, "retrain must not create a database");
+    assert_eq!(
+        non_log_lines(&stderr),
+        [
+            "error: database from-env.db does not exist; give the one the service uses \
+          (--db, --config or TI_SCHEDULER__DATABASE__PATH)"
+        ],
+        "{stdout}{stderr}"
+    );
+    assert!(!dir.path().join("from-env.db").exists());
+    assert!(!dir.path().join("data").exists());
+
+    let (ok, stdout, stderr) = run_in(
+        dir.path(),
+        &["retrain", "--config", "s.toml", "--db", "from-file.db"],
+        &env,
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("from-file.db: retrained 0 models"),
+        "{stdout}"
+    );
+
+    let table = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/lookup-swarmpilot.json"
+    );
+    let (ok, stdout, stderr) = run_in(dir.path(), &["import-lookup", table], &env);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("from-env.db: imported 2 rows"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn serve_logs_to_stderr_without_colour_and_its_first_line_names_version_config_and_db() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("s.toml"), "[cleanup]\nbatch_size = 10\n").unwrap();
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ti-scheduler"))
+        .current_dir(dir.path())
+        .args(["serve", "--config", "s.toml", "--db", "x.db"])
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let service = Service {
+        child,
+        port,
+        db: dir.path().join("x.db"),
+        log: dir.path().join("none.log"),
+    };
+    service.wait_ready(&client()).await;
+    let pid = libc::pid_t::try_from(service.child.id()).unwrap();
+    // SAFETY: kill(2) with a valid signal on our own child's pid has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = service.child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.is_empty(), "logs on stdout: {stdout}");
+    assert!(!stderr.contains('\x1b'), "colour codes in a pipe: {stderr}");
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("ti-scheduler serve")
+            && first.contains(concat!("version=\"", env!("CARGO_PKG_VERSION"), "\""))
+            && first.contains("config=s.toml")
+            && first.contains("db=x.db"),
+        "{first}"
+    );
+    assert!(stderr.contains("ti-scheduler stopped"), "{stderr}");
+}
