@@ -482,10 +482,18 @@ fn import_lookup_names_the_bad_line_and_column_and_imports_nothing() {
 }
 
 /// Runs the binary with `args` in `dir`, with `env` set (and no inherited
-/// `TI_SCHEDULER__` variable or `RUST_LOG`); returns (success, stdout, stderr).
+/// `TI_SCHEDULER__` variable or `RUST_LOG`); returns (success, stdout, stderr). Fails the
+/// test if the command still runs after 20 s (a service that should have refused to start).
 fn run_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    use std::io::{Read, Seek};
+    let (mut stdout, mut stderr) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
     let mut command = Command::new(env!("CARGO_BIN_EXE_ti-scheduler"));
-    command.current_dir(dir).args(args).stdin(Stdio::null());
+    command
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone().unwrap())
+        .stderr(stderr.try_clone().unwrap());
     for (key, _) in std::env::vars() {
         if key.starts_with("TI_SCHEDULER__") || key == "RUST_LOG" {
             command.env_remove(key);
@@ -494,12 +502,31 @@ fn run_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, Str
     for (key, value) in env {
         command.env(key, value);
     }
-    let out = command.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut child = command.spawn().unwrap();
+    let mut status = None;
+    for _ in 0..400 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let read = |file: &mut std::fs::File| {
+        let mut text = String::new();
+        file.rewind().unwrap();
+        file.read_to_string(&mut text).unwrap();
+        text
+    };
+    let Some(status) = status else {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        panic!(
+            "`ti-scheduler {}` still runs after 20 s; stderr:\n{}",
+            args.join(" "),
+            read(&mut stderr)
+        );
+    };
+    (status.success(), read(&mut stdout), read(&mut stderr))
 }
 
 /// The lines of `stderr` that are not log lines (which start with a timestamp).
@@ -640,4 +667,100 @@ async fn serve_logs_to_stderr_without_colour_and_its_first_line_names_version_co
         "{first}"
     );
     assert!(stderr.contains("ti-scheduler stopped"), "{stderr}");
+}
+
+/// Makes `file` unwritable for this process: `chmod 444`, or, as root (whom permissions do
+/// not stop), the immutable attribute. None if neither is possible here (then the caller
+/// skips its test, saying why).
+fn make_read_only(file: &Path) -> Option<ImmutableGuard> {
+    // SAFETY: geteuid(2) only reads the process's credentials.
+    if unsafe { libc::geteuid() } != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444)).unwrap();
+        return Some(ImmutableGuard(None));
+    }
+    let status = Command::new("chattr")
+        .arg("+i")
+        .arg(file)
+        .stderr(Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => Some(ImmutableGuard(Some(file.to_path_buf()))),
+        _ => None,
+    }
+}
+
+/// Clears the immutable attribute on drop, so the temp dir can be removed.
+struct ImmutableGuard(Option<PathBuf>);
+
+impl Drop for ImmutableGuard {
+    fn drop(&mut self) {
+        if let Some(file) = &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(file).status();
+        }
+    }
+}
+
+#[test]
+fn serve_refuses_a_read_only_database_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ro.db");
+    ti_scheduler::store::migrate(&db).unwrap();
+    let Some(_guard) = make_read_only(&db) else {
+        println!(
+            "skipped: running as root and `chattr +i` is not possible here \
+             (no CAP_LINUX_IMMUTABLE, or a filesystem without the attribute)"
+        );
+        return;
+    };
+    let (ok, _, stderr) = run_in(
+        dir.path(),
+        &["serve", "--db", "ro.db", "--bind", "127.0.0.1:0"],
+        &[],
+    );
+    assert!(!ok, "it must not start on a file it cannot write: {stderr}");
+    let lines = non_log_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("error: ")
+            && lines[0].contains("database ro.db is read-only")
+            && lines[0].ends_with("the service must write it"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_database_from_a_newer_version_naming_both_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("new.db");
+    ti_scheduler::store::migrate(&db).unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let known: i64 = conn
+        .query_row(
+            "SELECT MAX(version) FROM refinery_schema_history",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    conn.execute(
+        "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+         VALUES (?1, 'from_the_future', '2030-01-01T00:00:00Z', '1')",
+        [known + 1],
+    )
+    .unwrap();
+    drop(conn);
+    let (ok, _, stderr) = run_in(
+        dir.path(),
+        &["serve", "--db", "new.db", "--bind", "127.0.0.1:0"],
+        &[],
+    );
+    assert!(!ok);
+    let expected = format!(
+        "database new.db was created by a newer ti-scheduler, schema V{}; this binary knows V{known}",
+        known + 1
+    );
+    let lines = non_log_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].ends_with(&expected), "{stderr}");
+    assert!(!stderr.contains("missing"), "{stderr}");
 }
