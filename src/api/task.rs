@@ -19,6 +19,7 @@ pub(super) fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct TaskQuery {
     /// The id `/queue/submit` returned.
+    #[schema(min_length = 1)]
     pub task_id: String,
 }
 
