@@ -215,13 +215,65 @@ impl Default for CleanupSettings {
     }
 }
 
+/// The settings file read when no `--config` is given; optional.
+pub const DEFAULT_FILE: &str = "config/default.toml";
+
+/// Prefix of the environment variables that override the file.
+const ENV_PREFIX: &str = "TI_SCHEDULER__";
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A settings file given with `--config` does not exist.
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    /// The file or an environment variable holds a bad value or an unknown key.
+    #[error("invalid settings: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+}
+
+/// Settings, and where they came from (for the start-up line).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The settings.
+    pub settings: Settings,
+    /// `config/default.toml`, `built-in defaults (config/default.toml not found)`, ...,
+    /// followed by the number of `TI_SCHEDULER__` variables read, if any.
+    pub source: String,
+}
+
 impl Settings {
+    /// Loads the settings as the commands do: the built-in defaults, then the file `given`
+    /// with `--config` (which must exist) or else [`DEFAULT_FILE`] if it exists, then the
+    /// environment. The caller applies its command-line flags on top.
+    pub fn load_for_command(given: Option<&Path>) -> Result<Loaded, ConfigError> {
+        let (file, mut source) = match given {
+            Some(file) if !file.is_file() => return Err(ConfigError::Missing(file.into())),
+            Some(file) => (file, file.display().to_string()),
+            None if Path::new(DEFAULT_FILE).is_file() => {
+                (Path::new(DEFAULT_FILE), DEFAULT_FILE.to_string())
+            }
+            None => (
+                Path::new(DEFAULT_FILE),
+                format!("built-in defaults ({DEFAULT_FILE} not found)"),
+            ),
+        };
+        let settings = Self::load(file)?;
+        let vars = std::env::vars_os()
+            .filter(|(k, _)| k.to_string_lossy().starts_with(ENV_PREFIX))
+            .count();
+        if vars > 0 {
+            source.push_str(&format!(" + {vars} {ENV_PREFIX}* variable(s)"));
+        }
+        Ok(Loaded { settings, source })
+    }
+
     /// Loads the settings: defaults, then `file` if it exists, then the environment.
     /// A missing file is not an error (the defaults serve); a malformed one is.
     pub fn load(file: &Path) -> Result<Self, Box<figment::Error>> {
         Figment::from(Serialized::defaults(Settings::default()))
             .merge(Toml::file(file))
-            .merge(Env::prefixed("TI_SCHEDULER__").split("__"))
+            .merge(Env::prefixed(ENV_PREFIX).split("__"))
             .extract()
             .map_err(Box::new)
     }
@@ -280,6 +332,30 @@ mod tests {
             assert_eq!(s.server.admin_token, "from-file");
             assert_eq!(s.scheduling.strategy, StrategyKind::RoundRobin);
             assert_eq!(s.database.path, PathBuf::from("data/ti-scheduler.db"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_given_file_that_does_not_exist_is_an_error_naming_it_and_the_default_one_is_optional() {
+        figment::Jail::expect_with(|jail| {
+            let err = Settings::load_for_command(Some(Path::new("nowhere.toml"))).unwrap_err();
+            assert_eq!(err.to_string(), "config file nowhere.toml does not exist");
+            // The jail is an empty directory: no config/default.toml in it.
+            let loaded = Settings::load_for_command(None).map_err(|e| e.to_string())?;
+            assert_eq!(loaded.settings, Settings::default());
+            assert!(
+                loaded.source.contains("built-in defaults"),
+                "{}",
+                loaded.source
+            );
+            jail.create_file("s.toml", "[database]\npath = \"from-file.db\"\n")?;
+            jail.set_env("TI_SCHEDULER__CLEANUP__BATCH_SIZE", "7");
+            let loaded =
+                Settings::load_for_command(Some(Path::new("s.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(loaded.settings.database.path, PathBuf::from("from-file.db"));
+            assert_eq!(loaded.settings.cleanup.batch_size, 7);
+            assert_eq!(loaded.source, "s.toml + 1 TI_SCHEDULER__* variable(s)");
             Ok(())
         });
     }

@@ -3,15 +3,17 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use ti_scheduler::config::Settings;
+use ti_scheduler::config::{Loaded, Settings};
 use ti_scheduler::domain::{Durability, TiKind};
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
@@ -24,6 +26,10 @@ use ti_scheduler::{predictor, store, App};
     about = "Central scheduler for ML inference Task Instances"
 )]
 struct Cli {
+    /// On an error, print its whole cause chain (and the backtrace if RUST_BACKTRACE=1),
+    /// not only one line.
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -33,31 +39,22 @@ enum Command {
     /// Serve the API (the default).
     Serve(ServeArgs),
     /// Create or migrate a database file, then exit.
-    Migrate {
-        /// The database file.
-        #[arg(long, default_value = "data/ti-scheduler.db")]
-        db: PathBuf,
-    },
+    Migrate(DbArgs),
     /// Import a lookup table (CSV or SwarmPilot JSON) into a database (replacing the table
     /// unless --append). Run it while the server is stopped (it refuses to touch a file a
     /// server holds); to change a running server's table, use POST /predictor/lookup_table.
     ImportLookup {
         /// The table file.
         file: PathBuf,
-        /// The database file.
-        #[arg(long, default_value = "data/ti-scheduler.db")]
-        db: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
         /// Add to the table instead of replacing it.
         #[arg(long)]
         append: bool,
     },
-    /// Rebuild the learned models and running statistics from the task history in a
-    /// database. Run it while the server is stopped.
-    Retrain {
-        /// The database file.
-        #[arg(long, default_value = "data/ti-scheduler.db")]
-        db: PathBuf,
-    },
+    /// Rebuild the learned models and running statistics from the task history in an
+    /// existing database. Run it while the server is stopped.
+    Retrain(DbArgs),
     /// List the task history of a running scheduler (GET /tasks), newest first: a table,
     /// or JSON with --json; --all follows every page.
     Tasks(ti_scheduler::cli::TasksArgs),
@@ -71,17 +68,46 @@ enum Command {
     SimTi(SimArgs),
 }
 
+/// Which database a maintenance command works on: the one `serve` would use with the
+/// same settings, unless `--db` names another.
+#[derive(Args, Default)]
+struct DbArgs {
+    /// Database file (beats TI_SCHEDULER__DATABASE__PATH and the settings file; default
+    /// data/ti-scheduler.db).
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Settings file (must exist; default config/default.toml if it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl DbArgs {
+    /// The settings (file, environment, then `--db`), logged with their source.
+    fn settings(&self, command: &str) -> anyhow::Result<Settings> {
+        let Loaded {
+            mut settings,
+            source,
+        } = Settings::load_for_command(self.config.as_deref())?;
+        if let Some(db) = &self.db {
+            settings.database.path = db.clone();
+        }
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            config = %source,
+            db = %settings.database.path.display(),
+            "ti-scheduler {command}"
+        );
+        Ok(settings)
+    }
+}
+
 #[derive(Args, Default)]
 struct ServeArgs {
     /// Address to listen on (default 127.0.0.1:8102).
     #[arg(long)]
     bind: Option<SocketAddr>,
-    /// Database file (default data/ti-scheduler.db).
-    #[arg(long)]
-    db: Option<PathBuf>,
-    /// Settings file.
-    #[arg(long, default_value = "config/default.toml")]
-    config: PathBuf,
+    #[command(flatten)]
+    db: DbArgs,
 }
 
 #[derive(Args)]
@@ -131,7 +157,7 @@ struct SimArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     // A client command prints what it fetched; the logs would drown it.
     let default_level = match cli.command {
@@ -141,56 +167,60 @@ async fn main() -> anyhow::Result<()> {
         _ => "info",
     };
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .init();
-    match cli.command.unwrap_or(Command::Serve(ServeArgs {
-        config: PathBuf::from("config/default.toml"),
-        ..ServeArgs::default()
-    })) {
+    let verbose = cli.verbose || tracing::enabled!(tracing::Level::DEBUG);
+    match run(cli.command.unwrap_or(Command::Serve(ServeArgs::default()))).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line for an operator; the chain (and a backtrace, if RUST_BACKTRACE
+            // asked for one) only on demand.
+            if verbose {
+                eprintln!("error: {e:?}");
+            } else {
+                eprintln!("error: {}", one_line(&e));
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, joined by ": ".
+fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(args) => serve(args).await,
-        Command::Migrate { db } => {
+        Command::Migrate(args) => {
+            let db = args.settings("migrate")?.database.path;
             let _lock = store::DbLock::acquire(&db)?;
             let applied = store::migrate(&db)?;
             println!("{}: {applied} migration(s) applied", db.display());
             Ok(())
         }
-        Command::ImportLookup { file, db, append } => import_lookup(&file, &db, append).await,
-        Command::Retrain { db } => retrain(&db).await,
-        Command::Tasks(args) => client(ti_scheduler::cli::run(&args, &mut std::io::stdout())).await,
-        Command::Submit(args) => {
-            client(ti_scheduler::cli::run_submit(&args, &mut std::io::stdout())).await
+        Command::ImportLookup { file, db, append } => {
+            let settings = db.settings("import-lookup")?;
+            import_lookup(&file, &settings.database.path, append).await
         }
-        Command::Wait(args) => {
-            client(ti_scheduler::cli::run_wait(&args, &mut std::io::stdout())).await
-        }
-        Command::Watch(args) => {
-            client(ti_scheduler::cli::run_watch(&args, &mut std::io::stdout())).await
-        }
+        Command::Retrain(args) => retrain(&args.settings("retrain")?.database.path).await,
+        Command::Tasks(args) => ti_scheduler::cli::run(&args, &mut std::io::stdout()).await,
+        Command::Submit(args) => ti_scheduler::cli::run_submit(&args, &mut std::io::stdout()).await,
+        Command::Wait(args) => ti_scheduler::cli::run_wait(&args, &mut std::io::stdout()).await,
+        Command::Watch(args) => ti_scheduler::cli::run_watch(&args, &mut std::io::stdout()).await,
         Command::SimTi(args) => sim_ti(args).await,
     }
 }
 
-/// Runs a client command: its error is one line, without anyhow's backtrace, and exit 1.
-async fn client(
-    command: impl std::future::Future<Output = anyhow::Result<()>>,
-) -> anyhow::Result<()> {
-    if let Err(e) = command.await {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
-    Ok(())
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut settings = Settings::load(&args.config)
-        .with_context(|| format!("reading settings from {}", args.config.display()))?;
+    let mut settings = args.db.settings("serve")?;
     if let Some(bind) = args.bind {
         settings.server.bind = bind;
-    }
-    if let Some(db) = args.db {
-        settings.database.path = db;
     }
     let app = App::build(settings).await?;
     app.run_until(shutdown_signal()).await
@@ -259,6 +289,13 @@ async fn import_lookup(file: &Path, db_path: &Path, append: bool) -> anyhow::Res
 }
 
 async fn retrain(db_path: &Path) -> anyhow::Result<()> {
+    // Retraining an empty new file would only hide a wrong path.
+    if !db_path.is_file() {
+        anyhow::bail!(
+            "database {} does not exist; give the one the service uses (--db, --config or TI_SCHEDULER__DATABASE__PATH)",
+            db_path.display()
+        );
+    }
     let _lock = store::DbLock::acquire(db_path)?;
     let stop = CancellationToken::new();
     let (db, writer) = store::open(db_path, Durability::Full, 1, 1, stop.clone()).await?;

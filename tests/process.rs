@@ -480,3 +480,287 @@ fn import_lookup_names_the_bad_line_and_column_and_imports_nothing() {
         .unwrap();
     assert_eq!(rows, 2);
 }
+
+/// Runs the binary with `args` in `dir`, with `env` set (and no inherited
+/// `TI_SCHEDULER__` variable or `RUST_LOG`); returns (success, stdout, stderr). Fails the
+/// test if the command still runs after 20 s (a service that should have refused to start).
+fn run_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    use std::io::{Read, Seek};
+    let (mut stdout, mut stderr) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ti-scheduler"));
+    command
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone().unwrap())
+        .stderr(stderr.try_clone().unwrap());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("TI_SCHEDULER__") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut status = None;
+    for _ in 0..400 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let read = |file: &mut std::fs::File| {
+        let mut text = String::new();
+        file.rewind().unwrap();
+        file.read_to_string(&mut text).unwrap();
+        text
+    };
+    let Some(status) = status else {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        panic!(
+            "`ti-scheduler {}` still runs after 20 s; stderr:\n{}",
+            args.join(" "),
+            read(&mut stderr)
+        );
+    };
+    (status.success(), read(&mut stdout), read(&mut stderr))
+}
+
+/// The lines of `stderr` that are not log lines (which start with a timestamp).
+fn non_log_lines(stderr: &str) -> Vec<&str> {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with(|c: char| c.is_ascii_digit()))
+        .collect()
+}
+
+#[test]
+fn serve_refuses_a_config_file_that_does_not_exist_in_one_line_even_with_rust_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, stdout, stderr) = run_in(
+        dir.path(),
+        &["serve", "--config", "missing.toml", "--bind", "127.0.0.1:0"],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert!(!ok, "it must not start on the defaults");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(
+        non_log_lines(&stderr),
+        ["error: config file missing.toml does not exist"],
+        "{stderr}"
+    );
+    assert!(!dir.path().join("data").exists(), "no database was created");
+}
+
+#[test]
+fn an_error_is_one_line_and_its_chain_and_backtrace_come_only_with_verbose() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the database file should be: opening it fails deep in SQLite.
+    std::fs::create_dir(dir.path().join("dir.db")).unwrap();
+    let env = [("RUST_BACKTRACE", "1")];
+    let (ok, _, stderr) = run_in(dir.path(), &["migrate", "--db", "dir.db"], &env);
+    assert!(!ok);
+    let lines = non_log_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+
+    let (ok, _, stderr) = run_in(dir.path(), &["migrate", "--db", "dir.db", "-v"], &env);
+    assert!(!ok);
+    assert!(stderr.contains("Stack backtrace"), "{stderr}");
+}
+
+#[test]
+fn maintenance_commands_use_the_config_file_then_the_environment_then_db() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.toml"),
+        "[database]\npath = \"from-file.db\"\n",
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = run_in(dir.path(), &["migrate", "--config", "s.toml"], &[]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("from-file.db: 6 migration(s) applied"),
+        "{stdout}"
+    );
+
+    let env = [("TI_SCHEDULER__DATABASE__PATH", "from-env.db")];
+    let (ok, stdout, stderr) = run_in(dir.path(), &["retrain", "--config", "s.toml"], &env);
+    assert!(!ok, "retrain must not create a database");
+    assert_eq!(
+        non_log_lines(&stderr),
+        [
+            "error: database from-env.db does not exist; give the one the service uses \
+          (--db, --config or TI_SCHEDULER__DATABASE__PATH)"
+        ],
+        "{stdout}{stderr}"
+    );
+    assert!(!dir.path().join("from-env.db").exists());
+    assert!(!dir.path().join("data").exists());
+
+    let (ok, stdout, stderr) = run_in(
+        dir.path(),
+        &["retrain", "--config", "s.toml", "--db", "from-file.db"],
+        &env,
+    );
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("from-file.db: retrained 0 models"),
+        "{stdout}"
+    );
+
+    let table = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/lookup-swarmpilot.json"
+    );
+    let (ok, stdout, stderr) = run_in(dir.path(), &["import-lookup", table], &env);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.starts_with("from-env.db: imported 2 rows"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn serve_logs_to_stderr_without_colour_and_its_first_line_names_version_config_and_db() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("s.toml"), "[cleanup]\nbatch_size = 10\n").unwrap();
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ti-scheduler"))
+        .current_dir(dir.path())
+        .args(["serve", "--config", "s.toml", "--db", "x.db"])
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let service = Service {
+        child,
+        port,
+        db: dir.path().join("x.db"),
+        log: dir.path().join("none.log"),
+    };
+    service.wait_ready(&client()).await;
+    let pid = libc::pid_t::try_from(service.child.id()).unwrap();
+    // SAFETY: kill(2) with a valid signal on our own child's pid has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = service.child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.is_empty(), "logs on stdout: {stdout}");
+    assert!(!stderr.contains('\x1b'), "colour codes in a pipe: {stderr}");
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("ti-scheduler serve")
+            && first.contains(concat!("version=\"", env!("CARGO_PKG_VERSION"), "\""))
+            && first.contains("config=s.toml")
+            && first.contains("db=x.db"),
+        "{first}"
+    );
+    assert!(stderr.contains("ti-scheduler stopped"), "{stderr}");
+}
+
+/// Makes `file` unwritable for this process: `chmod 444`, or, as root (whom permissions do
+/// not stop), the immutable attribute. None if neither is possible here (then the caller
+/// skips its test, saying why).
+fn make_read_only(file: &Path) -> Option<ImmutableGuard> {
+    // SAFETY: geteuid(2) only reads the process's credentials.
+    if unsafe { libc::geteuid() } != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444)).unwrap();
+        return Some(ImmutableGuard(None));
+    }
+    let status = Command::new("chattr")
+        .arg("+i")
+        .arg(file)
+        .stderr(Stdio::null())
+        .status();
+    match status {
+        Ok(s) if s.success() => Some(ImmutableGuard(Some(file.to_path_buf()))),
+        _ => None,
+    }
+}
+
+/// Clears the immutable attribute on drop, so the temp dir can be removed.
+struct ImmutableGuard(Option<PathBuf>);
+
+impl Drop for ImmutableGuard {
+    fn drop(&mut self) {
+        if let Some(file) = &self.0 {
+            let _ = Command::new("chattr").arg("-i").arg(file).status();
+        }
+    }
+}
+
+#[test]
+fn serve_refuses_a_read_only_database_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ro.db");
+    ti_scheduler::store::migrate(&db).unwrap();
+    let Some(_guard) = make_read_only(&db) else {
+        println!(
+            "skipped: running as root and `chattr +i` is not possible here \
+             (no CAP_LINUX_IMMUTABLE, or a filesystem without the attribute)"
+        );
+        return;
+    };
+    let (ok, _, stderr) = run_in(
+        dir.path(),
+        &["serve", "--db", "ro.db", "--bind", "127.0.0.1:0"],
+        &[],
+    );
+    assert!(!ok, "it must not start on a file it cannot write: {stderr}");
+    let lines = non_log_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("error: ")
+            && lines[0].contains("database ro.db is read-only")
+            && lines[0].ends_with("the service must write it"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn serve_refuses_a_database_from_a_newer_version_naming_both_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("new.db");
+    ti_scheduler::store::migrate(&db).unwrap();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let known: i64 = conn
+        .query_row(
+            "SELECT MAX(version) FROM refinery_schema_history",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    conn.execute(
+        "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+         VALUES (?1, 'from_the_future', '2030-01-01T00:00:00Z', '1')",
+        [known + 1],
+    )
+    .unwrap();
+    drop(conn);
+    let (ok, _, stderr) = run_in(
+        dir.path(),
+        &["serve", "--db", "new.db", "--bind", "127.0.0.1:0"],
+        &[],
+    );
+    assert!(!ok);
+    let expected = format!(
+        "database new.db was created by a newer ti-scheduler, schema V{}; this binary knows V{known}",
+        known + 1
+    );
+    let lines = non_log_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].ends_with(&expected), "{stderr}");
+    assert!(!stderr.contains("missing"), "{stderr}");
+}

@@ -6,7 +6,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use utoipa::OpenApi;
+use utoipa::openapi::path::Operation;
+use utoipa::openapi::response::Response;
+use utoipa::openapi::schema::{Object, ObjectBuilder, Ref, Type};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Content, RefOr};
+use utoipa::{Modify, OpenApi};
 
 use super::error::ApiError;
 use super::{AppState, SUCCESS};
@@ -51,9 +56,138 @@ pub(super) fn router() -> Router<AppState> {
         ready,
         metrics_text,
         openapi,
+    ),
+    modifiers(&Conventions),
+    tags(
+        (name = "scheduler", description = "Strategy and predict mode"),
+        (name = "ti", description = "Task Instances: registration and listing"),
+        (name = "queue", description = "Submitting tasks and queue estimates"),
+        (name = "task", description = "One task's status and result"),
+        (name = "tasks", description = "The task history"),
+        (name = "result", description = "The TIs' result callback"),
+        (name = "predictor", description = "The lookup table"),
+        (name = "operations", description = "Liveness, readiness, metrics and this document"),
     )
 )]
 pub struct ApiDoc;
+
+/// Name of the error envelope's schema.
+const ERROR_SCHEMA: &str = "ErrorEnvelope";
+
+/// Name of the admin token's security scheme.
+const ADMIN_SCHEME: &str = "admin_token";
+
+/// What the handlers' annotations leave to the whole document: the error envelope on
+/// every error response (and the 405, 413 and 500 any route may answer), the admin token
+/// on the operations that answer 401, and one tag per area instead of the module path.
+struct Conventions;
+
+impl Modify for Conventions {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components
+            .schemas
+            .insert(ERROR_SCHEMA.into(), RefOr::T(error_envelope().into()));
+        components.add_security_scheme(
+            ADMIN_SCHEME,
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let area = area_of(path);
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.tags = Some(vec![area.to_string()]);
+                document_errors(op);
+            }
+        }
+    }
+}
+
+/// SPEC.md §1's error envelope; endpoints may add fields (echoes of the request).
+fn error_envelope() -> Object {
+    ObjectBuilder::new()
+        .description(Some(
+            "Every error: status \"error\" and a message; some endpoints echo request \
+             fields beside them (task_id, ti_uuid).",
+        ))
+        .property(
+            "status",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["error"])),
+        )
+        .required("status")
+        .property(
+            "message",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1)),
+        )
+        .required("message")
+        .build()
+}
+
+/// The tag of a path: its first segment, or `operations` for the service's own routes.
+fn area_of(path: &str) -> &str {
+    match path.trim_start_matches('/').split('/').next() {
+        Some(a @ ("scheduler" | "ti" | "queue" | "task" | "tasks" | "result" | "predictor")) => a,
+        _ => "operations",
+    }
+}
+
+/// Adds the responses every route may give, puts the envelope on every error response,
+/// and the admin token on operations that answer 401.
+fn document_errors(op: &mut Operation) {
+    let responses = &mut op.responses.responses;
+    let mut add = |code: &str, description: &str| {
+        responses
+            .entry(code.into())
+            .or_insert_with(|| RefOr::T(Response::new(description)));
+    };
+    add("405", "method not allowed on this route");
+    add("500", "internal error (the cause is logged, not shown)");
+    if op.request_body.is_some() {
+        add("413", "request body larger than server.body_limit_bytes");
+    }
+    let mut admin = false;
+    for (code, response) in op.responses.responses.iter_mut() {
+        let RefOr::T(response) = response else {
+            continue;
+        };
+        if !code.starts_with(['4', '5']) {
+            continue;
+        }
+        admin |= code == "401";
+        if response.description.is_empty() {
+            response.description = match code.as_str() {
+                "400" => "invalid request",
+                "401" => "missing or wrong admin token",
+                "404" => "not found",
+                "503" => "unavailable",
+                _ => "error",
+            }
+            .into();
+        }
+        response.content.insert(
+            "application/json".into(),
+            Content::new(Some(Ref::from_schema_name(ERROR_SCHEMA))),
+        );
+    }
+    if admin {
+        op.security = Some(vec![SecurityRequirement::new(
+            ADMIN_SCHEME,
+            Vec::<String>::new(),
+        )]);
+    }
+}
 
 /// The process is alive.
 #[utoipa::path(get, path = "/health", responses((status = 200, description = "alive")))]

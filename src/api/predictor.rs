@@ -17,6 +17,7 @@ pub(super) fn router() -> Router<AppState> {
 
 /// Options of the import.
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ImportOptions {
     /// Add to the table instead of replacing it.
     #[serde(default)]
@@ -36,7 +37,8 @@ pub(super) struct ImportResponse {
 
 /// Replaces the lookup table atomically (`?append=true` adds to it).
 #[utoipa::path(post, path = "/predictor/lookup_table", params(ImportOptions),
-    request_body(content = String, description = "CSV (text/csv) or SwarmPilot JSON (application/json)"),
+    request_body(description = "CSV (text/csv) or SwarmPilot JSON (application/json)",
+        content((String = "text/csv"), (Object = "application/json"))),
     responses((status = 200, body = ImportResponse), (status = 400, description = "malformed table, naming line and column"),
               (status = 401)))]
 pub(super) async fn import_lookup_table(

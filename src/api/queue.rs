@@ -25,6 +25,7 @@ pub(super) fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct SubmitRequest {
     /// The model to run the task on.
+    #[schema(min_length = 1)]
     pub model_name: String,
     /// Passed to the TI as it is; must be a JSON object.
     #[schema(value_type = Object)]
@@ -68,6 +69,7 @@ pub(super) struct BatchItem {
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct BatchRequest {
     /// The model to run every task on.
+    #[schema(min_length = 1)]
     pub model_name: String,
     /// The tasks, committed all or nothing.
     pub tasks: Vec<BatchItem>,
@@ -353,7 +355,7 @@ pub(super) async fn queue_info_get(
 }
 
 /// As `GET /queue/info`, with the filter in a JSON body (an empty body means no filter).
-#[utoipa::path(post, path = "/queue/info", request_body = QueueInfoRequest,
+#[utoipa::path(post, path = "/queue/info", request_body = Option<QueueInfoRequest>,
     responses((status = 200, body = QueueInfoResponse), (status = 400, description = "invalid body")))]
 pub(super) async fn queue_info_post(
     State(app): State<AppState>,

@@ -21,6 +21,7 @@ pub(super) fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct SetStrategyRequest {
     /// `shortest_queue`, `round_robin`, `weighted` or `probabilistic`.
+    #[schema(value_type = StrategyKind)]
     pub name: String,
 }
 
@@ -28,6 +29,7 @@ pub(super) struct SetStrategyRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct PredictModeRequest {
     /// `default` or `lookup_table`.
+    #[schema(value_type = PredictMode)]
     pub mode: String,
 }
 
@@ -55,14 +57,18 @@ pub(super) struct SchedulerInfo {
     /// `success`.
     pub status: String,
     /// The current strategy.
+    #[schema(value_type = StrategyKind)]
     pub strategy: String,
     /// The current predict mode.
+    #[schema(value_type = PredictMode)]
     pub predict_mode: String,
     /// Rows in the lookup table.
     pub lookup_table_rows: usize,
     /// Every strategy name.
+    #[schema(value_type = Vec<StrategyKind>)]
     pub strategies: Vec<String>,
     /// Every predict mode name.
+    #[schema(value_type = Vec<PredictMode>)]
     pub predict_modes: Vec<String>,
 }
 

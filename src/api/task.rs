@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorResponse};
 use super::{AppState, SUCCESS};
-use crate::domain::TaskId;
+use crate::domain::{Outcome, TaskId, TaskStatus};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/task/query", get(query_task_get).post(query_task_post))
@@ -19,6 +19,7 @@ pub(super) fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct TaskQuery {
     /// The id `/queue/submit` returned.
+    #[schema(min_length = 1)]
     pub task_id: String,
     /// Long-poll: when the task is not completed, answer once it is or after this many
     /// ms (0..=60000; default 0, answer at once).
@@ -37,7 +38,12 @@ pub(super) struct TaskView {
     /// The task's id.
     pub task_id: String,
     /// `queued`, `scheduled` or `completed`.
+    #[schema(value_type = TaskStatus)]
     pub task_status: String,
+    /// Once completed: `succeeded`, or `failed` (then `result` holds `{"error": ...}`
+    /// until it expires); null before.
+    #[schema(value_type = Option<Outcome>)]
+    pub outcome: Option<String>,
     /// The TI currently chosen for it; empty while none is.
     pub scheduled_ti: String,
     /// Unix seconds, millisecond precision.
@@ -92,6 +98,7 @@ async fn query(app: &AppState, q: &TaskQuery) -> Result<Json<TaskView>, ErrorRes
         status: SUCCESS.into(),
         task_id: task.task_id.to_string(),
         task_status: task.status.as_str().into(),
+        outcome: task.outcome.map(|o| o.as_str().into()),
         scheduled_ti: task.ti_uuid.map(|t| t.to_string()).unwrap_or_default(),
         submit_time: task.submit_time,
         result: task.result,

@@ -54,8 +54,10 @@ pub(super) struct HistoryTask {
     /// The model it asked for.
     pub model_name: String,
     /// `queued`, `scheduled` or `completed`.
+    #[schema(value_type = TaskStatus)]
     pub task_status: String,
     /// `succeeded` or `failed` once completed, else null.
+    #[schema(value_type = Option<Outcome>)]
     pub outcome: Option<String>,
     /// The TI currently chosen for it; empty while none is.
     pub scheduled_ti: String,

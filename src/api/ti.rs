@@ -22,6 +22,7 @@ pub(super) fn router() -> Router<AppState> {
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct RegisterRequest {
     /// Host of the TI (address or name).
+    #[schema(min_length = 1)]
     pub host: String,
     /// Port of the TI, 1..=65535.
     pub port: i64,
@@ -32,6 +33,7 @@ pub(super) struct RegisterRequest {
     pub model_name: Option<String>,
     /// `callback` (default: our protocol) or `openai` (an OpenAI-compatible server).
     #[serde(default)]
+    #[schema(value_type = Option<TiKind>)]
     pub kind: Option<String>,
     /// Its hardware (e.g. `A100`); overrides what the TI reports.
     #[serde(default)]
@@ -57,6 +59,7 @@ pub(super) struct RegisterResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct RemoveRequest {
     /// The TI's id.
+    #[schema(min_length = 1)]
     pub ti_uuid: String,
 }
 

@@ -101,7 +101,7 @@ impl fmt::Display for TiUuid {
 }
 
 /// Where a task is in its life (SPEC.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskStatus {
     /// Committed, not yet accepted by a TI.
@@ -134,7 +134,7 @@ impl TaskStatus {
 }
 
 /// How a completed task ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// The TI returned a result.

@@ -79,6 +79,21 @@ pub enum StoreError {
     /// The file failed its integrity check at start (the message says how to inspect it).
     #[error("{0}")]
     Damaged(String),
+    /// The file cannot be written by this process (the message names it and says why).
+    #[error("{0}")]
+    ReadOnly(String),
+    /// The file's schema is newer than every migration this binary embeds.
+    #[error(
+        "database {path} was created by a newer ti-scheduler, schema V{found}; this binary knows V{known}"
+    )]
+    NewerSchema {
+        /// The file.
+        path: String,
+        /// The highest migration applied to it.
+        found: i64,
+        /// The highest migration this binary embeds.
+        known: i64,
+    },
     /// Creating the database's directory failed.
     #[error("creating the database directory failed")]
     Io(#[from] std::io::Error),
@@ -128,10 +143,60 @@ pub fn migrate(path: &Path) -> Result<usize, StoreError> {
         std::fs::create_dir_all(dir)?;
     }
     let mut conn = rusqlite::Connection::open(path)?;
+    refuse_read_only(&conn, path)?;
     // WAL is persistent in the file; set it before the first table is written.
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    let report = embedded::migrations::runner().run(&mut conn)?;
+    let runner = embedded::migrations::runner();
+    let known = runner
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0);
+    let found = applied_version(&conn)?;
+    if found > known {
+        return Err(StoreError::NewerSchema {
+            path: path.display().to_string(),
+            found,
+            known,
+        });
+    }
+    let report = runner.run(&mut conn)?;
     Ok(report.applied_migrations().len())
+}
+
+/// SQLite silently opens a file it may not write read-only; every write would then fail.
+/// Refuses such a file with one line naming it and the likely reason.
+fn refuse_read_only(conn: &rusqlite::Connection, path: &Path) -> Result<(), StoreError> {
+    if !conn.is_readonly(rusqlite::DatabaseName::Main)? {
+        return Ok(());
+    }
+    let why = match std::fs::metadata(path) {
+        Ok(m) if m.permissions().readonly() => "the file's permissions forbid writing",
+        _ => "the file is immutable, on a read-only mount, or not writable by this user",
+    };
+    Err(StoreError::ReadOnly(format!(
+        "database {} is read-only ({why}); the service must write it",
+        path.display()
+    )))
+}
+
+/// The highest migration applied to the file (refinery's history table), 0 if none.
+fn applied_version(conn: &rusqlite::Connection) -> Result<i64, StoreError> {
+    let has_history: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master \
+         WHERE type = 'table' AND name = 'refinery_schema_history')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !has_history {
+        return Ok(0);
+    }
+    Ok(conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM refinery_schema_history",
+        [],
+        |r| r.get(0),
+    )?)
 }
 
 /// Migrates the file, then opens the read pool and starts the writer.
@@ -253,5 +318,37 @@ mod tests {
         }
         // And a statement naming a missing column does fail here.
         assert!(conn.prepare("UPDATE tasks SET no_such_column = 1").is_err());
+    }
+
+    #[test]
+    fn a_file_migrated_by_a_newer_version_is_refused_naming_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("newer.db");
+        migrate(&path).unwrap();
+        let known: i64 = rusqlite::Connection::open(&path)
+            .unwrap()
+            .query_row(
+                "SELECT MAX(version) FROM refinery_schema_history",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+                 VALUES (?1, 'from_the_future', '2030-01-01T00:00:00Z', '1')",
+                [known + 1],
+            )
+            .unwrap();
+        let err = migrate(&path).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "database {} was created by a newer ti-scheduler, schema V{}; this binary knows V{known}",
+                path.display(),
+                known + 1
+            )
+        );
     }
 }

@@ -82,10 +82,13 @@ pub struct TiTaskReport {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ResultCallback {
     /// The task's id.
+    #[schema(min_length = 1)]
     pub task_id: String,
     /// The reporting TI's id, as given at dispatch.
+    #[schema(min_length = 1)]
     pub ti_uuid: String,
     /// The TI's callback token, as given at dispatch.
+    #[schema(min_length = 1)]
     pub callback_token: String,
     /// Execution time measured by the TI, ms.
     pub execution_time: f64,

@@ -104,3 +104,116 @@ async fn wrong_method_answers_405_with_the_json_envelope() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["status"], "error");
 }
+
+/// What openapi-spec-validator checks that matters here, and the conventions of the
+/// document (SPEC.md §1's envelope on every error, the admin token, enums, tags).
+#[tokio::test]
+async fn the_openapi_document_is_valid_and_documents_errors_auth_enums_and_content_types() {
+    let app = spawn_app().await;
+    let (_, doc) = app.get("/openapi.json").await;
+    let schemas = doc["components"]["schemas"].as_object().unwrap();
+    // Every $ref resolves.
+    let text = doc.to_string();
+    for piece in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = &piece[..piece.find('"').unwrap()];
+        assert!(schemas.contains_key(name), "unresolved $ref {name}");
+    }
+    let mut operation_ids = std::collections::HashSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let at = format!("{method} {path}");
+            assert!(operation_ids.insert(op["operationId"].to_string()), "{at}");
+            // A path parameter must appear in the path (the validator's complaint).
+            for param in op["parameters"].as_array().into_iter().flatten() {
+                if param["in"] == "path" {
+                    let name = param["name"].as_str().unwrap();
+                    assert!(path.contains(&format!("{{{name}}}")), "{at}: {param}");
+                }
+            }
+            let tags = op["tags"].as_array().unwrap();
+            assert_eq!(tags.len(), 1, "{at}");
+            assert!(!tags[0].as_str().unwrap().contains("::"), "{at}: {tags:?}");
+            let responses = op["responses"].as_object().unwrap();
+            let mut expected = vec!["405", "500"];
+            if op.get("requestBody").is_some() {
+                expected.push("413");
+            }
+            for code in expected {
+                assert!(responses.contains_key(code), "{at}: no {code}");
+            }
+            for (code, response) in responses {
+                if code.starts_with(['4', '5']) {
+                    assert_eq!(
+                        response["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ErrorEnvelope",
+                        "{at} {code}"
+                    );
+                }
+            }
+            if responses.contains_key("401") {
+                assert_eq!(op["security"], json!([{"admin_token": []}]), "{at}");
+            }
+        }
+    }
+    let envelope = &schemas["ErrorEnvelope"];
+    assert_eq!(envelope["required"], json!(["status", "message"]));
+    assert_eq!(envelope["properties"]["status"]["enum"], json!(["error"]));
+    assert_eq!(
+        doc["components"]["securitySchemes"]["admin_token"],
+        json!({"type": "http", "scheme": "bearer"})
+    );
+
+    let lookup = &doc["paths"]["/predictor/lookup_table"]["post"];
+    assert_eq!(lookup["parameters"][0]["name"], "append", "{lookup}");
+    assert_eq!(lookup["parameters"][0]["in"], "query");
+    let content = lookup["requestBody"]["content"].as_object().unwrap();
+    assert!(content.contains_key("text/csv") && content.contains_key("application/json"));
+    assert!(
+        lookup["security"].is_array(),
+        "the import needs the admin token"
+    );
+    assert_ne!(
+        doc["paths"]["/queue/info"]["post"]["requestBody"]["required"], true,
+        "POST /queue/info takes an empty body"
+    );
+
+    assert_eq!(
+        schemas["TaskStatus"]["enum"],
+        json!(["queued", "scheduled", "completed"])
+    );
+    assert_eq!(schemas["Outcome"]["enum"], json!(["succeeded", "failed"]));
+    assert_eq!(
+        schemas["StrategyKind"]["enum"],
+        json!(["shortest_queue", "round_robin", "weighted", "probabilistic"])
+    );
+    assert_eq!(
+        schemas["PredictMode"]["enum"],
+        json!(["default", "lookup_table"])
+    );
+    let refers = |schema: &str, field: &str, to: &str| {
+        let text = schemas[schema]["properties"][field].to_string();
+        assert!(
+            text.contains(&format!("#/components/schemas/{to}")),
+            "{schema}.{field}: {text}"
+        );
+    };
+    refers("TaskView", "task_status", "TaskStatus");
+    refers("TaskView", "outcome", "Outcome");
+    refers("HistoryTask", "task_status", "TaskStatus");
+    refers("SetStrategyRequest", "name", "StrategyKind");
+    refers("PredictModeRequest", "mode", "PredictMode");
+    refers("SchedulerInfo", "strategies", "StrategyKind");
+    for (schema, field) in [
+        ("SubmitRequest", "model_name"),
+        ("BatchRequest", "model_name"),
+        ("TaskQuery", "task_id"),
+        ("RegisterRequest", "host"),
+        ("RemoveRequest", "ti_uuid"),
+        ("ResultCallback", "task_id"),
+    ] {
+        assert_eq!(
+            schemas[schema]["properties"][field]["minLength"], 1,
+            "{schema}.{field}"
+        );
+    }
+}

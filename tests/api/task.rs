@@ -28,6 +28,10 @@ async fn a_task_goes_from_submit_to_completed_with_the_tis_result() {
         "{first}"
     );
     assert!(first["result"].is_null());
+    assert!(
+        first["outcome"].is_null(),
+        "no outcome before completion: {first}"
+    );
     let submit_time = first["submit_time"].as_f64().unwrap();
     assert!(
         submit_time >= before - 0.002 && submit_time <= after + 0.002,
@@ -52,6 +56,7 @@ async fn a_task_goes_from_submit_to_completed_with_the_tis_result() {
     assert!(done["execution_time"].as_f64().unwrap() >= 300.0, "{done}");
     assert!(done["completion_time"].as_f64().unwrap() >= submit_time);
     assert_eq!(done["result_expired"], false);
+    assert_eq!(done["outcome"], "succeeded");
     let (outcome, status): (String, String) = app.sql(
         &format!("SELECT outcome, status FROM tasks WHERE task_id = '{task_id}'"),
         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -63,7 +68,7 @@ async fn a_task_goes_from_submit_to_completed_with_the_tis_result() {
 }
 
 #[tokio::test]
-async fn a_failed_execution_stores_the_error_as_the_result() {
+async fn a_failed_execution_stores_the_error_as_the_result_and_shows_outcome_failed() {
     let app = spawn_app().await;
     let ti = spawn_ti_with(SimConfig {
         model: "llama-7b".into(),
@@ -82,6 +87,7 @@ async fn a_failed_execution_stores_the_error_as_the_result() {
         done["result"],
         json!({"error": "simulated failure on llama-7b"})
     );
+    assert_eq!(done["outcome"], "failed", "{done}");
     let outcome: String = app.sql(
         &format!("SELECT outcome FROM tasks WHERE task_id = '{task_id}'"),
         |r| r.get(0),
