@@ -15,13 +15,9 @@ use super::{answer, client};
 /// Options of `ti-scheduler submit`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SubmitArgs {
-    /// The scheduler's base URL.
-    #[arg(
-        long,
-        env = "TI_SCHEDULER_URL",
-        default_value = "http://127.0.0.1:8102"
-    )]
-    pub url: String,
+    /// Where the scheduler is.
+    #[command(flatten)]
+    pub url: super::ServiceUrl,
     /// The model to run it on.
     #[arg(long)]
     pub model: String,
@@ -47,13 +43,9 @@ pub struct SubmitArgs {
 pub struct WaitArgs {
     /// The task.
     pub task_id: String,
-    /// The scheduler's base URL.
-    #[arg(
-        long,
-        env = "TI_SCHEDULER_URL",
-        default_value = "http://127.0.0.1:8102"
-    )]
-    pub url: String,
+    /// Where the scheduler is.
+    #[command(flatten)]
+    pub url: super::ServiceUrl,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 600.0)]
     pub timeout: f64,
@@ -62,13 +54,9 @@ pub struct WaitArgs {
 /// Options of `ti-scheduler watch`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WatchArgs {
-    /// The scheduler's base URL.
-    #[arg(
-        long,
-        env = "TI_SCHEDULER_URL",
-        default_value = "http://127.0.0.1:8102"
-    )]
-    pub url: String,
+    /// Where the scheduler is.
+    #[command(flatten)]
+    pub url: super::ServiceUrl,
     /// Only this model's events.
     #[arg(long)]
     pub model_name: Option<String>,
@@ -96,7 +84,7 @@ pub async fn run_submit(args: &SubmitArgs, out: &mut impl Write) -> anyhow::Resu
     if let Some(id) = &args.task_id {
         body["task_id"] = json!(id);
     }
-    let url = format!("{}/queue/submit", args.url.trim_end_matches('/'));
+    let url = args.url.at("/queue/submit");
     let http = client()?;
     let response = http
         .post(&url)
@@ -128,11 +116,11 @@ pub async fn run_wait(args: &WaitArgs, out: &mut impl Write) -> anyhow::Result<(
 /// Long-polls `/task/query` until the task is completed or `timeout_s` passes.
 async fn wait(
     http: &reqwest::Client,
-    base: &str,
+    service: &super::ServiceUrl,
     task_id: &str,
     timeout_s: f64,
 ) -> anyhow::Result<Value> {
-    let url = format!("{}/task/query", base.trim_end_matches('/'));
+    let url = service.at("/task/query");
     let deadline = Instant::now() + Duration::from_secs_f64(timeout_s.max(0.0));
     loop {
         let left_ms = deadline
@@ -161,7 +149,7 @@ async fn wait(
 /// connection with `Last-Event-ID`.
 pub async fn run_watch(args: &WatchArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let http = client()?;
-    let url = format!("{}/events", args.url.trim_end_matches('/'));
+    let url = args.url.at("/events");
     let filters: Vec<(&str, &str)> = [
         ("model_name", args.model_name.as_deref()),
         ("task_id", args.task_id.as_deref()),

@@ -29,6 +29,25 @@ async fn answer(response: reqwest::Response, url: &str) -> anyhow::Result<Value>
     body.with_context(|| format!("{url} answered something that is not JSON: {text}"))
 }
 
+/// Where the scheduler is: `--url`, else `TI_SCHEDULER_URL`, else the default address.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceUrl {
+    /// The scheduler's base URL.
+    #[arg(
+        long = "url",
+        env = "TI_SCHEDULER_URL",
+        default_value = "http://127.0.0.1:8102"
+    )]
+    pub base: String,
+}
+
+impl ServiceUrl {
+    /// The URL of `path` on the scheduler.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.base.trim_end_matches('/'))
+    }
+}
+
 /// An HTTP client for the scheduler (no proxy: it is usually on this machine).
 fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder().no_proxy().build()?)

@@ -13,13 +13,9 @@ use serde_json::Value;
 /// Options of `ti-scheduler tasks`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TasksArgs {
-    /// The scheduler's base URL.
-    #[arg(
-        long,
-        env = "TI_SCHEDULER_URL",
-        default_value = "http://127.0.0.1:8102"
-    )]
-    pub url: String,
+    /// Where the scheduler is.
+    #[command(flatten)]
+    pub url: super::ServiceUrl,
     /// Only this model.
     #[arg(long)]
     pub model_name: Option<String>,
@@ -77,7 +73,7 @@ pub async fn fetch_page(
     args: &TasksArgs,
     cursor: Option<&str>,
 ) -> anyhow::Result<Value> {
-    let url = format!("{}/tasks", args.url.trim_end_matches('/'));
+    let url = args.url.at("/tasks");
     let response = client
         .get(&url)
         .query(&args.query(cursor))
