@@ -157,17 +157,17 @@ impl Scheduler {
     ) -> Result<Vec<(NewTask, Option<NewDecision>)>, Error> {
         let now = Instant::now();
         let submit_time = unix_now();
-        if !self.cache().serves(model) {
-            return Err(Error::NoInstance(format!(
-                "no TaskInstance is registered for model '{model}'"
-            )));
-        }
         let mut rows = Vec::with_capacity(fresh.len());
         for (c, chunk) in fresh.chunks(PLACE_CHUNK).enumerate() {
             if c > 0 {
                 tokio::task::yield_now().await;
             }
             let mut cache = self.cache();
+            if c == 0 && !cache.serves(model) {
+                return Err(Error::NoInstance(format!(
+                    "no TaskInstance is registered for model '{model}'"
+                )));
+            }
             rows.extend(chunk.iter().map(|&i| {
                 let item = &items[i];
                 let task_id = item.task_id.clone().unwrap_or_else(TaskId::generate);
