@@ -77,6 +77,7 @@ fn decision_path(c: &mut Criterion) {
                     let d = st.decide(
                         &task,
                         "llama-7b",
+                        None,
                         &metadata,
                         DecisionReason::Submit,
                         now,

@@ -61,6 +61,9 @@ pub struct ServerSettings {
     /// Connections served at once; beyond, a new one is closed at once. Lowered at start
     /// to three quarters of the open-file limit if that is smaller.
     pub max_connections: usize,
+    /// When non-empty, the OpenAI front door (`/v1/*`) requires
+    /// `Authorization: Bearer <key>` with one of these keys. Separate from `admin_token`.
+    pub api_keys: Vec<String>,
 }
 
 /// SQLite settings.
@@ -157,6 +160,7 @@ impl Default for ServerSettings {
             header_read_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
             max_connections: 1_024,
+            api_keys: Vec::new(),
         }
     }
 }

@@ -133,6 +133,12 @@ impl App {
             metrics: metrics_handle(),
             max_json_depth: settings.server.max_json_depth,
             max_batch_tasks: settings.server.max_batch_tasks,
+            api_keys: settings
+                .server
+                .api_keys
+                .iter()
+                .map(|k| Arc::from(k.as_str()))
+                .collect(),
         });
         tracing::info!(%addr, db = %settings.database.path.display(), "ti-scheduler ready");
         Ok(Self {

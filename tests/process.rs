@@ -583,8 +583,11 @@ fn maintenance_commands_use_the_config_file_then_the_environment_then_db() {
     .unwrap();
     let (ok, stdout, stderr) = run_in(dir.path(), &["migrate", "--config", "s.toml"], &[]);
     assert!(ok, "{stderr}");
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .count();
     assert!(
-        stdout.starts_with("from-file.db: 6 migration(s) applied"),
+        stdout.starts_with(&format!("from-file.db: {migrations} migration(s) applied")),
         "{stdout}"
     );
 

@@ -35,7 +35,7 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// The token of a `Bearer` credential, whatever the case of the scheme.
-fn bearer_token(value: &str) -> Option<&str> {
+pub(super) fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

@@ -9,6 +9,7 @@ mod dashboard;
 mod decisions;
 mod error;
 mod events;
+mod front_door;
 mod ops;
 mod predictor;
 mod queue;
@@ -49,6 +50,8 @@ pub struct AppState {
     pub max_json_depth: usize,
     /// Most tasks in one `POST /queue/submit_batch`.
     pub max_batch_tasks: usize,
+    /// When non-empty, the front door (`/v1/*`) requires one of these bearer keys.
+    pub api_keys: Arc<[Arc<str>]>,
 }
 
 /// The whole API.
@@ -67,6 +70,7 @@ pub fn app(state: AppState) -> Router {
         .merge(result::router())
         .merge(predictor::router())
         .merge(ops::router())
+        .merge(front_door::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

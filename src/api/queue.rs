@@ -189,7 +189,7 @@ fn check_item(
 
 /// How deeply arrays and objects nest in valid JSON text (`{}` is 1, a scalar 0),
 /// without building the value.
-fn text_depth(json: &str) -> usize {
+pub(super) fn text_depth(json: &str) -> usize {
     let (mut depth, mut deepest) = (0usize, 0usize);
     let (mut in_string, mut escaped) = (false, false);
     for b in json.bytes() {

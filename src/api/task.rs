@@ -68,6 +68,9 @@ pub(super) struct TaskView {
     /// `usage.completion_tokens` of an OpenAI-compatible TI's answer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completion_tokens: Option<i64>,
+    /// A streamed front-door request's time from its arrival to its first text chunk, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<f64>,
 }
 
 async fn query(app: &AppState, q: &TaskQuery) -> Result<Json<TaskView>, ErrorResponse> {
@@ -109,6 +112,7 @@ async fn query(app: &AppState, q: &TaskQuery) -> Result<Json<TaskView>, ErrorRes
         result_ti: task.result_ti.map(|t| t.to_string()),
         prompt_tokens: task.prompt_tokens,
         completion_tokens: task.completion_tokens,
+        ttft_ms: task.ttft_ms,
     }))
 }
 

@@ -153,6 +153,36 @@ impl Outcome {
     }
 }
 
+/// How a task came in, which decides what a restart does with it unfinished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Origin {
+    /// `POST /queue/submit`: its client reads the stored result, so it is driven again.
+    #[default]
+    Queue,
+    /// The OpenAI front door (`/v1/*`): its client waits on the connection, so after a
+    /// restart nobody is left to answer and it is completed as failed.
+    Openai,
+}
+
+impl Origin {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queue => "queue",
+            Self::Openai => "openai",
+        }
+    }
+
+    /// From the stored name.
+    pub fn from_stored(s: &str) -> Option<Self> {
+        match s {
+            "queue" => Some(Self::Queue),
+            "openai" => Some(Self::Openai),
+            _ => None,
+        }
+    }
+}
+
 /// Token usage of one request, as an OpenAI-compatible server reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {

@@ -357,6 +357,25 @@ impl Cache {
             .is_some_and(|ids| ids.iter().any(|id| self.kind(*id) == Some(TiKind::Openai)))
     }
 
+    /// The models that some registered OpenAI-compatible TI serves, sorted, each with the
+    /// earliest registration time (Unix seconds) among those TIs.
+    pub(super) fn openai_models(&self) -> Vec<(String, f64)> {
+        let mut models: Vec<(String, f64)> = self
+            .models
+            .iter()
+            .filter_map(|(model, ids)| {
+                ids.iter()
+                    .filter_map(|id| self.tis.get(id))
+                    .filter(|e| e.ti.kind == TiKind::Openai && e.ti.removed_at.is_none())
+                    .map(|e| e.ti.registered_at)
+                    .min_by(f64::total_cmp)
+                    .map(|at| (model.clone(), at))
+            })
+            .collect();
+        models.sort_by(|a, b| a.0.cmp(&b.0));
+        models
+    }
+
     /// True if some registered TI serves `model` (healthy or not).
     pub(super) fn serves(&self, model: &str) -> bool {
         self.models.get(model).is_some_and(|l| !l.is_empty())
@@ -544,19 +563,22 @@ impl Cache {
         self.predictor.take_changed()
     }
 
-    /// Places a task: chooses a TI among the model's usable ones with the current
-    /// strategy and reserves the prediction there. With no usable TI, the task keeps the
-    /// model's prediction and no TI. Used by submit and by re-routes alike.
+    /// Places a task: chooses a TI among the model's usable ones (of kind `only`, when
+    /// given) with the current strategy and reserves the prediction there. With no usable
+    /// TI, the task keeps the model's prediction and no TI. Used by submit, the front door
+    /// and re-routes alike.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn place(
         &mut self,
         task_id: &TaskId,
         model: &str,
+        only: Option<TiKind>,
         metadata: &Map<String, Value>,
         reason: DecisionReason,
         now: Instant,
         decided_at: f64,
     ) -> Placement {
-        match self.decide(task_id, model, metadata, reason, now, decided_at) {
+        match self.decide(task_id, model, only, metadata, reason, now, decided_at) {
             Some(d) => Placement {
                 predicted_ms: d.predicted_ms,
                 predicted_error_ms: d.predicted_error_ms,
@@ -580,12 +602,15 @@ impl Cache {
         }
     }
 
-    /// Chooses a TI for a task among the model's usable ones with the current strategy and
-    /// reserves the prediction there. `None` when no TI is usable.
+    /// Chooses a TI for a task among the model's usable ones (of kind `only`, when given)
+    /// with the current strategy and reserves the prediction there. `None` when no TI is
+    /// usable.
+    #[allow(clippy::too_many_arguments)]
     pub fn decide(
         &mut self,
         task_id: &TaskId,
         model: &str,
+        only: Option<TiKind>,
         metadata: &Map<String, Value>,
         reason: DecisionReason,
         now: Instant,
@@ -597,7 +622,8 @@ impl Cache {
         // Predictions depend on the hardware only; most models have one or two kinds.
         let mut by_hardware: Vec<(Option<&str>, Prediction)> = Vec::new();
         for id in ids {
-            let Some(entry) = self.tis.get(id).filter(|e| e.usable()) else {
+            let wanted = |e: &&TiEntry| e.usable() && only.is_none_or(|k| e.ti.kind == k);
+            let Some(entry) = self.tis.get(id).filter(wanted) else {
                 continue;
             };
             let hardware = entry.ti.hardware.as_deref();

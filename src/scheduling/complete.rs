@@ -20,6 +20,7 @@ pub(super) struct Finished {
     result: Value,
     outcome: Outcome,
     usage: Option<Usage>,
+    ttft_ms: Option<f64>,
 }
 
 impl Finished {
@@ -38,6 +39,7 @@ impl Finished {
             result,
             outcome,
             usage: None,
+            ttft_ms: None,
         }
     }
 
@@ -48,6 +50,25 @@ impl Finished {
             usage: crate::ti::openai::usage(&response),
             result: response,
             outcome: Outcome::Succeeded,
+            ttft_ms: None,
+        }
+    }
+
+    /// A streamed answer that ended well: what was put together of it (see
+    /// [`crate::ti::openai::StreamAssembly`]) and the time to its first text.
+    pub(super) fn streamed(execution_ms: f64, assembled: Value, ttft_ms: Option<f64>) -> Self {
+        Self {
+            ttft_ms,
+            ..Self::succeeded(execution_ms, assembled)
+        }
+    }
+
+    /// The scheduler gave the task up (its client left, its stream broke, nobody is left
+    /// to answer): failed, with `{"error": message}`.
+    pub(super) fn abandoned(execution_ms: f64, message: &str, ttft_ms: Option<f64>) -> Self {
+        Self {
+            ttft_ms,
+            ..Self::reported(execution_ms, None, Some(message.to_string()))
         }
     }
 
@@ -71,6 +92,7 @@ impl Finished {
             }),
             outcome: Outcome::Failed,
             usage: None,
+            ttft_ms: None,
         }
     }
 }
@@ -134,11 +156,23 @@ impl Scheduler {
         ti: TiUuid,
         finished: Finished,
     ) -> Result<bool, Error> {
+        self.finish(task_id, Some(ti), finished).await
+    }
+
+    /// [`Self::complete`], for an outcome that may come from no TI at all (a front-door
+    /// request given up before any TI answered).
+    pub(super) async fn finish(
+        &self,
+        task_id: &TaskId,
+        ti: Option<TiUuid>,
+        finished: Finished,
+    ) -> Result<bool, Error> {
         let Finished {
             execution_ms,
             result,
             outcome,
             usage,
+            ttft_ms,
         } = finished;
         let completion = Completion {
             result: result.to_string(),
@@ -147,8 +181,9 @@ impl Scheduler {
             completion_time: unix_now(),
             usage,
             result_ti: ti,
+            ttft_ms,
         };
-        let hardware = self.cache().hardware(ti);
+        let hardware = ti.and_then(|ti| self.cache().hardware(ti));
         let id = task_id.clone();
         let stored = self
             .inner
@@ -171,12 +206,9 @@ impl Scheduler {
         });
         self.cache().complete(task_id, succeeded);
         self.inner.waiters.notify(task_id);
-        self.inner.events.publish(Event::task(
-            task_id,
-            &model,
-            TaskStatus::Completed,
-            Some(ti),
-        ));
+        self.inner
+            .events
+            .publish(Event::task(task_id, &model, TaskStatus::Completed, ti));
         let label = match outcome {
             Outcome::Succeeded => "ti_scheduler_completions_total",
             Outcome::Failed => "ti_scheduler_failures_total",

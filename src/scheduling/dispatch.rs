@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::cache::DispatchTarget;
 use super::complete::Finished;
 use super::events::Event;
+use super::proxy::Reply;
 use super::Scheduler;
 use crate::domain::{unix_now, TaskId, TaskStatus, TiKind, TiUuid};
 use crate::store::TaskRepo;
@@ -31,6 +32,8 @@ pub(super) struct Payload {
     pub(super) task_input: Box<RawValue>,
     pub(super) metadata_raw: Box<RawValue>,
     pub(super) metadata: Map<String, Value>,
+    /// A front-door request's client, waiting for the answer (`proxy.rs`).
+    pub(super) reply: Option<Reply>,
 }
 
 impl Payload {
@@ -49,7 +52,23 @@ impl Payload {
             metadata_raw: RawValue::from_string(metadata)
                 .map_err(|e| format!("stored metadata: {e}"))?,
             metadata: parsed,
+            reply: None,
         })
+    }
+
+    /// The kind of TI the task may go to: a front-door request only to an
+    /// OpenAI-compatible one.
+    pub(super) fn only_kind(&self) -> Option<TiKind> {
+        self.reply.as_ref().map(|_| TiKind::Openai)
+    }
+
+    /// Resolves when the task's client is gone (a front-door request whose connection
+    /// closed); never for a task whose client reads the stored result.
+    pub(super) async fn client_gone(&self) {
+        match &self.reply {
+            Some(reply) => reply.gone().await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -60,6 +79,16 @@ pub(super) enum Step {
     Dispatch(TiUuid),
     /// Choose another TI.
     Reroute,
+}
+
+/// How one exchange with an OpenAI-compatible TI went.
+pub(super) enum Exchange {
+    /// It answered, and the answer is stored (or the task needs nothing more).
+    Done,
+    /// It answered 408, 429 or 503 and is paused: decide again.
+    Busy,
+    /// It failed to answer (refused, timed out, 5xx): try again.
+    Failed(String),
 }
 
 enum Sent {
@@ -228,7 +257,9 @@ impl Scheduler {
     /// tasks take the slots in FIFO order), and stores its answer: a 2xx completes it, a
     /// 4xx other than 408 and 429 fails it, 408/429/503 pause the TI and the task is
     /// decided again; other answers, refused connections and timeouts are retried with
-    /// backoff, then the TI is unhealthy and the task moves.
+    /// backoff, then the TI is unhealthy and the task moves. A front-door request's
+    /// answer also goes to its client (`proxy.rs`); if the client leaves first, the drive
+    /// stops.
     async fn send_openai(
         &self,
         task_id: &TaskId,
@@ -236,12 +267,18 @@ impl Scheduler {
         target: DispatchTarget,
         payload: &Payload,
     ) -> Sent {
-        let request = build_request(&payload.task_input, &payload.metadata, &target.model)
-            .and_then(|(path, body)| {
-                TiClient::openai_url(&target.host, target.port, &path)
-                    .map(|url| (url, body))
-                    .ok_or_else(|| format!("the TI's address does not form a URL with '{path}'"))
-            });
+        let may_stream = payload.reply.is_some();
+        let request = build_request(
+            &payload.task_input,
+            &payload.metadata,
+            &target.model,
+            may_stream,
+        )
+        .and_then(|(path, body)| {
+            TiClient::openai_url(&target.host, target.port, &path)
+                .map(|url| (url, body))
+                .ok_or_else(|| format!("the TI's address does not form a URL with '{path}'"))
+        });
         let (url, body) = match request {
             Ok(request) => request,
             // Submit checked the body and path: only a TI whose host forms no URL gets here.
@@ -258,11 +295,13 @@ impl Scheduler {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => {}
                     _ = self.inner.shutdown.cancelled() => return Sent::Done,
+                    _ = payload.client_gone() => return Sent::Done,
                 }
             }
             let permit = tokio::select! {
                 permit = target.slots.clone().acquire_owned() => permit,
                 _ = self.inner.shutdown.cancelled() => return Sent::Done,
+                _ = payload.client_gone() => return Sent::Done,
             };
             // A closed semaphore: the TI was removed or went unhealthy while we waited.
             let Ok(permit) = permit else {
@@ -280,45 +319,19 @@ impl Scheduler {
                 }
                 cache.mark_started(task_id, ti, Instant::now());
             }
-            let started = Instant::now();
-            let answer = tokio::select! {
-                answer = self.inner.client.openai_send(&url, body.clone()) => answer,
-                // Left unfinished: the next start sends it again.
-                _ = self.inner.shutdown.cancelled() => return Sent::Done,
-            };
-            let execution_ms = started.elapsed().as_secs_f64() * 1000.0;
             // The slot frees once the answer is stored: until then the task still counts
             // as running there, and the next one waits for it, as the estimate assumes.
-            let failure = match answer {
-                Ok(r) if (200..300).contains(&r.status) => {
-                    self.cache().answered(ti);
-                    let finished = match serde_json::from_slice(&r.body) {
-                        Ok(response) => Finished::succeeded(execution_ms, response),
-                        Err(_) => {
-                            Finished::rejected(execution_ms, r.status, upstream_body(&r.body))
-                        }
-                    };
-                    self.store_outcome(task_id, ti, finished).await;
+            let exchanged = match &payload.reply {
+                None => self.exchange(task_id, ti, &url, body.clone()).await,
+                Some(reply) => self.relay(task_id, ti, &url, body.clone(), reply).await,
+            };
+            let failure = match exchanged {
+                Exchange::Done => {
                     drop(permit);
                     return Sent::Done;
                 }
-                Ok(r) if matches!(r.status, 408 | 429 | 503) => {
-                    metrics::counter!("ti_scheduler_ti_busy_total").increment(1);
-                    tracing::info!(task_id = %task_id, ti = %ti, status = r.status,
-                        retry_after_s = r.retry_after.map(|d| d.as_secs_f64()), "TI busy; task decided again");
-                    self.cache().pause(ti, r.retry_after, Instant::now());
-                    return Sent::Busy;
-                }
-                Ok(r) if (400..500).contains(&r.status) => {
-                    metrics::counter!("ti_scheduler_dispatch_rejections_total").increment(1);
-                    let finished =
-                        Finished::rejected(execution_ms, r.status, upstream_body(&r.body));
-                    self.store_outcome(task_id, ti, finished).await;
-                    drop(permit);
-                    return Sent::Done;
-                }
-                Ok(r) => format!("HTTP {}", r.status),
-                Err(e) => e.to_string(),
+                Exchange::Busy => return Sent::Busy,
+                Exchange::Failed(failure) => failure,
             };
             drop(permit);
             metrics::counter!("ti_scheduler_dispatch_failures_total").increment(1);
@@ -328,6 +341,7 @@ impl Scheduler {
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = self.inner.shutdown.cancelled() => return Sent::Done,
+                    _ = payload.client_gone() => return Sent::Done,
                 }
                 backoff *= 2;
             }
@@ -335,9 +349,65 @@ impl Scheduler {
         Sent::Failed
     }
 
+    /// One request to an OpenAI-compatible TI for a task whose client reads the stored
+    /// result: the whole answer is read and stored.
+    async fn exchange(
+        &self,
+        task_id: &TaskId,
+        ti: TiUuid,
+        url: &reqwest::Url,
+        body: axum::body::Bytes,
+    ) -> Exchange {
+        let started = Instant::now();
+        let answer = tokio::select! {
+            answer = self.inner.client.openai_send(url, body) => answer,
+            // Left unfinished: the next start sends it again.
+            _ = self.inner.shutdown.cancelled() => return Exchange::Done,
+        };
+        let execution_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match answer {
+            Ok(r) if (200..300).contains(&r.status) => {
+                self.cache().answered(ti);
+                let finished = match serde_json::from_slice(&r.body) {
+                    Ok(response) => Finished::succeeded(execution_ms, response),
+                    Err(_) => Finished::rejected(execution_ms, r.status, upstream_body(&r.body)),
+                };
+                self.store_outcome(task_id, ti, finished).await;
+                Exchange::Done
+            }
+            Ok(r) if matches!(r.status, 408 | 429 | 503) => {
+                self.note_busy(task_id, ti, r.status, r.retry_after);
+                Exchange::Busy
+            }
+            Ok(r) if (400..500).contains(&r.status) => {
+                metrics::counter!("ti_scheduler_dispatch_rejections_total").increment(1);
+                let finished = Finished::rejected(execution_ms, r.status, upstream_body(&r.body));
+                self.store_outcome(task_id, ti, finished).await;
+                Exchange::Done
+            }
+            Ok(r) => Exchange::Failed(format!("HTTP {}", r.status)),
+            Err(e) => Exchange::Failed(e.to_string()),
+        }
+    }
+
+    /// The TI answered "busy": it is paused for its `Retry-After` and the task is decided
+    /// again.
+    pub(super) fn note_busy(
+        &self,
+        task_id: &TaskId,
+        ti: TiUuid,
+        status: u16,
+        retry_after: Option<Duration>,
+    ) {
+        metrics::counter!("ti_scheduler_ti_busy_total").increment(1);
+        tracing::info!(task_id = %task_id, ti = %ti, status,
+            retry_after_s = retry_after.map(|d| d.as_secs_f64()), "TI busy; task decided again");
+        self.cache().pause(ti, retry_after, Instant::now());
+    }
+
     /// Stores an outcome; a failed write leaves the task unfinished for the sweep, which
     /// sends it again.
-    async fn store_outcome(&self, task_id: &TaskId, ti: TiUuid, finished: Finished) {
+    pub(super) async fn store_outcome(&self, task_id: &TaskId, ti: TiUuid, finished: Finished) {
         if let Err(e) = self.complete(task_id, ti, finished).await {
             tracing::error!(task_id = %task_id, error = ?e, "storing the answer failed; the sweep sends it again");
         }

@@ -25,6 +25,7 @@ mod dispatch;
 mod events;
 mod health;
 mod instances;
+mod proxy;
 mod queue;
 mod recovery;
 mod reroute;
@@ -43,6 +44,7 @@ use tokio_util::task::TaskTracker;
 pub use cache::{Cache, TiSnapshot};
 pub use events::{Event, Events, Since, EVENT_BUFFER};
 pub use instances::Registration;
+pub use proxy::{Answer, Proxied, ProxyRequest, CLIENT_GONE, RESTARTED};
 pub use queue::QueueEstimate;
 pub use submit::{SubmitItem, Submitted};
 
@@ -285,6 +287,12 @@ impl Scheduler {
             })
             .await?;
         Ok(self.cache().load_lookup(rows, append))
+    }
+
+    /// The models some registered OpenAI-compatible TI serves, sorted, each with the
+    /// earliest registration time (Unix seconds) among its TIs.
+    pub fn openai_models(&self) -> Vec<(String, f64)> {
+        self.cache().openai_models()
     }
 
     /// Every TI, removed ones included, with its live estimate.

@@ -9,8 +9,9 @@ use futures::StreamExt;
 
 use super::complete::Finished;
 use super::dispatch::{Payload, Step};
+use super::proxy::RESTARTED;
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, TaskStatus, TiKind, TiUuid};
+use crate::domain::{unix_now, Origin, TaskStatus, TiKind, TiUuid};
 use crate::store::{TaskRepo, UnfinishedTask};
 use crate::ti::protocol::TiTaskStatus;
 
@@ -32,6 +33,8 @@ struct RecoveryReport {
     rerouted: usize,
     /// No usable TI for their model yet.
     waiting: usize,
+    /// Front-door requests left unanswered: failed (their client is gone).
+    unanswered: usize,
     /// Left for the sweeps (unreadable, or driven by someone else).
     skipped: usize,
 }
@@ -44,6 +47,7 @@ enum Settled {
     Sent,
     Rerouted,
     Waiting,
+    Unanswered,
     Unreachable,
     Skipped,
 }
@@ -79,6 +83,7 @@ impl Scheduler {
                 Settled::Sent => report.sent += 1,
                 Settled::Rerouted => report.rerouted += 1,
                 Settled::Waiting => report.waiting += 1,
+                Settled::Unanswered => report.unanswered += 1,
                 Settled::Unreachable | Settled::Skipped => report.skipped += 1,
             }
         }
@@ -89,6 +94,7 @@ impl Scheduler {
             sent_again = report.sent,
             rerouted = report.rerouted,
             waiting_for_a_ti = report.waiting,
+            front_door_failed = report.unanswered,
             skipped = report.skipped,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "recovery done"
@@ -110,6 +116,8 @@ impl Scheduler {
             // one nobody drives (its answer could not be stored) is sent again.
             let waits_for_a_slot = self.is_openai(task.ti_uuid);
             let due = match task.status {
+                // A front-door request nobody drives: its answer could not be stored.
+                _ if task.origin == Origin::Openai => true,
                 TaskStatus::Queued | TaskStatus::Scheduled if waits_for_a_slot => {
                     self.any_usable(&task)
                 }
@@ -165,6 +173,9 @@ impl Scheduler {
     }
 
     async fn settle_in_flight(&self, task: UnfinishedTask, reroute_unreachable: bool) -> Settled {
+        if task.origin == Origin::Openai {
+            return self.fail_unanswered(&task, reroute_unreachable).await;
+        }
         let step = match (task.status, task.ti_uuid) {
             // A callback TI knows what became of a task it accepted; an OpenAI-compatible
             // TI's request died with the connection, so its task is sent again.
@@ -202,6 +213,25 @@ impl Scheduler {
         match step {
             Step::Dispatch(_) => Settled::Sent,
             Step::Reroute => Settled::Rerouted,
+        }
+    }
+
+    /// A front-door request that nobody drives (after a restart, or when its answer
+    /// could not be stored): its client is gone, so it is completed as failed rather than
+    /// sent again.
+    async fn fail_unanswered(&self, task: &UnfinishedTask, at_start: bool) -> Settled {
+        let reason = if at_start {
+            RESTARTED
+        } else {
+            "the answer could not be stored"
+        };
+        let finished = Finished::abandoned(0.0, reason, None);
+        match self.finish(&task.task_id, None, finished).await {
+            Ok(_) => Settled::Unanswered,
+            Err(e) => {
+                tracing::error!(task_id = %task.task_id, error = ?e, "storing the failure failed");
+                Settled::Skipped
+            }
         }
     }
 

@@ -46,6 +46,7 @@ impl Scheduler {
             cache.place(
                 task_id,
                 &payload.model,
+                payload.only_kind(),
                 &payload.metadata,
                 DecisionReason::Reroute,
                 Instant::now(),

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::dispatch::{Payload, Step};
 use super::events::Event;
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, DecisionReason, NewDecision, TaskId, TaskStatus, TiUuid};
+use crate::domain::{unix_now, DecisionReason, NewDecision, Origin, TaskId, TaskStatus, TiUuid};
 use crate::store::{DecisionRow, NewTask, StoreError, TaskRepo};
 
 /// Tasks of a batch placed per hold of the cache lock.
@@ -174,6 +174,7 @@ impl Scheduler {
                 let placement = cache.place(
                     &task_id,
                     model,
+                    None,
                     &item.metadata,
                     DecisionReason::Submit,
                     now,
@@ -189,6 +190,7 @@ impl Scheduler {
                     predicted_ms: placement.predicted_ms,
                     predicted_error_ms: placement.predicted_error_ms,
                     submit_time,
+                    origin: Origin::Queue,
                 };
                 (task, placement.decision)
             }));
@@ -198,7 +200,7 @@ impl Scheduler {
 
     /// Commits the tasks and their decisions in one transaction. Returns, per task,
     /// whether it was inserted (false: its client id exists already).
-    async fn commit(
+    pub(super) async fn commit(
         &self,
         rows: Vec<(NewTask, Option<NewDecision>)>,
     ) -> Result<Vec<bool>, StoreError> {
@@ -240,6 +242,7 @@ impl Scheduler {
                         task_input: item.task_input.clone(),
                         metadata_raw,
                         metadata: item.metadata.clone(),
+                        reply: None,
                     });
                     self.spawn_drive(task_id, Step::Dispatch(ti), payload);
                 }

@@ -5,19 +5,19 @@ use serde_json::Value;
 use sqlx::SqliteExecutor;
 
 use super::{DecisionRepo, DecisionRow, StoreError};
-use crate::domain::{Outcome, TaskId, TaskStatus, TiUuid, Usage};
+use crate::domain::{Origin, Outcome, TaskId, TaskStatus, TiUuid, Usage};
 
 pub(super) const INSERT: &str =
     "INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
-                        predicted_ms, predicted_error_ms, submit_time)
-     VALUES (?1, ?2, ?3, ?4, ?9, ?5, ?6, ?7, ?8)
+                        predicted_ms, predicted_error_ms, submit_time, origin)
+     VALUES (?1, ?2, ?3, ?4, ?9, ?5, ?6, ?7, ?8, ?10)
      ON CONFLICT (task_id) DO NOTHING";
 pub(super) const MARK_SCHEDULED: &str = "UPDATE tasks SET status = 'scheduled', dispatch_time = ?1
      WHERE task_id = ?2 AND status = 'queued' AND ti_uuid = ?3";
 pub(super) const COMPLETE: &str =
     "UPDATE tasks SET status = 'completed', result = ?1, outcome = ?2,
                       execution_time_ms = ?3, completion_time = ?4, result_ti = ?6,
-                      prompt_tokens = ?7, completion_tokens = ?8
+                      prompt_tokens = ?7, completion_tokens = ?8, ttft_ms = ?9
      WHERE task_id = ?5 AND status <> 'completed'
      RETURNING model_name, metadata";
 pub(super) const REASSIGN: &str =
@@ -59,6 +59,8 @@ pub struct NewTask {
     pub predicted_error_ms: f64,
     /// Unix seconds.
     pub submit_time: f64,
+    /// How it came in.
+    pub origin: Origin,
 }
 
 /// A task as `/task/query` shows it.
@@ -91,6 +93,8 @@ pub struct StoredTask {
     /// The TI whose result was stored, once completed (after a re-route, the first TI to
     /// answer, which may be the one the task was moved away from).
     pub result_ti: Option<TiUuid>,
+    /// A streamed front-door request's time to its first text chunk, ms.
+    pub ttft_ms: Option<f64>,
 }
 
 /// An unfinished task, with what is needed to dispatch it again and rebuild the queue
@@ -115,6 +119,8 @@ pub struct UnfinishedTask {
     pub predicted_error_ms: f64,
     /// When that TI accepted it (Unix seconds), if it did.
     pub dispatch_time: Option<f64>,
+    /// How it came in.
+    pub origin: Origin,
 }
 
 /// An unfinished task as read from the table.
@@ -128,6 +134,7 @@ struct UnfinishedRow {
     predicted_ms: f64,
     predicted_error_ms: f64,
     dispatch_time: Option<f64>,
+    origin: String,
 }
 
 impl TryFrom<UnfinishedRow> for UnfinishedTask {
@@ -144,6 +151,8 @@ impl TryFrom<UnfinishedRow> for UnfinishedTask {
             predicted_ms: row.predicted_ms,
             predicted_error_ms: row.predicted_error_ms,
             dispatch_time: row.dispatch_time,
+            origin: Origin::from_stored(&row.origin)
+                .ok_or_else(|| StoreError::Corrupt(format!("bad origin {:?}", row.origin)))?,
         })
     }
 }
@@ -175,8 +184,11 @@ pub struct Completion {
     pub completion_time: f64,
     /// Token usage an OpenAI-compatible TI reported.
     pub usage: Option<Usage>,
-    /// The TI whose outcome this is (after a re-route, possibly not the current one).
-    pub result_ti: TiUuid,
+    /// The TI whose outcome this is (after a re-route, possibly not the current one);
+    /// `None` for a task failed by the scheduler before any TI answered.
+    pub result_ti: Option<TiUuid>,
+    /// A streamed front-door request's time to its first text chunk, ms.
+    pub ttft_ms: Option<f64>,
 }
 
 pub(super) fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
@@ -209,7 +221,7 @@ impl TaskRepo {
         let row = sqlx::query!(
             r#"SELECT task_id, model_name, status, ti_uuid, submit_time, completion_time,
                       execution_time_ms, result, outcome, result_expired AS "result_expired: bool",
-                      result_ti, prompt_tokens, completion_tokens
+                      result_ti, prompt_tokens, completion_tokens, ttft_ms
                FROM tasks WHERE task_id = ?"#,
             id
         )
@@ -241,6 +253,7 @@ impl TaskRepo {
             prompt_tokens: row.prompt_tokens,
             completion_tokens: row.completion_tokens,
             result_ti: parse_ti(row.result_ti)?,
+            ttft_ms: row.ttft_ms,
         }))
     }
 
@@ -263,6 +276,7 @@ impl TaskRepo {
                     t.predicted_error_ms,
                     t.submit_time,
                     t.status.as_str(),
+                    t.origin.as_str(),
                 ])? == 1;
                 if let (true, Some(d)) = (new, d) {
                     DecisionRepo::insert(conn, d)?;
@@ -302,9 +316,10 @@ impl TaskRepo {
                     c.execution_time_ms,
                     c.completion_time,
                     task_id.as_str(),
-                    c.result_ti.to_string(),
+                    c.result_ti.map(|t| t.to_string()),
                     c.usage.and_then(|u| u.prompt_tokens),
                     c.usage.and_then(|u| u.completion_tokens),
+                    c.ttft_ms,
                 ),
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -356,7 +371,7 @@ impl TaskRepo {
         sqlx::query_as!(
             UnfinishedRow,
             "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
-                    predicted_ms, predicted_error_ms, dispatch_time
+                    predicted_ms, predicted_error_ms, dispatch_time, origin
              FROM tasks WHERE status <> 'completed' ORDER BY submit_time"
         )
         .fetch_all(exec)
@@ -375,7 +390,7 @@ impl TaskRepo {
         sqlx::query_as!(
             UnfinishedRow,
             "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
-                    predicted_ms, predicted_error_ms, dispatch_time
+                    predicted_ms, predicted_error_ms, dispatch_time, origin
              FROM tasks WHERE task_id = ? AND status <> 'completed'",
             id
         )

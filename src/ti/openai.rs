@@ -81,24 +81,10 @@ impl TiClient {
         url: &reqwest::Url,
         body: Bytes,
     ) -> Result<UpstreamResponse, TiError> {
-        let request = self
-            .http
-            .post(url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        let resp = Self::send(request, self.request_timeout, "the request").await?;
+        let resp = self.openai_start(url, body).await?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| TiError::from_reqwest(e, self.request_timeout))?;
+        let retry_after = retry_after(&resp);
+        let body = self.openai_body(resp).await?;
         Ok(UpstreamResponse {
             status,
             retry_after,
@@ -106,10 +92,49 @@ impl TiClient {
         })
     }
 
+    /// Sends one request to an OpenAI-compatible TI and answers once its status and
+    /// headers arrived; the body is read by the caller, whole ([`Self::openai_body`]) or
+    /// as it streams. The request timeout covers the whole exchange, body included.
+    pub async fn openai_start(
+        &self,
+        url: &reqwest::Url,
+        body: Bytes,
+    ) -> Result<reqwest::Response, TiError> {
+        let request = self
+            .http
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        Self::send(request, self.request_timeout, "the request").await
+    }
+
+    /// The whole body of a response from [`Self::openai_start`].
+    pub async fn openai_body(&self, resp: reqwest::Response) -> Result<Bytes, TiError> {
+        resp.bytes()
+            .await
+            .map_err(|e| TiError::from_reqwest(e, self.request_timeout))
+    }
+
+    /// A transport error while a response body streams, in the client's terms.
+    pub fn stream_error(&self, e: reqwest::Error) -> TiError {
+        TiError::from_reqwest(e, self.request_timeout)
+    }
+
     /// The URL of `path` on a TI; `None` if `host` cannot form one.
     pub fn openai_url(host: &str, port: u16, path: &str) -> Option<reqwest::Url> {
         reqwest::Url::parse(&Self::url(host, port, &format!("/{path}"))).ok()
     }
+}
+
+/// A response's `Retry-After`, in seconds (the date form is not used by inference
+/// servers).
+pub fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    resp.headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
 }
 
 /// The path a task is sent to: `metadata.path` when given (a leading `/` is optional; it
@@ -162,20 +187,28 @@ pub fn build_request(
     task_input: &RawValue,
     metadata: &Map<String, Value>,
     model: &str,
+    may_stream: bool,
 ) -> Result<(String, Bytes), String> {
     let body: Map<String, Value> = serde_json::from_str(task_input.get())
         .map_err(|e| format!("task_input is not a JSON object: {e}"))?;
     let path = request_path(&body, metadata)?;
-    Ok((path, request_body(body, model)?))
+    Ok((path, request_body(body, model, may_stream)?))
 }
 
 /// The request body of a task: `task_input` with `model` set to the TI's model id when
-/// absent and `stream` forced to `false`.
-pub fn request_body(mut body: Map<String, Value>, model: &str) -> Result<Bytes, String> {
+/// absent. `stream` is forced to `false` unless `may_stream` (a front-door request, whose
+/// client reads the stream itself).
+pub fn request_body(
+    mut body: Map<String, Value>,
+    model: &str,
+    may_stream: bool,
+) -> Result<Bytes, String> {
     if !body.get("model").is_some_and(Value::is_string) {
         body.insert("model".into(), Value::String(model.to_string()));
     }
-    body.insert("stream".into(), Value::Bool(false));
+    if !may_stream {
+        body.insert("stream".into(), Value::Bool(false));
+    }
     serde_json::to_vec(&body)
         .map(Bytes::from)
         .map_err(|e| format!("task_input: {e}"))
@@ -190,6 +223,73 @@ pub fn usage(response: &Value) -> Option<Usage> {
         completion_tokens: count("completion_tokens"),
     };
     (found != Usage::default()).then_some(found)
+}
+
+/// What the scheduler keeps of a streamed answer (SPEC.md §10): the text of its events
+/// put together, how many events, and the `usage` if the server sent one. It is fed the
+/// bytes as they arrive; an event may be split anywhere between two reads.
+#[derive(Debug, Default)]
+pub struct StreamAssembly {
+    /// Bytes of a line not ended yet.
+    pending: Vec<u8>,
+    content: String,
+    chunks: u64,
+    usage: Option<Value>,
+}
+
+impl StreamAssembly {
+    /// Takes the next bytes of the stream. True if they completed the first event that
+    /// carried text (the moment time to first token is measured at).
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        let had_text = !self.content.is_empty();
+        self.pending.extend_from_slice(bytes);
+        while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            self.line(&line);
+        }
+        !had_text && !self.content.is_empty()
+    }
+
+    /// One line of the stream: only `data:` lines with a JSON event count.
+    fn line(&mut self, line: &[u8]) {
+        let Ok(line) = std::str::from_utf8(line) else {
+            return;
+        };
+        let Some(data) = line.trim_end().strip_prefix("data:") else {
+            return;
+        };
+        let Ok(event) = serde_json::from_str::<Value>(data.trim_start()) else {
+            // `[DONE]`, or something that is not an OpenAI event.
+            return;
+        };
+        self.chunks += 1;
+        let choices = event.get("choices").and_then(Value::as_array);
+        for choice in choices.into_iter().flatten() {
+            let text = choice
+                .pointer("/delta/content")
+                .or_else(|| choice.get("text"))
+                .and_then(Value::as_str);
+            if let Some(text) = text {
+                self.content.push_str(text);
+            }
+        }
+        if let Some(usage) = event.get("usage").filter(|u| !u.is_null()) {
+            self.usage = Some(usage.clone());
+        }
+    }
+
+    /// The stored result: `{"streamed": true, "content", "chunks", "usage"?}`.
+    pub fn result(self) -> Value {
+        let mut result = serde_json::json!({
+            "streamed": true,
+            "content": self.content,
+            "chunks": self.chunks,
+        });
+        if let Some(usage) = self.usage {
+            result["usage"] = usage;
+        }
+        result
+    }
 }
 
 /// Characters per token of the input-token estimate: the usual rule of thumb for English
@@ -280,13 +380,19 @@ mod tests {
     #[test]
     fn the_body_gets_the_model_when_absent_and_never_streams() {
         let raw = RawValue::from_string(r#"{"prompt":"hi","stream":true}"#.into()).unwrap();
-        let (path, body) = build_request(&raw, &Map::new(), "m").unwrap();
+        let (path, body) = build_request(&raw, &Map::new(), "m", false).unwrap();
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(path, "v1/completions");
         assert_eq!(body, json!({"prompt": "hi", "stream": false, "model": "m"}));
         let own = map(json!({"model": "mine"}));
-        let body: Value = serde_json::from_slice(&request_body(own, "m").unwrap()).unwrap();
+        let body: Value = serde_json::from_slice(&request_body(own, "m", false).unwrap()).unwrap();
         assert_eq!(body["model"], "mine");
+        let (_, body) = build_request(&raw, &Map::new(), "m", true).unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body["stream"], true,
+            "a front-door request keeps its stream flag"
+        );
     }
 
     #[test]
@@ -312,6 +418,35 @@ mod tests {
         let mut nothing = Map::new();
         add_features(&map(json!({"image": "x"})), &mut nothing);
         assert!(nothing.is_empty());
+    }
+
+    #[test]
+    fn a_stream_is_put_together_whatever_its_splits() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+            ": a comment\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\r\n\r\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        for split in [1, 7, 50, stream.len()] {
+            let mut assembly = StreamAssembly::default();
+            let firsts: Vec<bool> = stream
+                .as_bytes()
+                .chunks(split)
+                .map(|c| assembly.feed(c))
+                .collect();
+            assert_eq!(firsts.iter().filter(|f| **f).count(), 1, "split {split}");
+            let result = assembly.result();
+            assert_eq!(result["content"], "Hello", "split {split}");
+            assert_eq!(result["chunks"], 4, "split {split}");
+            assert_eq!(result["usage"]["completion_tokens"], 2);
+            assert_eq!(usage(&result).unwrap().prompt_tokens, Some(3));
+        }
+        let mut legacy = StreamAssembly::default();
+        legacy.feed(b"data: {\"choices\":[{\"text\":\"a\"},{\"text\":\"b\"}]}\n");
+        assert_eq!(legacy.result()["content"], "ab");
     }
 
     #[test]

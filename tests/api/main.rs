@@ -8,6 +8,7 @@ mod cli;
 mod dashboard;
 mod events;
 mod faults;
+mod front_door;
 mod fuzz;
 mod hardening;
 mod insight;

@@ -1,0 +1,431 @@
+//! The OpenAI front door's side of the core (SPEC.md §10). A request on
+//! `/v1/chat/completions` or `/v1/completions` becomes a task like any other: placed over
+//! the model's OpenAI-compatible TIs, committed with its decision before it is sent, queued
+//! for a slot of its TI (`dispatch.rs`). But its client waits on the connection: the TI's
+//! answer is relayed to it as it arrives (streamed when asked), then stored. A failure
+//! before the client got a byte is retried, on another TI if need be; after it, none. A
+//! client that leaves cancels the request, and a restart fails what was left unanswered.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use futures::StreamExt;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use super::complete::Finished;
+use super::dispatch::{Exchange, Payload, Step};
+use super::events::Event;
+use super::{Error, Scheduler};
+use crate::domain::{unix_now, DecisionReason, Origin, TaskId, TaskStatus, TiKind, TiUuid};
+use crate::store::NewTask;
+use crate::ti::openai::{add_features, retry_after, StreamAssembly};
+use crate::ti::upstream_body;
+
+/// The stored error of a request whose client left before its answer was complete.
+pub const CLIENT_GONE: &str = "client disconnected";
+/// The stored error of a request found unanswered after a restart.
+pub const RESTARTED: &str = "scheduler restarted";
+
+/// Chunks of a stream buffered between the TI and a slow client.
+const STREAM_BUFFER: usize = 64;
+
+/// A front-door request, checked by the handler.
+#[derive(Debug)]
+pub struct ProxyRequest {
+    /// The body's `model`: the model whose TIs may answer.
+    pub model: String,
+    /// Where it goes on the TI: `v1/chat/completions` or `v1/completions`.
+    pub path: &'static str,
+    /// The client's body, sent as it is.
+    pub body: Map<String, Value>,
+    /// The body's `stream`.
+    pub stream: bool,
+}
+
+/// What the client of a front-door request is answered.
+#[derive(Debug)]
+pub enum Answer {
+    /// A TI's whole answer: its status, content type and body, unchanged.
+    Full {
+        /// The TI's status.
+        status: u16,
+        /// The TI's `Content-Type`.
+        content_type: Option<String>,
+        /// The TI's body.
+        body: Bytes,
+        /// How long the TI took, from sending the request to its last byte.
+        upstream: Duration,
+    },
+    /// A TI's streamed answer: its status and content type, then its bytes as they
+    /// arrive; an error item means the TI's stream broke (the client's connection is
+    /// then cut, so that it cannot take a truncated answer for a whole one).
+    Stream {
+        /// The TI's status (a 2xx).
+        status: u16,
+        /// The TI's `Content-Type` (`text/event-stream`).
+        content_type: Option<String>,
+        /// The bytes, as they arrive.
+        chunks: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    },
+    /// The scheduler's own failure: no usable TI, every attempt failed, shutting down.
+    Failed {
+        /// 503.
+        status: u16,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A front-door request, committed: its task and where its answer will come.
+#[derive(Debug)]
+pub struct Proxied {
+    /// Its task.
+    pub task_id: TaskId,
+    /// Its answer, once a TI gave one (or the scheduler gave up).
+    pub answer: oneshot::Receiver<Answer>,
+    /// Keep it while the client is connected (for a stream, until its last byte is
+    /// written): dropping it cancels the request.
+    pub connected: DropGuard,
+}
+
+/// The client's end of a front-door request, as the dispatcher holds it.
+#[derive(Debug)]
+pub(super) struct Reply {
+    /// Taken by whoever answers first.
+    answer: Mutex<Option<oneshot::Sender<Answer>>>,
+    /// Cancelled when the client's connection is gone.
+    gone: CancellationToken,
+    /// Cancelled when the service stops serving: the request is given up, and the next
+    /// start completes it as failed.
+    stopping: CancellationToken,
+    /// The client asked for a stream.
+    stream: bool,
+    /// When the request arrived.
+    arrived: Instant,
+}
+
+impl Reply {
+    /// Resolves once the client is gone or the service stops serving.
+    pub(super) async fn gone(&self) {
+        tokio::select! {
+            _ = self.gone.cancelled() => {}
+            _ = self.stopping.cancelled() => {}
+        }
+    }
+
+    fn take(&self) -> Option<oneshot::Sender<Answer>> {
+        self.answer.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl Scheduler {
+    /// Takes a front-door request: places it over the model's OpenAI-compatible TIs,
+    /// commits its task and decision, and starts driving it. The answer comes through
+    /// [`Proxied::answer`].
+    pub async fn proxy(&self, request: ProxyRequest) -> Result<Proxied, Error> {
+        let ProxyRequest {
+            model,
+            path,
+            body,
+            stream,
+        } = request;
+        let arrived = Instant::now();
+        let task_id = TaskId::generate();
+        let mut metadata = Map::new();
+        metadata.insert("path".into(), path.into());
+        add_features(&body, &mut metadata);
+        let task_input = RawValue::from_string(serialized(&body))
+            .map_err(|e| Error::Invalid(format!("the request body: {e}")))?;
+        let metadata_text = serialized(&metadata);
+        let submit_time = unix_now();
+        let placement = {
+            let mut cache = self.cache();
+            if !cache.serves_openai(&model) {
+                return Err(Error::NotFound(format!(
+                    "The model '{model}' does not exist: no OpenAI-compatible TI serves it"
+                )));
+            }
+            cache.place(
+                &task_id,
+                &model,
+                Some(TiKind::Openai),
+                &metadata,
+                DecisionReason::Submit,
+                arrived,
+                submit_time,
+            )
+        };
+        let Some(ti) = placement.ti() else {
+            return Err(Error::NoInstance(format!(
+                "no usable TaskInstance for model '{model}'"
+            )));
+        };
+        // Claimed before the commit, so that the sweep never drives it without its client.
+        self.inner.in_flight.begin(&task_id);
+        let row = NewTask {
+            task_id: task_id.clone(),
+            model_name: model.clone(),
+            task_input: task_input.get().to_string(),
+            metadata: metadata_text.clone(),
+            ti_uuid: Some(ti),
+            status: placement.status,
+            predicted_ms: placement.predicted_ms,
+            predicted_error_ms: placement.predicted_error_ms,
+            submit_time,
+            origin: Origin::Openai,
+        };
+        if let Err(e) = self.commit(vec![(row, placement.decision)]).await {
+            self.cache().release(&task_id);
+            self.inner.in_flight.end(&task_id);
+            return Err(e.into());
+        }
+        metrics::counter!("ti_scheduler_submits_total").increment(1);
+        self.inner.events.publish(Event::task(
+            &task_id,
+            &model,
+            TaskStatus::Scheduled,
+            Some(ti),
+        ));
+
+        let (answer, answered) = oneshot::channel();
+        let gone = CancellationToken::new();
+        let payload = Payload {
+            model,
+            task_input,
+            metadata_raw: RawValue::from_string(metadata_text)
+                .map_err(|e| Error::Invalid(format!("metadata: {e}")))?,
+            metadata,
+            reply: Some(Reply {
+                answer: Mutex::new(Some(answer)),
+                gone: gone.clone(),
+                stopping: self.inner.stop_waiting.clone(),
+                stream,
+                arrived,
+            }),
+        };
+        let this = self.clone();
+        let id = task_id.clone();
+        self.inner.tracker.spawn(async move {
+            this.drive(&id, Step::Dispatch(ti), &payload).await;
+            this.answer_unanswered(&id, &payload).await;
+            this.inner.in_flight.end(&id);
+        });
+        Ok(Proxied {
+            task_id,
+            answer: answered,
+            connected: gone.drop_guard(),
+        })
+    }
+
+    /// After the drive: a client that got no answer gets the scheduler's own, and the
+    /// task is completed as failed (unless the service is stopping: the next start does
+    /// it, as after a crash).
+    async fn answer_unanswered(&self, task_id: &TaskId, payload: &Payload) {
+        let Some(reply) = &payload.reply else { return };
+        let Some(answer) = reply.take() else { return };
+        let stopping = reply.stopping.is_cancelled() || self.inner.shutdown.is_cancelled();
+        let message = if reply.gone.is_cancelled() {
+            CLIENT_GONE.to_string()
+        } else if stopping {
+            "the scheduler is shutting down".to_string()
+        } else {
+            format!(
+                "no TaskInstance of model '{}' could answer the request",
+                payload.model
+            )
+        };
+        if !stopping {
+            let finished = Finished::abandoned(0.0, &message, None);
+            if let Err(e) = self.finish(task_id, None, finished).await {
+                tracing::error!(task_id = %task_id, error = ?e, "storing the failure failed");
+            }
+        }
+        tracing::warn!(task_id = %task_id, model = %payload.model, reason = %message, "front-door request failed");
+        let _ = answer.send(Answer::Failed {
+            status: 503,
+            message,
+        });
+    }
+
+    /// One request to an OpenAI-compatible TI for a front-door request: the answer goes
+    /// to the client (streamed when it asked and the TI streams), then is stored. Until
+    /// the client has a byte, a failure is retried like any other.
+    pub(super) async fn relay(
+        &self,
+        task_id: &TaskId,
+        ti: TiUuid,
+        url: &reqwest::Url,
+        body: Bytes,
+        reply: &Reply,
+    ) -> Exchange {
+        let started = Instant::now();
+        let response = tokio::select! {
+            response = self.inner.client.openai_start(url, body) => response,
+            _ = self.inner.shutdown.cancelled() => return Exchange::Done,
+            _ = reply.gone() => return Exchange::Done,
+        };
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => return Exchange::Failed(e.to_string()),
+        };
+        let status = response.status().as_u16();
+        if matches!(status, 408 | 429 | 503) {
+            self.note_busy(task_id, ti, status, retry_after(&response));
+            return Exchange::Busy;
+        }
+        if !(200..500).contains(&status) {
+            return Exchange::Failed(format!("HTTP {status}"));
+        }
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let streams = reply.stream
+            && (200..300).contains(&status)
+            && content_type
+                .as_deref()
+                .is_some_and(|c| c.starts_with("text/event-stream"));
+        if streams {
+            return self
+                .relay_stream(task_id, ti, response, content_type, reply, started)
+                .await;
+        }
+        let body = tokio::select! {
+            body = self.inner.client.openai_body(response) => body,
+            _ = self.inner.shutdown.cancelled() => return Exchange::Done,
+            _ = reply.gone() => return Exchange::Done,
+        };
+        let body = match body {
+            Ok(b) => b,
+            Err(e) => return Exchange::Failed(e.to_string()),
+        };
+        let upstream = started.elapsed();
+        let Some(answer) = reply.take() else {
+            return Exchange::Done;
+        };
+        let _ = answer.send(Answer::Full {
+            status,
+            content_type,
+            body: body.clone(),
+            upstream,
+        });
+        let execution_ms = upstream.as_secs_f64() * 1000.0;
+        let finished = if (200..300).contains(&status) {
+            self.cache().answered(ti);
+            match serde_json::from_slice(&body) {
+                Ok(response) => Finished::succeeded(execution_ms, response),
+                Err(_) => Finished::rejected(execution_ms, status, upstream_body(&body)),
+            }
+        } else {
+            metrics::counter!("ti_scheduler_dispatch_rejections_total").increment(1);
+            Finished::rejected(execution_ms, status, upstream_body(&body))
+        };
+        self.store_outcome(task_id, ti, finished).await;
+        Exchange::Done
+    }
+
+    /// Relays a TI's stream to the client chunk by chunk as it arrives, puts its text
+    /// together, and stores it once the stream ends (failed if the client left or the
+    /// stream broke).
+    async fn relay_stream(
+        &self,
+        task_id: &TaskId,
+        ti: TiUuid,
+        response: reqwest::Response,
+        content_type: Option<String>,
+        reply: &Reply,
+        started: Instant,
+    ) -> Exchange {
+        let Some(answer) = reply.take() else {
+            return Exchange::Done;
+        };
+        let (chunks, receiver) = mpsc::channel(STREAM_BUFFER);
+        let opened = answer.send(Answer::Stream {
+            status: response.status().as_u16(),
+            content_type,
+            chunks: receiver,
+        });
+        if opened.is_err() {
+            let finished = Finished::abandoned(0.0, CLIENT_GONE, None);
+            self.store_outcome(task_id, ti, finished).await;
+            return Exchange::Done;
+        }
+        self.cache().answered(ti);
+        let _open = StreamOpen::new();
+        let mut assembly = StreamAssembly::default();
+        let mut ttft_ms = None;
+        let mut body = response.bytes_stream();
+        let ended: Result<(), String> = loop {
+            let next = tokio::select! {
+                next = body.next() => next,
+                _ = chunks.closed() => break Err(CLIENT_GONE.to_string()),
+                _ = reply.stopping.cancelled() => {
+                    break Err("the scheduler is shutting down".to_string())
+                }
+            };
+            match next {
+                None => break Ok(()),
+                Some(Ok(bytes)) => {
+                    if assembly.feed(&bytes) {
+                        let ttft = reply.arrived.elapsed();
+                        ttft_ms = Some(ttft.as_secs_f64() * 1000.0);
+                        metrics::histogram!("ti_scheduler_openai_ttft_seconds")
+                            .record(ttft.as_secs_f64());
+                    }
+                    if chunks.send(Ok(bytes)).await.is_err() {
+                        break Err(CLIENT_GONE.to_string());
+                    }
+                }
+                Some(Err(e)) => {
+                    let e = self.inner.client.stream_error(e);
+                    let _ = chunks
+                        .send(Err(std::io::Error::other(format!(
+                            "the TI's stream broke: {e}"
+                        ))))
+                        .await;
+                    break Err(format!("the TI's stream broke: {e}"));
+                }
+            }
+        };
+        drop(chunks);
+        drop(body);
+        let execution_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let finished = match ended {
+            Ok(()) => Finished::streamed(execution_ms, assembly.result(), ttft_ms),
+            Err(reason) => {
+                tracing::warn!(task_id = %task_id, ti = %ti, reason = %reason, "stream ended early; the task fails");
+                Finished::abandoned(execution_ms, &reason, ttft_ms)
+            }
+        };
+        self.store_outcome(task_id, ti, finished).await;
+        Exchange::Done
+    }
+}
+
+/// Counts a stream in `ti_scheduler_openai_streams_open` while it lives.
+struct StreamOpen;
+
+impl StreamOpen {
+    fn new() -> Self {
+        metrics::gauge!("ti_scheduler_openai_streams_open").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        metrics::gauge!("ti_scheduler_openai_streams_open").decrement(1.0);
+    }
+}
+
+/// A JSON object as text.
+fn serialized(map: &Map<String, Value>) -> String {
+    // Serializing a map of JSON values cannot fail (keys are strings).
+    serde_json::to_string(map).unwrap_or_else(|_| "{}".to_string())
+}
