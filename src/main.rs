@@ -125,7 +125,8 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct SimArgs {
-    /// callback (our protocol, SPEC §4) or openai (an OpenAI-compatible server, SPEC §9).
+    /// callback (our protocol) or openai (an OpenAI-compatible server); both are in
+    /// docs/API.md.
     #[arg(long, default_value = "callback", value_parser = TiKind::parse)]
     protocol: TiKind,
     /// The model it serves.

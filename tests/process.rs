@@ -272,8 +272,9 @@ async fn no_acknowledged_task_is_lost_when_the_service_is_killed() {
     crash_test("callback").await;
 }
 
-/// On OpenAI-compatible TIs delivery is at least once (SPEC.md §9): a request in flight at
-/// the kill is sent again after the restart, so a task may run twice; none is lost.
+/// On OpenAI-compatible TIs delivery is at least once (docs/API.md, Guarantees): a request
+/// in flight at the kill is sent again after the restart, so a task may run twice; none is
+/// lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_task_is_lost_on_openai_tis_when_the_service_is_killed() {
     crash_test("openai").await;
