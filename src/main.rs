@@ -1,5 +1,6 @@
-//! The `ti-scheduler` command: the service (default), migrations, lookup import, the task
-//! history client and the simulated Task Instance.
+//! The `ti-scheduler` command: the service (default), migrations, lookup import, online
+//! backup, the client commands (task history, submit, wait, watch, probe) and the
+//! simulated Task Instance.
 
 #![forbid(unsafe_code)]
 
@@ -55,6 +56,15 @@ enum Command {
     /// Rebuild the learned models and running statistics from the task history in an
     /// existing database. Run it while the server is stopped.
     Retrain(DbArgs),
+    /// Copy the database to a new file, also while the service runs (a consistent
+    /// snapshot made by SQLite's VACUUM INTO on a read-only connection; then checked).
+    Backup {
+        /// The copy to write; it must not exist.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// List the task history of a running scheduler (GET /tasks), newest first: a table,
     /// or JSON with --json; --all follows every page.
     Tasks(ti_scheduler::cli::TasksArgs),
@@ -64,6 +74,9 @@ enum Command {
     Wait(ti_scheduler::cli::WaitArgs),
     /// Follow a running scheduler's events (/events), one line per event.
     Watch(ti_scheduler::cli::WatchArgs),
+    /// Check that a running scheduler is ready (GET /ready): exit status 0 if it answers
+    /// 2xx, else 1 with the reason (a health check for containers).
+    Probe(ti_scheduler::cli::ProbeArgs),
     /// Run a simulated Task Instance.
     SimTi(SimArgs),
 }
@@ -112,7 +125,8 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct SimArgs {
-    /// callback (our protocol, SPEC §4) or openai (an OpenAI-compatible server, SPEC §9).
+    /// callback (our protocol) or openai (an OpenAI-compatible server); both are in
+    /// docs/API.md.
     #[arg(long, default_value = "callback", value_parser = TiKind::parse)]
     protocol: TiKind,
     /// The model it serves.
@@ -161,9 +175,13 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // A client command prints what it fetched; the logs would drown it.
     let default_level = match cli.command {
-        Some(Command::Tasks(_) | Command::Submit(_) | Command::Wait(_) | Command::Watch(_)) => {
-            "warn"
-        }
+        Some(
+            Command::Tasks(_)
+            | Command::Submit(_)
+            | Command::Wait(_)
+            | Command::Watch(_)
+            | Command::Probe(_),
+        ) => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -209,10 +227,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             import_lookup(&file, &settings.database.path, append).await
         }
         Command::Retrain(args) => retrain(&args.settings("retrain")?.database.path).await,
+        Command::Backup { to, db } => backup(&db.settings("backup")?.database.path, to).await,
         Command::Tasks(args) => ti_scheduler::cli::run(&args, &mut std::io::stdout()).await,
         Command::Submit(args) => ti_scheduler::cli::run_submit(&args, &mut std::io::stdout()).await,
         Command::Wait(args) => ti_scheduler::cli::run_wait(&args, &mut std::io::stdout()).await,
         Command::Watch(args) => ti_scheduler::cli::run_watch(&args, &mut std::io::stdout()).await,
+        Command::Probe(args) => ti_scheduler::cli::run_probe(&args, &mut std::io::stdout()).await,
         Command::SimTi(args) => sim_ti(args).await,
     }
 }
@@ -307,6 +327,24 @@ async fn retrain(db_path: &Path) -> anyhow::Result<()> {
         db_path.display(),
         report.models,
         report.executions
+    );
+    Ok(())
+}
+
+/// Copies the database (no lock taken: the service may be running) and prints one line.
+async fn backup(db_path: &Path, to: PathBuf) -> anyhow::Result<()> {
+    let from = db_path.to_path_buf();
+    let (report, to) =
+        tokio::task::spawn_blocking(move || store::backup(&from, &to).map(|report| (report, to)))
+            .await??;
+    println!(
+        "{}: backup of {}, {:.1} MiB ({} bytes), {} tasks, schema V{}",
+        to.display(),
+        db_path.display(),
+        report.bytes as f64 / (1024.0 * 1024.0),
+        report.bytes,
+        report.tasks,
+        report.schema
     );
     Ok(())
 }

@@ -272,8 +272,9 @@ async fn no_acknowledged_task_is_lost_when_the_service_is_killed() {
     crash_test("callback").await;
 }
 
-/// On OpenAI-compatible TIs delivery is at least once (SPEC.md §9): a request in flight at
-/// the kill is sent again after the restart, so a task may run twice; none is lost.
+/// On OpenAI-compatible TIs delivery is at least once (docs/API.md, Guarantees): a request
+/// in flight at the kill is sent again after the restart, so a task may run twice; none is
+/// lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_acknowledged_task_is_lost_on_openai_tis_when_the_service_is_killed() {
     crash_test("openai").await;
@@ -432,6 +433,221 @@ async fn crash_test(kind: &str) {
         ),
     }
     assert_eq!(service.terminate(), Some(0));
+}
+
+/// Submits `body` and returns the task id it was given; panics on anything but success.
+async fn submit_ok(client: &reqwest::Client, service: &Service, body: Value) -> String {
+    let resp = client
+        .post(service.url("/queue/submit"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+    let answer: Value = resp.json().await.unwrap();
+    answer["task_id"].as_str().unwrap().to_string()
+}
+
+/// Long-polls `/task/query` until the task completes; returns its view.
+async fn completed(client: &reqwest::Client, service: &Service, task_id: &str) -> Value {
+    for _ in 0..50 {
+        let url = service.url(&format!("/task/query?task_id={task_id}&wait_ms=2000"));
+        let (status, body) = get_json(client, url).await;
+        assert_eq!(status, 200, "{body}");
+        if body["task_status"] == "completed" {
+            return body;
+        }
+    }
+    panic!("{task_id} did not complete; log:\n{}", service.log_tail());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_the_service_runs_and_submits_go_on_restores_every_completed_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, log) = (dir.path().join("live.db"), dir.path().join("live.log"));
+    let tis = spawn_tis(2, 5.0).await;
+    let client = client();
+    let service = Service::start(free_port(), &db, &log);
+    service.wait_ready(&client).await;
+    for ti in &tis {
+        register(&client, &service, ti).await;
+    }
+    let mut before = Vec::new();
+    for n in 0..40 {
+        let body = json!({"model_name": "llama-7b", "task_id": format!("before-{n}"),
+                          "task_input": {"n": n}});
+        before.push(submit_ok(&client, &service, body).await);
+    }
+    let mut results = Vec::new();
+    for id in &before {
+        let view = completed(&client, &service, id).await;
+        assert_eq!(view["outcome"], "succeeded", "{view}");
+        results.push(view["result"].clone());
+    }
+
+    // Clients keep submitting while the backup runs; every submit must succeed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let submitter = {
+        let (stop, base, client) = (stop.clone(), service.url(""), client.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let resp = client
+                    .post(format!("{base}/queue/submit"))
+                    .json(&json!({"model_name": "llama-7b", "task_input": {"during": n}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
+                n += 1;
+            }
+            n
+        })
+    };
+    let workdir = dir.path().to_path_buf();
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || {
+        run_in(
+            &workdir,
+            &["backup", "--db", "live.db", "--to", "copy.db"],
+            &[],
+        )
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let during = submitter.await.unwrap();
+    assert!(ok, "the backup must run beside the service: {stderr}");
+    assert!(
+        stdout.starts_with("copy.db: backup of live.db, ") && stdout.contains(" tasks, schema V"),
+        "{stdout}"
+    );
+    let tasks: usize = stdout
+        .split(" tasks")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no task count in {stdout}"));
+    assert!(tasks >= before.len(), "{stdout}");
+    println!("backup: {stdout} ({during} submits while it ran)");
+
+    // The service was not disturbed: still ready, and a new task completes.
+    let (status, body) = get_json(&client, service.url("/ready")).await;
+    assert_eq!(status, 200, "{body}");
+    let after = submit_ok(
+        &client,
+        &service,
+        json!({"model_name": "llama-7b", "task_input": {"after": true}}),
+    )
+    .await;
+    completed(&client, &service, &after).await;
+
+    // A second service on the copy has every task completed before the backup, with its
+    // result.
+    let restored = Service::start(
+        free_port(),
+        &dir.path().join("copy.db"),
+        &dir.path().join("copy.log"),
+    );
+    restored.wait_ready(&client).await;
+    for (id, result) in before.iter().zip(&results) {
+        let (status, view) =
+            get_json(&client, restored.url(&format!("/task/query?task_id={id}"))).await;
+        assert_eq!(status, 200, "{id} is missing from the copy: {view}");
+        assert_eq!(view["task_status"], "completed", "{view}");
+        assert_eq!(view["outcome"], "succeeded", "{view}");
+        assert_eq!(&view["result"], result, "{id}");
+    }
+    assert_eq!(restored.terminate(), Some(0));
+    assert_eq!(service.terminate(), Some(0));
+}
+
+#[test]
+fn a_backup_refuses_an_existing_file_and_leaves_it_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    ti_scheduler::store::migrate(&dir.path().join("s.db")).unwrap();
+    std::fs::write(dir.path().join("copy.db"), "precious\n").unwrap();
+    let (ok, stdout, stderr) = run_in(
+        dir.path(),
+        &["backup", "--db", "s.db", "--to", "copy.db"],
+        &[],
+    );
+    assert!(!ok, "{stdout}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(
+        non_log_lines(&stderr),
+        [
+            "error: copy.db already exists; a backup never overwrites a file: \
+          give a new name or remove it first"
+        ],
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("copy.db")).unwrap(),
+        "precious\n"
+    );
+
+    // Nor does it create a database that does not exist, or a copy of nothing.
+    let (ok, _, stderr) = run_in(
+        dir.path(),
+        &["backup", "--db", "missing.db", "--to", "new.db"],
+        &[],
+    );
+    assert!(!ok);
+    assert_eq!(
+        non_log_lines(&stderr),
+        [
+            "error: database missing.db does not exist; give the one the service uses \
+          (--db, --config or TI_SCHEDULER__DATABASE__PATH)"
+        ],
+        "{stderr}"
+    );
+    assert!(!dir.path().join("missing.db").exists());
+    assert!(!dir.path().join("new.db").exists());
+}
+
+#[tokio::test]
+async fn probe_exits_0_on_a_ready_service_and_1_naming_the_answer_or_the_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, log) = (dir.path().join("p.db"), dir.path().join("p.log"));
+    let client = client();
+    let service = Service::start(free_port(), &db, &log);
+    service.wait_ready(&client).await;
+    let probe = |url: String| {
+        let workdir = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            run_in(&workdir, &["probe", "--url", &url, "--timeout", "5"], &[])
+        })
+    };
+
+    let (ok, stdout, stderr) = probe(service.url("")).await.unwrap();
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout, format!("{}: ready\n", service.url("/ready")));
+
+    // A server that answers, but not 2xx: a simulated TI has no /ready.
+    let ti = &spawn_tis(1, 5.0).await[0];
+    let ti_url = format!("http://{}", ti.addr());
+    let (ok, _, stderr) = probe(ti_url.clone()).await.unwrap();
+    assert!(!ok);
+    assert_eq!(
+        non_log_lines(&stderr),
+        [format!(
+            "error: {ti_url}/ready answered HTTP 404 Not Found: "
+        )],
+        "{stderr}"
+    );
+
+    let port = service.port;
+    assert_eq!(service.terminate(), Some(0));
+    let (ok, _, stderr) = probe(format!("http://127.0.0.1:{port}")).await.unwrap();
+    assert!(!ok);
+    let lines = non_log_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "error: http://127.0.0.1:{port}/ready did not answer: "
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The admin token (SPEC.md §7b): when one is configured, admin endpoints take an
+//! The admin token (docs/API.md, Conventions): when one is configured, admin endpoints take an
 //! [`Admin`] extractor, which answers 401 unless the request carries
 //! `Authorization: Bearer <token>` (the scheme is case-insensitive, as HTTP says).
 

@@ -1,4 +1,4 @@
-//! `GET /`: the dashboard (SPEC.md §11), one HTML page with its script and styles inline,
+//! `GET /`: the dashboard, one HTML page with its script and styles inline,
 //! compiled into the binary: it makes no request outside the service and works offline.
 
 use axum::response::Html;

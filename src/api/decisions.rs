@@ -1,4 +1,4 @@
-//! `GET /task/decisions`: why a task went where it did (SPEC.md §11): every decision made
+//! `GET /task/decisions`: why a task went where it did: every decision made
 //! for it, with every candidate TI and the estimates it had, from the database.
 
 use axum::extract::State;

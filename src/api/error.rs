@@ -1,4 +1,4 @@
-//! The error envelope of SPEC.md §1 and the extractors that produce it for bad input.
+//! The error envelope (docs/API.md, Conventions) and the extractors that produce it for bad input.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;

@@ -1,4 +1,4 @@
-//! `GET /events`: Server-Sent Events of task and TI changes (SPEC.md §11), filtered by
+//! `GET /events`: Server-Sent Events of task and TI changes, filtered by
 //! `model_name` and `task_id`. Each event carries its id; a client that reconnects with
 //! `Last-Event-ID` gets what it missed while that is still in the service's ring of
 //! `server.event_buffer` events (10 000 by default), else first an `event: reset`. A client that falls so far

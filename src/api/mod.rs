@@ -1,4 +1,4 @@
-//! The HTTP API (SPEC.md §2–§3, §11): one `router()` per area, merged by [`app`].
+//! The HTTP API (docs/API.md): one `router()` per area, merged by [`app`].
 //!
 //! Handlers are short: they validate the request, call the scheduling core, and shape the
 //! answer. Every error is the JSON envelope of [`error::ApiError`]; endpoints that

@@ -111,7 +111,7 @@ impl Modify for Conventions {
     }
 }
 
-/// SPEC.md §1's error envelope; endpoints may add fields (echoes of the request).
+/// The error envelope (docs/API.md, Conventions); endpoints may add fields (echoes of the request).
 fn error_envelope() -> Object {
     ObjectBuilder::new()
         .description(Some(

@@ -1,4 +1,4 @@
-//! `GET /stats?window_s=`: what the service did in a recent window (SPEC.md §11), from the
+//! `GET /stats?window_s=`: what the service did in a recent window, from the
 //! database: per model, tasks submitted, completed and failed, the throughput, job
 //! completion time percentiles and how well execution times were predicted; per TI, tasks
 //! completed and the share of its slots' time spent executing.

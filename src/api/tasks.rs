@@ -1,4 +1,4 @@
-//! `GET /tasks`: the task history (SPEC.md §11), filtered, newest first, a page at a time.
+//! `GET /tasks`: the task history, filtered, newest first, a page at a time.
 //!
 //! The query string is read as text, then validated into a [`HistoryFilter`], each bad
 //! value a 400 naming its parameter; the page is read through the read pool by

@@ -1,11 +1,14 @@
 //! Client commands that talk to a running scheduler over its HTTP API, for people at a
 //! terminal and for scripts: `ti-scheduler tasks` (the history), `submit`, `wait` (a
-//! long-poll) and `watch` (follows `/events`). Each takes `--url` (or `TI_SCHEDULER_URL`).
+//! long-poll), `watch` (follows `/events`) and `probe` (a health check of `/ready`). Each
+//! takes `--url` (or `TI_SCHEDULER_URL`).
 
 mod follow;
+mod probe;
 mod tasks;
 
 pub use follow::{run_submit, run_wait, run_watch, SubmitArgs, WaitArgs, WatchArgs};
+pub use probe::{run_probe, ProbeArgs};
 pub use tasks::{fetch_page, run, utc, TasksArgs};
 
 use anyhow::Context;

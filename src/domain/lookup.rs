@@ -1,4 +1,4 @@
-//! A row of the lookup table of `lookup_table` mode (SPEC.md §6).
+//! A row of the lookup table of `lookup_table` mode.
 
 use std::collections::BTreeMap;
 

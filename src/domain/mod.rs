@@ -100,7 +100,7 @@ impl fmt::Display for TiUuid {
     }
 }
 
-/// Where a task is in its life (SPEC.md §2).
+/// Where a task is in its life: `queued`, `scheduled`, `completed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskStatus {

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// A scheduling strategy (SPEC.md §7).
+/// A scheduling strategy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StrategyKind {
@@ -53,7 +53,7 @@ impl StrategyKind {
     }
 }
 
-/// How execution times are predicted (SPEC.md §6).
+/// How execution times are predicted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PredictMode {
@@ -110,7 +110,7 @@ pub enum Durability {
     Normal,
 }
 
-/// How the scheduler talks to a TI (SPEC.md §4 and §9).
+/// How the scheduler talks to a TI: `callback` or `openai`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TiKind {

@@ -1,4 +1,4 @@
-//! Execution-time prediction (SPEC.md §6).
+//! Execution-time prediction (README, Prediction).
 //!
 //! For a task and a candidate TI, [`Predictor::predict`] gives the expected execution time
 //! and its error (standard deviation), in ms, and says which source gave it. The `default`

@@ -1,4 +1,4 @@
-//! What changed, for `GET /events` (SPEC.md §11): every change of a task's status or TI,
+//! What changed, for `GET /events`: every change of a task's status or TI,
 //! and every registration, removal and health change of a TI, numbered in order.
 //!
 //! The last `server.event_buffer` events ([`EVENT_BUFFER`] by default) are kept in a ring. A client reads everything newer

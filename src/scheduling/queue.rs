@@ -1,4 +1,4 @@
-//! A TI's queue estimate (SPEC.md §7 and §9): the tasks dispatched to it and not
+//! A TI's queue estimate (README, Scheduling): the tasks dispatched to it and not
 //! completed, each with its own prediction.
 //!
 //! A TI that runs one task at a time (`slots` = 1, every callback TI): the expected wait

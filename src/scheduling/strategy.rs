@@ -1,6 +1,6 @@
-//! The four strategies (SPEC.md §7): given every usable TI of a model with its queue
-//! estimate and this task's prediction there, pick one. Each fills in the candidates'
-//! `score` (lower is better) so that the stored decision shows why.
+//! The four strategies (docs/API.md, `POST /scheduler/set`): given every usable TI of a
+//! model with its queue estimate and this task's prediction there, pick one. Each fills in
+//! the candidates' `score` (lower is better) so that the stored decision shows why.
 
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, Normal};

@@ -58,7 +58,7 @@ impl Scheduler {
         mut items: Vec<SubmitItem>,
     ) -> Result<Vec<Submitted>, Error> {
         if self.cache().serves_openai(model) {
-            // The predictor's features of an OpenAI request come from its body (SPEC.md §9),
+            // The predictor's features of an OpenAI request come from its body,
             // and are kept with the task so that retraining sees what was known at submit.
             for item in &mut items {
                 if let Ok(body) = serde_json::from_str(item.task_input.get()) {

@@ -1,4 +1,4 @@
-//! Clients waiting for a task to complete (`/task/query?wait_ms=`, SPEC.md §11): each waits
+//! Clients waiting for a task to complete (`/task/query?wait_ms=`): each waits
 //! on the task's [`Notify`], which the completion itself wakes (no polling). A completion
 //! looks its task up in a map that is empty unless someone waits.
 

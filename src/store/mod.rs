@@ -5,8 +5,10 @@
 //! owned by the group-commit [`Writer`] thread. The repositories hold every SQL statement
 //! the service runs. Reads are checked at compile time against the migrated schema
 //! (offline metadata in `sqlx-data/`); writes are plain rusqlite statements, each one
-//! prepared against the migrated schema by a test (`store::tests`).
+//! prepared against the migrated schema by a test (`store::tests`). [`backup`] copies a
+//! file that a service may be using (`ti-scheduler backup`).
 
+mod backup;
 mod decisions;
 mod guard;
 mod history;
@@ -29,6 +31,7 @@ use sqlx::ConnectOptions;
 
 use crate::domain::Durability;
 
+pub use backup::{backup, BackupError, BackupReport};
 pub use decisions::{DecisionRepo, DecisionRow, StoredDecision};
 pub use guard::{quick_check, DbLock};
 pub use history::{

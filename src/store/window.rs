@@ -1,4 +1,4 @@
-//! What happened in a recent window of time, for `GET /stats` (SPEC.md §11): the tasks
+//! What happened in a recent window of time, for `GET /stats`: the tasks
 //! submitted per model, and the tasks completed with their times. Both read the indexes
 //! by time (`tasks_completed_at`, and the history index on submit time).
 

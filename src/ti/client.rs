@@ -1,4 +1,4 @@
-//! The scheduler's side of the TI protocol (SPEC.md §4): one keep-alive HTTP client.
+//! The scheduler's side of the callback protocol (docs/API.md): one keep-alive HTTP client.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The scheduler's side of an OpenAI-compatible TI (SPEC.md §9): vLLM, SGLang, TGI,
+//! The scheduler's side of an OpenAI-compatible TI: vLLM, SGLang, TGI,
 //! llama.cpp's server, Ollama. Such a server answers each request with its response; it
 //! does not call back. This file checks it at registration (`GET /health`, else
 //! `GET /v1/models`; the model ids from `GET /v1/models`), builds the request of a task

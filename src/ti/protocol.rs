@@ -1,4 +1,4 @@
-//! Wire types of the TI protocol (SPEC.md §4), shared by the scheduler and the simulator.
+//! Wire types of the callback protocol (docs/API.md), shared by the scheduler and the simulator.
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;

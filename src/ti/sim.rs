@@ -1,4 +1,4 @@
-//! The simulated Task Instance: a real HTTP server speaking SPEC.md §4.
+//! The simulated Task Instance: a real HTTP server speaking the callback protocol (docs/API.md).
 //!
 //! It serves one model on one "hardware", accepts tasks (idempotently per `task_id`),
 //! runs them FIFO on `parallelism` workers, each taking

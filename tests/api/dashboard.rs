@@ -1,4 +1,4 @@
-//! The dashboard (SPEC.md §11) in a real browser: headless Chromium loads `GET /` from a
+//! The dashboard in a real browser: headless Chromium loads `GET /` from a
 //! service with simulated TIs and some traffic, driven through the DevTools protocol; the
 //! rendered DOM must show the TIs, a completed task and its decision with every
 //! candidate. A screenshot is saved.

@@ -1,4 +1,4 @@
-//! `GET /events` (SPEC.md §11): task and TI events as Server-Sent Events, filters, resuming
+//! `GET /events`: task and TI events as Server-Sent Events, filters, resuming
 //! with `Last-Event-ID`, and `event: reset` when the missed events are gone.
 
 use futures::StreamExt;

@@ -1,4 +1,4 @@
-//! Why a task went where it did, and what the service did lately (SPEC.md §11):
+//! Why a task went where it did, and what the service did lately:
 //! `GET /task/decisions` and `GET /stats`, read from the database.
 
 use reqwest::StatusCode;

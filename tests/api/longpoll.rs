@@ -1,4 +1,4 @@
-//! Results without polling (SPEC.md §11): `/task/query` with `wait_ms` answers when the
+//! Results without polling: `/task/query` with `wait_ms` answers when the
 //! task completes (woken by the completion) or when `wait_ms` passes, on both kinds of TI.
 
 use std::time::{Duration, Instant};

@@ -6,6 +6,7 @@ mod helpers;
 mod cleanup;
 mod cli;
 mod dashboard;
+mod docs;
 mod events;
 mod faults;
 mod front_door;

@@ -1,4 +1,4 @@
-//! OpenAI-compatible TIs (SPEC.md §9): registration, the scheduler's own queue with `c`
+//! OpenAI-compatible TIs: registration, the scheduler's own queue with `c`
 //! slots, every outcome of a request, and the queue estimates, against simulated
 //! OpenAI-compatible servers over real HTTP.
 

@@ -106,7 +106,7 @@ async fn wrong_method_answers_405_with_the_json_envelope() {
 }
 
 /// What openapi-spec-validator checks that matters here, and the conventions of the
-/// document (SPEC.md §1's envelope on every error, the admin token, enums, tags).
+/// document (the error envelope on every error, the admin token, enums, tags).
 #[tokio::test]
 async fn the_openapi_document_is_valid_and_documents_errors_auth_enums_and_content_types() {
     let app = spawn_app().await;
