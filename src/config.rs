@@ -44,8 +44,8 @@ pub struct ServerSettings {
     pub public_url: String,
     /// Largest accepted request body, in bytes.
     pub body_limit_bytes: usize,
-    /// When non-empty, `/scheduler/*`, `/ti/*` writes and lookup import require
-    /// `Authorization: Bearer <token>`.
+    /// When non-empty, `/scheduler/*`, `/ti/*` writes, lookup import and `/admin/drain`
+    /// require `Authorization: Bearer <token>`.
     pub admin_token: String,
     /// Deepest nesting of arrays and objects accepted in a task's `task_input` and
     /// `metadata` (`{}` is 1); deeper is 400. Below what TIs' JSON parsers take.
@@ -64,6 +64,9 @@ pub struct ServerSettings {
     /// When non-empty, the OpenAI front door (`/v1/*`) requires
     /// `Authorization: Bearer <key>` with one of these keys. Separate from `admin_token`.
     pub api_keys: Vec<String>,
+    /// On SIGTERM or Ctrl-C the service drains (refuses new tasks, `/ready` answers 503)
+    /// and waits up to this long for the unfinished tasks to finish before it stops, ms.
+    pub shutdown_grace_ms: u64,
 }
 
 /// SQLite settings.
@@ -131,6 +134,12 @@ pub struct SchedulingSettings {
     pub prior_ms: f64,
     /// Error (standard deviation) of the prior, ms.
     pub prior_error_ms: f64,
+    /// A submitted task whose predicted wait on the TI chosen for it exceeds this is
+    /// refused (429 with `Retry-After`), ms; 0 = no limit.
+    pub max_wait_ms: u64,
+    /// A submit is refused (429) while this many tasks of its model are placed on its TIs
+    /// and not finished; 0 = no limit.
+    pub max_waiting_tasks: u64,
 }
 
 /// Cleanup job settings.
@@ -161,6 +170,7 @@ impl Default for ServerSettings {
             idle_timeout_ms: 60_000,
             max_connections: 1_024,
             api_keys: Vec::new(),
+            shutdown_grace_ms: 30_000,
         }
     }
 }
@@ -204,6 +214,8 @@ impl Default for SchedulingSettings {
             rng_seed: 0,
             prior_ms: 1_000.0,
             prior_error_ms: 500.0,
+            max_wait_ms: 0,
+            max_waiting_tasks: 0,
         }
     }
 }

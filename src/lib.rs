@@ -81,6 +81,8 @@ pub struct App {
     /// Held until the database is closed: no second process may use the file.
     lock: store::DbLock,
     limits: server::Limits,
+    /// How long a shutdown waits for the unfinished tasks once drained.
+    shutdown_grace: Duration,
 }
 
 impl App {
@@ -152,6 +154,7 @@ impl App {
             cron,
             lock,
             limits,
+            shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
         })
     }
 
@@ -160,16 +163,20 @@ impl App {
         self.addr
     }
 
-    /// Serves until `shutdown` completes, then stops accepting, finishes the requests
-    /// under way, stops the background work, commits what the writer holds and closes
-    /// the database.
+    /// Serves until `shutdown` completes, then drains (no new task; `/ready` answers 503)
+    /// and goes on serving until no task is unfinished or `server.shutdown_grace_ms` has
+    /// passed; then stops accepting, finishes the requests under way, stops the
+    /// background work, commits what the writer holds and closes the database.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let scheduler = self.scheduler.clone();
+        let grace = self.shutdown_grace;
         let shutdown = async move {
             shutdown.await;
+            // Dispatches and result callbacks go on meanwhile: the server still serves.
+            scheduler.drain_within(grace).await;
             // Long-polls and event streams end now, so the requests under way finish.
             scheduler.stop_waiting();
         };

@@ -27,6 +27,11 @@ struct Service {
 
 impl Service {
     fn start(port: u16, db: &Path, log: &Path) -> Self {
+        Self::start_with(port, db, log, &[])
+    }
+
+    /// Starts it with these environment variables besides the usual ones.
+    fn start_with(port: u16, db: &Path, log: &Path, env: &[(&str, &str)]) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -41,6 +46,7 @@ impl Service {
             .env("TI_SCHEDULER__CLEANUP__SCHEDULE", "* * * * * *")
             .env("TI_SCHEDULER__CLEANUP__RESULT_TTL_SECS", "1")
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -84,16 +90,28 @@ impl Service {
     }
 
     /// SIGTERM; returns the exit code.
-    fn terminate(mut self) -> Option<i32> {
+    async fn terminate(self) -> Option<i32> {
+        self.send_sigterm();
+        self.wait_exit().await
+    }
+
+    /// Sends SIGTERM, without waiting.
+    fn send_sigterm(&self) {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
         // SAFETY: kill(2) with a valid signal on our own child's pid has no memory effects.
         let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
         assert_eq!(sent, 0);
+    }
+
+    /// Waits (10 s at most) for the process to exit; returns its exit code. Without
+    /// blocking the test's runtime: the simulated TIs run on it, and a draining service
+    /// waits for them.
+    async fn wait_exit(mut self) -> Option<i32> {
         for _ in 0..200 {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code();
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.child.kill().unwrap();
         panic!(
@@ -248,7 +266,7 @@ async fn sigterm_stops_the_service_cleanly_and_nothing_is_lost() {
         .unwrap();
     assert_eq!(resp["task_id"], "term-1");
     let port = service.port;
-    assert_eq!(service.terminate(), Some(0), "exit code 0 on SIGTERM");
+    assert_eq!(service.terminate().await, Some(0), "exit code 0 on SIGTERM");
 
     let service = Service::start(port, &db, &log);
     service.wait_ready(&client).await;
@@ -256,7 +274,7 @@ async fn sigterm_stops_the_service_cleanly_and_nothing_is_lost() {
         let (status, body) = get_json(&client, service.url("/task/query?task_id=term-1")).await;
         assert_eq!(status, 200, "{body}");
         if body["task_status"] == "completed" {
-            assert_eq!(service.terminate(), Some(0));
+            assert_eq!(service.terminate().await, Some(0));
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -265,6 +283,115 @@ async fn sigterm_stops_the_service_cleanly_and_nothing_is_lost() {
         "term-1 did not complete after the restart; log:\n{}",
         service.log_tail()
     );
+}
+
+/// The status and outcome of a task in a stopped service's database.
+fn stored_state(db: &Path, task_id: &str) -> (String, Option<String>) {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    conn.query_row(
+        "SELECT status, outcome FROM tasks WHERE task_id = ?1",
+        [task_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// A service with one simulated TI whose tasks run `task_ms`, a shutdown grace of
+/// `grace_ms`, and one task submitted (`task_id`).
+async fn serve_one_task(
+    dir: &Path,
+    task_ms: f64,
+    grace_ms: &str,
+    task_id: &str,
+) -> (Service, SimTi, reqwest::Client) {
+    let (db, log) = (dir.join("drain.db"), dir.join("drain.log"));
+    let ti = SimTi::spawn(
+        SimConfig {
+            model: "llama-7b".into(),
+            base_ms: task_ms,
+            noise: 0.0,
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let client = client();
+    let env = [("TI_SCHEDULER__SERVER__SHUTDOWN_GRACE_MS", grace_ms)];
+    let service = Service::start_with(free_port(), &db, &log, &env);
+    service.wait_ready(&client).await;
+    register(&client, &service, &ti).await;
+    let resp = client
+        .post(service.url("/queue/submit"))
+        .json(&json!({"model_name": "llama-7b", "task_input": {"p": 1}, "task_id": task_id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    (service, ti, client)
+}
+
+#[tokio::test]
+async fn sigterm_drains_lets_the_task_in_flight_finish_and_exits_0_within_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, _ti, client) = serve_one_task(dir.path(), 3_000.0, "20000", "slow-1").await;
+    service.send_sigterm();
+
+    // Draining: /ready turns 503 (once the signal is handled) and new tasks are refused,
+    // while the 3 s task runs on.
+    let mut ready = 200;
+    for _ in 0..100 {
+        ready = client
+            .get(service.url("/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ready, 503, "log:\n{}", service.log_tail());
+    let resp = client
+        .post(service.url("/queue/submit"))
+        .json(&json!({"model_name": "llama-7b", "task_input": {"p": 2}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "draining", "{body}");
+
+    let (db, log) = (service.db.clone(), service.log.clone());
+    assert_eq!(
+        service.wait_exit().await,
+        Some(0),
+        "exit code 0 after the drain"
+    );
+    let log = std::fs::read_to_string(log).unwrap();
+    assert_eq!(
+        stored_state(&db, "slow-1"),
+        ("completed".into(), Some("succeeded".into())),
+        "the task in flight finished before the service stopped; log:\n{log}"
+    );
+    assert!(log.contains("drained: every task has finished"), "{log}");
+}
+
+#[tokio::test]
+async fn sigterm_stops_once_the_grace_expires_and_the_unfinished_task_is_left_for_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, _ti, _) = serve_one_task(dir.path(), 60_000.0, "300", "endless-1").await;
+    let (db, log) = (service.db.clone(), service.log.clone());
+    assert_eq!(service.terminate().await, Some(0));
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(log.contains("shutdown grace expired"), "{log}");
+    let (status, outcome) = stored_state(&db, "endless-1");
+    assert_ne!(status, "completed", "{log}");
+    assert_eq!(outcome, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,7 +559,7 @@ async fn crash_test(kind: &str) {
             "every stored task ran at least once: {executed} answers for {stored} tasks"
         ),
     }
-    assert_eq!(service.terminate(), Some(0));
+    assert_eq!(service.terminate().await, Some(0));
 }
 
 /// Submits `body` and returns the task id it was given; panics on anything but success.
@@ -557,8 +684,8 @@ async fn a_backup_taken_while_the_service_runs_and_submits_go_on_restores_every_
         assert_eq!(view["outcome"], "succeeded", "{view}");
         assert_eq!(&view["result"], result, "{id}");
     }
-    assert_eq!(restored.terminate(), Some(0));
-    assert_eq!(service.terminate(), Some(0));
+    assert_eq!(restored.terminate().await, Some(0));
+    assert_eq!(service.terminate().await, Some(0));
 }
 
 #[test]
@@ -637,7 +764,7 @@ async fn probe_exits_0_on_a_ready_service_and_1_naming_the_answer_or_the_failure
     );
 
     let port = service.port;
-    assert_eq!(service.terminate(), Some(0));
+    assert_eq!(service.terminate().await, Some(0));
     let (ok, _, stderr) = probe(format!("http://127.0.0.1:{port}")).await.unwrap();
     assert!(!ok);
     let lines = non_log_lines(&stderr);

@@ -1,10 +1,12 @@
 //! The error envelope (docs/API.md, Conventions) and the extractors that produce it for bad input.
+//! Beside `status` and `message`, an envelope carries a `code` where the HTTP status alone
+//! is ambiguous: `overloaded` (429, with `Retry-After`) and `draining` (503).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
@@ -41,9 +43,21 @@ pub enum ApiError {
     /// 502: a TI could not be reached or failed its health check.
     #[error("{0}")]
     BadGateway(String),
+    /// 429: admission control refused a task (its model is overloaded, or its deadline
+    /// cannot be met); answered with `Retry-After` and `code: "overloaded"`.
+    #[error("{message}")]
+    Overloaded {
+        /// Names the model, what was predicted and the limit.
+        message: String,
+        /// Whole seconds, at least 1.
+        retry_after_secs: u64,
+    },
     /// 503: no usable TI, or the service is not ready.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `code: "draining"`: the service is draining and takes no new task.
+    #[error("{0}")]
+    Draining(String),
     /// 507: the database is full (the disk, or `database.max_size_mb`); nothing was
     /// written. Clears by itself once space is freed.
     #[error("the database is full (no space left on its disk, or database.max_size_mb reached): nothing was written; retry once space is freed")]
@@ -64,9 +78,32 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) | Self::Draining(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The envelope's `code`, for the errors a client must tell apart from others of the
+    /// same HTTP status (a 503 that says "go elsewhere", a 429 that says "later").
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            Self::Overloaded { .. } => Some("overloaded"),
+            Self::Draining(_) => Some("draining"),
+            _ => None,
+        }
+    }
+
+    /// A task refused by admission control; in a batch, the message names its index.
+    pub(super) fn refused(refusal: &scheduling::Refusal, in_batch: bool) -> Self {
+        Self::Overloaded {
+            message: if in_batch {
+                format!("tasks[{}]: {refusal}", refusal.index)
+            } else {
+                refusal.to_string()
+            },
+            retry_after_secs: refusal.retry_after.as_secs().max(1),
         }
     }
 
@@ -90,6 +127,8 @@ impl From<scheduling::Error> for ApiError {
             E::Forbidden(m) => Self::Forbidden(m),
             E::TiUnreachable(e) => Self::BadGateway(e.to_string()),
             E::NoInstance(m) => Self::Unavailable(m),
+            E::Overloaded(refusal) => Self::refused(&refusal, false),
+            e @ E::Draining => Self::Draining(e.to_string()),
             E::Store(e) => e.into(),
         }
     }
@@ -130,10 +169,22 @@ impl IntoResponse for ErrorResponse {
         let mut body = Map::new();
         body.insert("status".into(), "error".into());
         body.insert("message".into(), self.error.to_string().into());
+        if let Some(code) = self.error.code() {
+            body.insert("code".into(), code.into());
+        }
         for (key, value) in self.fields {
             body.insert(key.into(), value.into());
         }
-        (status, Json(Value::Object(body))).into_response()
+        let mut response = (status, Json(Value::Object(body))).into_response();
+        if let ApiError::Overloaded {
+            retry_after_secs, ..
+        } = self.error
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response
     }
 }
 

@@ -43,6 +43,8 @@ pub(super) struct OpenAiError {
     kind: &'static str,
     code: Option<&'static str>,
     param: Option<&'static str>,
+    /// A 429's `Retry-After`, whole seconds.
+    retry_after_secs: Option<u64>,
 }
 
 impl OpenAiError {
@@ -53,6 +55,7 @@ impl OpenAiError {
             kind: "invalid_request_error",
             code: None,
             param,
+            retry_after_secs: None,
         }
     }
 
@@ -63,6 +66,7 @@ impl OpenAiError {
             kind: "service_unavailable",
             code: Some("no_usable_instance"),
             param: None,
+            retry_after_secs: None,
         }
     }
 
@@ -73,6 +77,7 @@ impl OpenAiError {
             kind: "server_error",
             code: None,
             param: None,
+            retry_after_secs: None,
         }
     }
 }
@@ -86,8 +91,21 @@ impl From<Error> for OpenAiError {
                 kind: "invalid_request_error",
                 code: Some("model_not_found"),
                 param: Some("model"),
+                retry_after_secs: None,
             },
             Error::NoInstance(message) => Self::unavailable(message),
+            Error::Draining => Self {
+                code: Some("draining"),
+                ..Self::unavailable(Error::Draining.to_string())
+            },
+            Error::Overloaded(refusal) => Self {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message: refusal.to_string(),
+                kind: "rate_limit_error",
+                code: Some("overloaded"),
+                param: None,
+                retry_after_secs: Some(refusal.retry_after.as_secs().max(1)),
+            },
             Error::Invalid(message) => Self::invalid(message, None),
             Error::Store(e) => {
                 tracing::error!(error = ?e, "front door: database error");
@@ -106,7 +124,13 @@ impl IntoResponse for OpenAiError {
             "param": self.param,
             "code": self.code,
         }});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -151,6 +175,7 @@ fn unauthorized(message: &str) -> OpenAiError {
         kind: "invalid_request_error",
         code: Some("invalid_api_key"),
         param: None,
+        retry_after_secs: None,
     }
 }
 

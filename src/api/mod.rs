@@ -4,6 +4,7 @@
 //! answer. Every error is the JSON envelope of [`error::ApiError`]; endpoints that
 //! return identifiers keep them (empty, or echoing the caller) in their errors.
 
+mod admin;
 mod auth;
 mod dashboard;
 mod decisions;
@@ -71,6 +72,7 @@ pub fn app(state: AppState) -> Router {
         .merge(predictor::router())
         .merge(ops::router())
         .merge(front_door::router())
+        .merge(admin::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))

@@ -52,6 +52,7 @@ pub(super) fn router() -> Router<AppState> {
         super::dashboard::dashboard,
         super::result::submit_result,
         super::predictor::import_lookup_table,
+        super::admin::drain,
         health,
         ready,
         metrics_text,
@@ -132,6 +133,17 @@ fn error_envelope() -> Object {
                 .min_length(Some(1)),
         )
         .required("message")
+        .property(
+            "code",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["overloaded", "draining"]))
+                .description(Some(
+                    "Where the HTTP status alone is ambiguous: overloaded (429, refused by \
+                     admission control; see Retry-After), draining (503, the service takes \
+                     no new task; go elsewhere).",
+                )),
+        )
         .build()
 }
 
@@ -195,9 +207,15 @@ pub(super) async fn health() -> Json<Value> {
     Json(json!({"status": SUCCESS, "message": "alive"}))
 }
 
-/// The database is open and migrated, and was not full at the last write.
-#[utoipa::path(get, path = "/ready", responses((status = 200, description = "ready"), (status = 503, description = "not ready")))]
+/// The database is open and migrated, was not full at the last write, and the service is
+/// not draining.
+#[utoipa::path(get, path = "/ready", responses((status = 200, description = "ready"), (status = 503, description = "not ready, or draining (code draining)")))]
 pub(super) async fn ready(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if app.scheduler.is_draining() {
+        return Err(ApiError::Draining(
+            "draining: the service is stopping and accepts no new tasks".into(),
+        ));
+    }
     if app.scheduler.db().writer.is_full() {
         return Err(ApiError::Unavailable(
             "database full: the last write found no space left (disk, or database.max_size_mb); \

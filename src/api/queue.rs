@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorResponse};
 use super::{AppState, SUCCESS};
 use crate::domain::{TaskId, TiKind};
-use crate::scheduling::{SubmitItem, Submitted};
+use crate::scheduling::{self, deadline_of, SubmitItem, Submitted};
 use crate::ti::openai::request_path;
 
 pub(super) fn router() -> Router<AppState> {
@@ -30,7 +30,9 @@ pub(super) struct SubmitRequest {
     /// Passed to the TI as it is; must be a JSON object.
     #[schema(value_type = Object)]
     pub task_input: Box<RawValue>,
-    /// Features for the predictor (`input_tokens`, `output_tokens`, `hardware`, ...).
+    /// Features for the predictor (`input_tokens`, `output_tokens`, `hardware`, ...), and
+    /// `deadline_ms`: a positive number; the task is refused (429) unless its predicted
+    /// wait + execution fits in it.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
@@ -56,7 +58,7 @@ pub(super) struct BatchItem {
     /// Passed to the TI as it is; must be a JSON object.
     #[schema(value_type = Object)]
     pub task_input: Box<RawValue>,
-    /// Features for the predictor.
+    /// Features for the predictor, and `deadline_ms` (as in `/queue/submit`).
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
@@ -176,6 +178,7 @@ fn check_item(
     }
     let task_id = task_id.map(|raw| TaskId::parse_client(&raw)).transpose()?;
     let metadata = metadata.unwrap_or_default();
+    let deadline_ms = deadline_of(&metadata)?;
     if metadata.contains_key("path") {
         // Where an OpenAI-compatible TI is sent the task: checked now, not at dispatch.
         request_path(&Map::new(), &metadata)?;
@@ -184,6 +187,7 @@ fn check_item(
         task_id,
         task_input,
         metadata,
+        deadline_ms,
     })
 }
 
@@ -229,10 +233,14 @@ fn ti_text(s: &Submitted) -> String {
     s.scheduled_ti.map(|t| t.to_string()).unwrap_or_default()
 }
 
-/// Submits a task; success means it is committed to the database.
+/// Submits a task; success means it is committed to the database. Admission control may
+/// refuse it (429): `scheduling.max_wait_ms`, `scheduling.max_waiting_tasks`, or its own
+/// `metadata.deadline_ms` (a positive number: the predicted wait + execution must fit).
 #[utoipa::path(post, path = "/queue/submit", request_body = SubmitRequest,
     responses((status = 200, body = SubmitResponse), (status = 400, description = "invalid body"),
-              (status = 503, description = "no TaskInstance serves the model")))]
+              (status = 429, description = "refused by admission control (code overloaded); nothing stored",
+               headers(("Retry-After" = u64, description = "whole seconds until the predicted wait allows it"))),
+              (status = 503, description = "no TaskInstance serves the model, or the service is draining (code draining)")))]
 pub(super) async fn submit_task(
     State(app): State<AppState>,
     body: Result<ApiJson<SubmitRequest>, ApiError>,
@@ -264,10 +272,13 @@ pub(super) async fn submit_task(
     }))
 }
 
-/// Submits several tasks of one model, all or nothing, in one transaction.
+/// Submits several tasks of one model, all or nothing, in one transaction. A task refused
+/// by admission control refuses the whole batch (429 naming its index).
 #[utoipa::path(post, path = "/queue/submit_batch", request_body = BatchRequest,
     responses((status = 200, body = BatchResponse), (status = 400, description = "an invalid item, named by index"),
-              (status = 503, description = "no TaskInstance serves the model")))]
+              (status = 429, description = "a task refused by admission control, named by index (code overloaded); nothing stored",
+               headers(("Retry-After" = u64, description = "whole seconds until the predicted wait allows it"))),
+              (status = 503, description = "no TaskInstance serves the model, or the service is draining (code draining)")))]
 pub(super) async fn submit_batch(
     State(app): State<AppState>,
     body: Result<ApiJson<BatchRequest>, ApiError>,
@@ -300,7 +311,10 @@ pub(super) async fn submit_batch(
         .scheduler
         .submit(model, items)
         .await
-        .map_err(ApiError::from)?;
+        .map_err(|e| match e {
+            scheduling::Error::Overloaded(refusal) => ApiError::refused(&refusal, true),
+            e => e.into(),
+        })?;
     Ok(Json(BatchResponse {
         status: SUCCESS.into(),
         results: submitted

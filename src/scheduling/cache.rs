@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
+use super::admission::{self, Ask, Refusal, Seen};
 use super::events::Event;
 use super::queue::QueueEstimate;
 use super::strategy;
@@ -87,8 +88,7 @@ impl TiEntry {
     }
 }
 
-/// Longest pause of a TI that answers "busy" without a `Retry-After` (docs/API.md,
-/// OpenAI-compatible servers).
+/// Longest pause of a TI that answers "busy" without a `Retry-After` (SPEC.md §9).
 const MAX_PAUSE: Duration = Duration::from_secs(30);
 
 /// A TI with its live queue estimate, for `/queue/info` and `/ti/list`.
@@ -579,35 +579,134 @@ impl Cache {
         now: Instant,
         decided_at: f64,
     ) -> Placement {
-        match self.decide(task_id, model, only, metadata, reason, now, decided_at) {
-            Some(d) => Placement {
-                predicted_ms: d.predicted_ms,
-                predicted_error_ms: d.predicted_error_ms,
-                status: match self.kind(d.chosen_ti) {
-                    Some(TiKind::Openai) => TaskStatus::Scheduled,
-                    _ => TaskStatus::Queued,
-                },
-                decision: Some(d),
-            },
-            None => {
-                let p = self
-                    .predictor
-                    .predict(self.predict_mode, model, None, metadata);
-                Placement {
-                    decision: None,
-                    predicted_ms: p.mean_ms,
-                    predicted_error_ms: p.error_ms,
-                    status: TaskStatus::Queued,
-                }
-            }
+        match self.choose(task_id, model, only, metadata, reason, now, decided_at) {
+            Some(d) => self.reserved(d),
+            None => self.unplaced(model, metadata),
         }
     }
 
-    /// Chooses a TI for a task among the model's usable ones (of kind `only`, when given)
-    /// with the current strategy and reserves the prediction there. `None` when no TI is
-    /// usable.
+    /// Places a submitted task as [`Cache::place`] does, once admission control admits it
+    /// (`admission.rs`): checked before its prediction is reserved, so a refused task
+    /// leaves every queue estimate as it was.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn admit(
+        &mut self,
+        task_id: &TaskId,
+        model: &str,
+        only: Option<TiKind>,
+        metadata: &Map<String, Value>,
+        ask: &Ask,
+        now: Instant,
+        decided_at: f64,
+    ) -> Result<Placement, Refusal> {
+        if ask.is_free() {
+            return Ok(self.place(
+                task_id,
+                model,
+                only,
+                metadata,
+                DecisionReason::Submit,
+                now,
+                decided_at,
+            ));
+        }
+        let waiting = match ask.limits.max_waiting_tasks {
+            Some(_) => self.waiting(model),
+            None => 0,
+        };
+        let decision = self.choose(
+            task_id,
+            model,
+            only,
+            metadata,
+            DecisionReason::Submit,
+            now,
+            decided_at,
+        );
+        let wait_and_execution_ms = decision.as_ref().map(|d| {
+            let wait = d
+                .candidates
+                .iter()
+                .find(|c| c.ti_uuid == d.chosen_ti)
+                .map_or(0.0, |c| c.wait_ms);
+            (wait, d.predicted_ms)
+        });
+        let seen = Seen {
+            waiting,
+            wait_and_execution_ms,
+        };
+        admission::check(ask, model, seen)?;
+        Ok(match decision {
+            Some(d) => self.reserved(d),
+            None => self.unplaced(model, metadata),
+        })
+    }
+
+    /// Unfinished tasks on the model's registered TIs (healthy or not).
+    fn waiting(&self, model: &str) -> usize {
+        self.models.get(model).map_or(0, |ids| {
+            ids.iter()
+                .filter_map(|id| self.tis.get(id))
+                .map(|e| e.queue.len())
+                .sum()
+        })
+    }
+
+    /// The placement of a decision, its prediction reserved on the chosen TI.
+    fn reserved(&mut self, d: NewDecision) -> Placement {
+        self.reserve(
+            &d.task_id,
+            d.chosen_ti,
+            d.predicted_ms,
+            d.predicted_error_ms,
+        );
+        Placement {
+            predicted_ms: d.predicted_ms,
+            predicted_error_ms: d.predicted_error_ms,
+            status: match self.kind(d.chosen_ti) {
+                Some(TiKind::Openai) => TaskStatus::Scheduled,
+                _ => TaskStatus::Queued,
+            },
+            decision: Some(d),
+        }
+    }
+
+    /// The placement of a task no TI of its model can take now: the model's prediction,
+    /// no TI.
+    fn unplaced(&self, model: &str, metadata: &Map<String, Value>) -> Placement {
+        let p = self
+            .predictor
+            .predict(self.predict_mode, model, None, metadata);
+        Placement {
+            decision: None,
+            predicted_ms: p.mean_ms,
+            predicted_error_ms: p.error_ms,
+            status: TaskStatus::Queued,
+        }
+    }
+
+    /// Chooses a TI for a task among the model's usable ones with the current strategy and
+    /// reserves the prediction there. `None` when no TI is usable.
     #[allow(clippy::too_many_arguments)]
     pub fn decide(
+        &mut self,
+        task_id: &TaskId,
+        model: &str,
+        only: Option<TiKind>,
+        metadata: &Map<String, Value>,
+        reason: DecisionReason,
+        now: Instant,
+        decided_at: f64,
+    ) -> Option<NewDecision> {
+        let d = self.choose(task_id, model, only, metadata, reason, now, decided_at)?;
+        self.reserve(task_id, d.chosen_ti, d.predicted_ms, d.predicted_error_ms);
+        Some(d)
+    }
+
+    /// Chooses a TI for a task among the model's usable ones (of kind `only`, when given)
+    /// with the current strategy, reserving nothing. `None` when no TI is usable.
+    #[allow(clippy::too_many_arguments)]
+    fn choose(
         &mut self,
         task_id: &TaskId,
         model: &str,
@@ -667,7 +766,6 @@ impl Cache {
         );
         let prediction = predictions[chosen];
         let chosen_ti = candidates[chosen].ti_uuid;
-        self.reserve(task_id, chosen_ti, prediction.mean_ms, prediction.error_ms);
         Some(NewDecision {
             task_id: task_id.clone(),
             decided_at,

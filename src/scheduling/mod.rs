@@ -2,7 +2,8 @@
 //! own file:
 //!
 //! - [`submit`](Scheduler::submit) (`submit.rs`): a client's tasks are placed on TIs and
-//!   committed with their decisions;
+//!   committed with their decisions, once admission control (`admission.rs`) admits them;
+//!   while the service drains (`drain.rs`) it takes no new task;
 //! - `dispatch.rs`: each committed task is sent to its TI (retries, backoff, bounded
 //!   concurrency per TI);
 //! - `reroute.rs`: a task whose TI failed or went away is placed again;
@@ -12,16 +13,19 @@
 //! - `health.rs`: health probes take TIs out of scheduling and bring them back;
 //! - `instances.rs`: TIs are registered and removed;
 //! - `background.rs`: the loops behind recovery, probes, sweeps and saving what the
-//!   predictor learned, and their shutdown.
+//!   predictor learned, and their shutdown;
+//! - `drain.rs`: the drain before a shutdown: no new task, the unfinished ones finish.
 //!
 //! All of them share the hot-path [`Cache`] (`cache.rs`: TIs, queue estimates, the
 //! predictor), behind one lock held for microseconds; the pure parts are `queue.rs`
 //! (one TI's queue estimate) and `strategy.rs` (choosing among candidates).
 
+mod admission;
 mod background;
 mod cache;
 mod complete;
 mod dispatch;
+mod drain;
 mod events;
 mod health;
 mod instances;
@@ -33,6 +37,7 @@ mod strategy;
 mod submit;
 mod waiters;
 
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rand::rngs::StdRng;
@@ -41,6 +46,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use admission::{deadline_of, Limits as AdmissionLimits, Reason as RefusalReason, Refusal};
 pub use cache::{Cache, TiSnapshot};
 pub use events::{Event, Events, Since, EVENT_BUFFER};
 pub use instances::Registration;
@@ -77,6 +83,15 @@ pub enum Error {
     /// No TI serves the model (503).
     #[error("{0}")]
     NoInstance(String),
+    /// Admission control refused a task (429 with `Retry-After`).
+    #[error("{0}")]
+    Overloaded(Refusal),
+    /// The service is draining and takes no new task (503).
+    #[error(
+        "the service is draining (POST /admin/drain or a shutdown signal) and accepts no \
+         new tasks; submit to another instance"
+    )]
+    Draining,
     /// The database failed (500).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -88,6 +103,7 @@ struct CoreSettings {
     ti: crate::config::TiSettings,
     callback_url: String,
     allowed_hosts: AllowList,
+    admission: AdmissionLimits,
 }
 
 struct Inner {
@@ -101,6 +117,8 @@ struct Inner {
     events: Events,
     /// Cancelled when the service stops serving: long-polls and event streams end.
     stop_waiting: CancellationToken,
+    /// Set by a drain, never cleared: submits that would create a task are refused.
+    draining: AtomicBool,
     db: Db,
     client: TiClient,
     settings: CoreSettings,
@@ -190,6 +208,7 @@ impl Scheduler {
                 waiters: waiters::Waiters::default(),
                 events: Events::with_capacity(settings.server.event_buffer),
                 stop_waiting: CancellationToken::new(),
+                draining: AtomicBool::new(false),
                 db,
                 client: TiClient::new(
                     settings.ti.health_timeout(),
@@ -200,6 +219,7 @@ impl Scheduler {
                     ti: settings.ti.clone(),
                     callback_url,
                     allowed_hosts,
+                    admission: AdmissionLimits::from_settings(&settings.scheduling),
                 },
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),

@@ -17,11 +17,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+use super::admission::Ask;
 use super::complete::Finished;
 use super::dispatch::{Exchange, Payload, Step};
 use super::events::Event;
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, DecisionReason, Origin, TaskId, TaskStatus, TiKind, TiUuid};
+use crate::domain::{unix_now, Origin, TaskId, TaskStatus, TiKind, TiUuid};
 use crate::store::NewTask;
 use crate::ti::openai::{add_features, retry_after, StreamAssembly};
 use crate::ti::upstream_body;
@@ -143,23 +144,39 @@ impl Scheduler {
             .map_err(|e| Error::Invalid(format!("the request body: {e}")))?;
         let metadata_text = serialized(&metadata);
         let submit_time = unix_now();
-        let placement = {
+        let ask = Ask {
+            limits: self.inner.settings.admission,
+            ..Ask::default()
+        };
+        let placed = {
             let mut cache = self.cache();
+            if self.is_draining() {
+                return Err(Error::Draining);
+            }
             if !cache.serves_openai(&model) {
                 return Err(Error::NotFound(format!(
                     "The model '{model}' does not exist: no OpenAI-compatible TI serves it"
                 )));
             }
-            cache.place(
+            cache.admit(
                 &task_id,
                 &model,
                 Some(TiKind::Openai),
                 &metadata,
-                DecisionReason::Submit,
+                &ask,
                 arrived,
                 submit_time,
             )
         };
+        let placement = placed.map_err(|refusal| {
+            metrics::counter!(
+                "ti_scheduler_admission_rejections_total",
+                "model" => model.clone(),
+                "reason" => refusal.reason.as_str()
+            )
+            .increment(1);
+            Error::Overloaded(refusal)
+        })?;
         let Some(ti) = placement.ti() else {
             return Err(Error::NoInstance(format!(
                 "no usable TaskInstance for model '{model}'"

@@ -1,6 +1,9 @@
-//! A client's submit: each task is placed on a TI under the cache lock, all of them are
-//! committed with their decisions in one transaction (all or nothing), and each is then
-//! handed to a dispatcher. A client `task_id` makes the submit idempotent.
+//! A client's submit: each task is placed on a TI under the cache lock, once admission
+//! control admits it (`admission.rs`); all of them are committed with their decisions in
+//! one transaction (all or nothing), and each is then handed to a dispatcher. One refused
+//! task refuses the whole submit, before anything is stored. A client `task_id` makes the
+//! submit idempotent. While the service drains, a submit that would create a task is
+//! refused.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -9,10 +12,11 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use super::admission::Ask;
 use super::dispatch::{Payload, Step};
 use super::events::Event;
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, DecisionReason, NewDecision, Origin, TaskId, TaskStatus, TiUuid};
+use crate::domain::{unix_now, NewDecision, Origin, TaskId, TaskStatus, TiUuid};
 use crate::store::{DecisionRow, NewTask, StoreError, TaskRepo};
 
 /// Tasks of a batch placed per hold of the cache lock.
@@ -27,6 +31,9 @@ pub struct SubmitItem {
     pub task_input: Box<RawValue>,
     /// The client's metadata.
     pub metadata: Map<String, Value>,
+    /// Its `metadata.deadline_ms` (see [`deadline_of`](super::deadline_of)): refused
+    /// unless its predicted completion fits in it.
+    pub deadline_ms: Option<f64>,
 }
 
 /// What a submit answers for one task.
@@ -148,7 +155,7 @@ impl Scheduler {
 
     /// Places the fresh items, [`PLACE_CHUNK`] per hold of the cache lock: a batch gives
     /// the lock back between chunks, so single submits are placed in between instead of
-    /// waiting for the whole batch.
+    /// waiting for the whole batch. A refused item takes back what the others reserved.
     async fn place_all(
         &self,
         model: &str,
@@ -157,29 +164,54 @@ impl Scheduler {
     ) -> Result<Vec<(NewTask, Option<NewDecision>)>, Error> {
         let now = Instant::now();
         let submit_time = unix_now();
-        let mut rows = Vec::with_capacity(fresh.len());
+        let limits = self.inner.settings.admission;
+        let mut rows: Vec<(NewTask, Option<NewDecision>)> = Vec::with_capacity(fresh.len());
         for (c, chunk) in fresh.chunks(PLACE_CHUNK).enumerate() {
             if c > 0 {
                 tokio::task::yield_now().await;
             }
             let mut cache = self.cache();
+            if c == 0 && self.is_draining() {
+                return Err(Error::Draining);
+            }
             if c == 0 && !cache.serves(model) {
                 return Err(Error::NoInstance(format!(
                     "no TaskInstance is registered for model '{model}'"
                 )));
             }
-            rows.extend(chunk.iter().map(|&i| {
+            for &i in chunk {
                 let item = &items[i];
                 let task_id = item.task_id.clone().unwrap_or_else(TaskId::generate);
-                let placement = cache.place(
+                let ask = Ask {
+                    limits,
+                    deadline_ms: item.deadline_ms,
+                    index: i,
+                };
+                let placed = cache.admit(
                     &task_id,
                     model,
                     None,
                     &item.metadata,
-                    DecisionReason::Submit,
+                    &ask,
                     now,
                     submit_time,
                 );
+                let placement = match placed {
+                    Ok(p) => p,
+                    Err(refusal) => {
+                        for (task, _) in &rows {
+                            cache.release(&task.task_id);
+                        }
+                        drop(cache);
+                        metrics::counter!(
+                            "ti_scheduler_admission_rejections_total",
+                            "model" => model.to_string(),
+                            "reason" => refusal.reason.as_str()
+                        )
+                        .increment(1);
+                        return Err(Error::Overloaded(refusal));
+                    }
+                };
                 let task = NewTask {
                     task_id,
                     model_name: model.to_string(),
@@ -192,8 +224,8 @@ impl Scheduler {
                     submit_time,
                     origin: Origin::Queue,
                 };
-                (task, placement.decision)
-            }));
+                rows.push((task, placement.decision));
+            }
         }
         Ok(rows)
     }

@@ -364,6 +364,15 @@ impl TaskRepo {
         Ok(rows)
     }
 
+    /// How many tasks are not yet completed.
+    pub async fn count_unfinished(exec: impl SqliteExecutor<'_>) -> Result<u64, StoreError> {
+        // The partial index tasks_unfinished holds exactly these rows.
+        let n = sqlx::query_scalar!("SELECT COUNT(*) FROM tasks WHERE status <> 'completed'")
+            .fetch_one(exec)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Every task not yet completed, oldest first.
     pub async fn unfinished(
         exec: impl SqliteExecutor<'_>,

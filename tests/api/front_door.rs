@@ -460,3 +460,59 @@ async fn api_keys_guard_the_front_door_and_not_the_rest() {
     let (status, _) = app.get("/ti/list").await;
     assert_eq!(status, StatusCode::OK, "the keys are for /v1/* only");
 }
+
+#[tokio::test]
+async fn the_front_door_is_refused_by_admission_control_and_by_a_drain() {
+    let app = spawn_app_with(|s| s.scheduling.max_waiting_tasks = 1).await;
+    let server = spawn_openai(sim(1_500.0, 0.0)).await;
+    app.register_openai(&server, json!({})).await;
+    let request = json!({"model": MODEL, "prompt": "one", "max_tokens": 1});
+
+    let (client, url, body) = (
+        app.client.clone(),
+        app.url("/v1/completions"),
+        request.clone(),
+    );
+    let first = tokio::spawn(async move {
+        let resp = client.post(url).json(&body).send().await.unwrap();
+        resp.status()
+    });
+    wait_for("the first request to run", || async {
+        (server.stats().running == 1).then_some(())
+    })
+    .await;
+
+    let resp = app
+        .client
+        .post(app.url("/v1/completions"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "overloaded", "{body}");
+
+    let (status, _) = app.post("/admin/drain", json!({})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = app.post("/v1/completions", request).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "draining", "{body}");
+
+    assert_eq!(
+        first.await.unwrap(),
+        StatusCode::OK,
+        "the drain lets it finish"
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM tasks"),
+        1,
+        "refused requests leave no task"
+    );
+}

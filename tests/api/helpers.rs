@@ -30,7 +30,8 @@ pub struct TestApp {
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-/// Settings for tests: fast probes and reconciliation, a fixed seed.
+/// Settings for tests: fast probes and reconciliation, a fixed seed, and no shutdown grace
+/// (a test's `stop` is immediate, as a crash-free restart needs).
 pub fn test_settings(dir: &TempDir) -> Settings {
     let mut s = Settings::default();
     s.server.bind = "127.0.0.1:0".parse().unwrap();
@@ -42,6 +43,7 @@ pub fn test_settings(dir: &TempDir) -> Settings {
     s.ti.reroute_after_failed_probes = 2;
     s.ti.reconcile_after_ms = 500;
     s.scheduling.rng_seed = 42;
+    s.server.shutdown_grace_ms = 0;
     s
 }
 

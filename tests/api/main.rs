@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod admission;
 mod cleanup;
 mod cli;
 mod dashboard;
