@@ -22,4 +22,5 @@ mod scheduler;
 mod strategies;
 mod task;
 mod tasks;
+mod telemetry;
 mod ti;
