@@ -19,6 +19,7 @@
 //! - [`jobs`]: the periodic cleanup job.
 //! - [`config`]: typed settings (file, environment, flags).
 //! - [`cli`]: the client commands (`ti-scheduler tasks`).
+//! - [`telemetry`]: every metric family with its help text, the recorder, and the logs.
 //!
 //! The benchmarks are not part of the library: they are the `measure` and `decision`
 //! bench targets (`benches/`). `ARCHITECTURE.md` maps the whole repository.
@@ -53,15 +54,15 @@ pub mod predictor;
 pub mod scheduling;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod ti;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -132,7 +133,7 @@ impl App {
             scheduler: scheduler.clone(),
             admin_token,
             body_limit: settings.server.body_limit_bytes,
-            metrics: metrics_handle(),
+            metrics: telemetry::metrics_handle(),
             max_json_depth: settings.server.max_json_depth,
             max_batch_tasks: settings.server.max_batch_tasks,
             api_keys: settings
@@ -196,52 +197,6 @@ impl App {
         Ok(())
     }
 }
-
-/// The process-wide Prometheus recorder (the `metrics` macros report to one global).
-fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            const SECONDS: &[f64] = &[
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                0.5, 1.0, 2.5,
-            ];
-            const SIZES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
-            let builder = || {
-                let seconds = PrometheusBuilder::new().set_buckets(SECONDS);
-                seconds
-                    .and_then(|b| {
-                        b.set_buckets_for_metric(
-                            Matcher::Full("ti_scheduler_db_batch_size".into()),
-                            SIZES,
-                        )
-                    })
-                    .unwrap_or_else(|_| PrometheusBuilder::new())
-            };
-            let handle = builder().install_recorder().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "another metrics recorder is installed; /metrics shows only its own");
-                builder().build_recorder().handle()
-            });
-            // Histogram samples wait in the recorder until they are folded into their
-            // buckets, which `/metrics` does, and otherwise only this upkeep: without it a
-            // service nobody scrapes keeps every sample (tens of bytes per request).
-            let upkeep = handle.clone();
-            let spawned = std::thread::Builder::new()
-                .name("metrics-upkeep".into())
-                .spawn(move || loop {
-                    std::thread::sleep(METRICS_UPKEEP_EVERY);
-                    upkeep.run_upkeep();
-                });
-            if let Err(e) = spawned {
-                tracing::warn!(error = %e, "could not start the metrics upkeep thread");
-            }
-            handle
-        })
-        .clone()
-}
-
-/// How often histogram samples are folded into their buckets when nobody scrapes.
-const METRICS_UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Sets `TCP_NODELAY` on every connection the listener accepts: an answer goes out at once
 /// instead of waiting, under Nagle's algorithm, for the peer to acknowledge earlier data.

@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,10 +11,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 use ti_scheduler::config::{Loaded, Settings};
 use ti_scheduler::domain::{Durability, TiKind};
+use ti_scheduler::telemetry::{self, LogFormat};
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
 use ti_scheduler::{predictor, store, App};
@@ -29,8 +28,13 @@ use ti_scheduler::{predictor, store, App};
 struct Cli {
     /// On an error, print its whole cause chain (and the backtrace if RUST_BACKTRACE=1),
     /// not only one line.
+    /// Also raises the service's own logs to debug (the access log included) unless
+    /// RUST_LOG is set.
     #[arg(short, long, global = true)]
     verbose: bool,
+    /// How logs are written on stderr: text, or json (one JSON object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -184,23 +188,29 @@ async fn main() -> ExitCode {
         ) => "warn",
         _ => "info",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .init();
+    let default_filter = if cli.verbose {
+        format!("{default_level},ti_scheduler=debug")
+    } else {
+        default_level.to_string()
+    };
+    telemetry::init_logging(cli.log_format, &default_filter);
     let verbose = cli.verbose || tracing::enabled!(tracing::Level::DEBUG);
     match run(cli.command.unwrap_or(Command::Serve(ServeArgs::default()))).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line for an operator; the chain (and a backtrace, if RUST_BACKTRACE
             // asked for one) only on demand.
-            if verbose {
-                eprintln!("error: {e:?}");
+            let message = if verbose {
+                format!("{e:?}")
             } else {
-                eprintln!("error: {}", one_line(&e));
+                one_line(&e)
+            };
+            match cli.log_format {
+                LogFormat::Text => eprintln!("error: {message}"),
+                LogFormat::Json => eprintln!(
+                    "{}",
+                    serde_json::json!({"level": "ERROR", "target": "ti_scheduler", "message": message})
+                ),
             }
             ExitCode::FAILURE
         }

@@ -27,6 +27,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::telemetry;
+
 /// The listener's limits, from `server.*`.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -67,7 +69,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics::counter!("ti_scheduler_connections_refused_total").increment(1);
+            metrics::counter!(telemetry::CONNECTIONS_REFUSED).increment(1);
             tracing::debug!(
                 max_connections = limits.max_connections,
                 "connection refused: too many open"

@@ -1110,3 +1110,90 @@ fn serve_refuses_a_database_from_a_newer_version_naming_both_schemas() {
     assert!(lines[0].ends_with(&expected), "{stderr}");
     assert!(!stderr.contains("missing"), "{stderr}");
 }
+
+/// Every line of `stderr`, each parsed as a JSON object (the test fails on one that is not).
+fn json_lines(stderr: &str) -> Vec<Value> {
+    stderr
+        .lines()
+        .map(|line| match serde_json::from_str::<Value>(line) {
+            Ok(v) if v.is_object() => v,
+            _ => panic!("a log line is not a JSON object: {line:?}\nstderr:\n{stderr}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn serve_with_log_format_json_logs_json_lines_and_with_verbose_an_access_line_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_ti-scheduler"))
+        .current_dir(dir.path())
+        .args(["serve", "--log-format", "json", "-v", "--db", "x.db"])
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let service = Service {
+        child,
+        port,
+        db: dir.path().join("x.db"),
+        log: dir.path().join("none.log"),
+    };
+    let client = client();
+    service.wait_ready(&client).await;
+    let resp = client
+        .get(service.url("/health"))
+        .header("x-request-id", "process-json-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "process-json-1");
+    let pid = libc::pid_t::try_from(service.child.id()).unwrap();
+    // SAFETY: kill(2) with a valid signal on our own child's pid has no memory effects.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let out = service.child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines = json_lines(&stderr);
+    assert_eq!(lines[0]["message"], "ti-scheduler serve", "{stderr}");
+    assert_eq!(lines[0]["version"], env!("CARGO_PKG_VERSION"), "{stderr}");
+    let access = lines
+        .iter()
+        .find(|l| l["request_id"] == "process-json-1")
+        .unwrap_or_else(|| panic!("no access line for the request:\n{stderr}"));
+    assert_eq!(access["target"], "ti_scheduler::access", "{access}");
+    assert_eq!(access["level"], "DEBUG", "{access}");
+    assert_eq!(access["method"], "GET", "{access}");
+    assert_eq!(access["path"], "/health", "{access}");
+    assert_eq!(access["status"], 200, "{access}");
+    assert!(access["latency_ms"].is_number(), "{access}");
+    assert!(
+        !lines.iter().any(|l| l["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("tokio_cron_scheduler"))),
+        "the cron scheduler's start-up lines are for debugging it: {stderr}"
+    );
+}
+
+#[test]
+fn with_log_format_json_a_refusal_to_start_is_a_json_line_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run_in(
+        dir.path(),
+        &["serve", "--log-format", "json", "--config", "missing.toml"],
+        &[("RUST_BACKTRACE", "1")],
+    );
+    assert!(!ok);
+    let lines = json_lines(&stderr);
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    assert_eq!(
+        last["message"], "config file missing.toml does not exist",
+        "{stderr}"
+    );
+}

@@ -1,4 +1,4 @@
-//! The OpenAI front door (SPEC.md §10): `GET /v1/models`, `POST /v1/chat/completions` and
+//! The OpenAI front door (docs/API.md, The OpenAI front door): `GET /v1/models`, `POST /v1/chat/completions` and
 //! `POST /v1/completions`, so that any OpenAI client can use the scheduler as its base
 //! URL. Each request is a task (`scheduling/proxy.rs`); the client gets the TI's answer
 //! unchanged, streamed when it asked, with the task's id in `x-task-id`. This surface's
@@ -23,6 +23,7 @@ use super::auth::bearer_token;
 use super::queue::text_depth;
 use super::AppState;
 use crate::scheduling::{Answer, Error, ProxyRequest};
+use crate::telemetry;
 
 /// The front door's routes.
 pub(super) fn router() -> Router<AppState> {
@@ -264,8 +265,7 @@ async fn forward(
             upstream,
         }) => {
             let added = arrived.elapsed().saturating_sub(upstream);
-            metrics::histogram!("ti_scheduler_openai_added_latency_seconds")
-                .record(added.as_secs_f64());
+            metrics::histogram!(telemetry::OPENAI_ADDED_LATENCY).record(added.as_secs_f64());
             drop(connected);
             upstream_response(status, content_type, Body::from(body))
         }
@@ -301,7 +301,7 @@ async fn forward(
 /// Counts the answer in `ti_scheduler_openai_requests_total`.
 fn counted(model: &str, response: Response) -> Response {
     metrics::counter!(
-        "ti_scheduler_openai_requests_total",
+        telemetry::OPENAI_REQUESTS,
         "model" => model.to_string(),
         "status" => response.status().as_u16().to_string()
     )

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
@@ -35,6 +36,7 @@ pub use auth::Admin;
 pub use error::{ApiError, ErrorResponse};
 
 use crate::scheduling::Scheduler;
+use crate::telemetry;
 
 /// What every handler gets: small handles, cheap to clone.
 #[derive(Clone)]
@@ -88,24 +90,70 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-/// A span per request with the matched route, and the latency histogram.
+/// The header that carries a request's id, both ways.
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A span per request (route, method and request id), the latency histogram, the access
+/// log line (debug, target [`telemetry::ACCESS_LOG`]) and the `x-request-id` answer header.
 async fn observe_request(req: Request, next: Next) -> Response {
-    let path = req
+    let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or("unmatched", |p| p.as_str())
         .to_string();
     let method = req.method().clone();
-    let span = tracing::info_span!("request", %method, path = %path);
+    let request_id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| is_sane_request_id(id))
+        .map_or_else(new_request_id, str::to_string);
+    // Only the access log wants the path as sent (the route is in the span).
+    let uri = tracing::enabled!(target: telemetry::ACCESS_LOG, tracing::Level::DEBUG)
+        .then(|| req.uri().path().to_string());
+    let span = tracing::info_span!("request", %method, path = %route, %request_id);
     let started = Instant::now();
-    let response = next.run(req).instrument(span).await;
+    let mut response = next.run(req).instrument(span).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
     metrics::histogram!(
-        "ti_scheduler_http_request_duration_seconds",
-        "path" => path,
-        "status" => response.status().as_u16().to_string()
+        telemetry::HTTP_REQUEST_DURATION,
+        "path" => route,
+        "status" => status.to_string()
     )
-    .record(started.elapsed().as_secs_f64());
+    .record(elapsed.as_secs_f64());
+    if let Some(uri) = uri {
+        tracing::debug!(
+            target: telemetry::ACCESS_LOG,
+            %request_id,
+            %method,
+            path = %uri,
+            status,
+            latency_ms = elapsed.as_micros() as f64 / 1000.0,
+            "request"
+        );
+    }
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
     response
+}
+
+/// Longest client-supplied request id that is kept.
+const MAX_REQUEST_ID: usize = 128;
+
+/// A client's `x-request-id` is kept if it is 1 to [`MAX_REQUEST_ID`] characters of
+/// letters, digits and `-_.:/+=@` (a UUID, a trace id); otherwise the service makes one.
+fn is_sane_request_id(id: &str) -> bool {
+    (1..=MAX_REQUEST_ID).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+}
+
+/// A new request id: 16 random hex digits.
+fn new_request_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// The `status` of every success body.

@@ -1,5 +1,7 @@
 //! Operations: liveness, readiness, Prometheus metrics and the OpenAPI document.
 
+use std::collections::BTreeMap;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -15,7 +17,11 @@ use utoipa::{Modify, OpenApi};
 
 use super::error::ApiError;
 use super::{AppState, SUCCESS};
+use crate::scheduling::TiSnapshot;
 use crate::store::TaskRepo;
+use crate::telemetry::{
+    GaugeText, TASKS_WAITING_FOR_TI, TI_EXPECTED_WAIT, TI_HEALTHY, TI_QUEUE_LENGTH, TI_WAIT_ERROR,
+};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -232,25 +238,56 @@ pub(super) async fn ready(State(app): State<AppState>) -> Result<Json<Value>, Ap
     Ok(Json(json!({"status": SUCCESS, "message": "ready"})))
 }
 
-/// Prometheus text format.
+/// One per-TI gauge's value.
+type PerTi = fn(&TiSnapshot) -> f64;
+
+/// Prometheus text format: the recorder's families, then those written from the current
+/// state (per registered TI, and the tasks waiting for a TI per model), so that a removed
+/// TI's gauges go with it.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub(super) async fn metrics_text(State(app): State<AppState>) -> impl IntoResponse {
-    for ti in app.scheduler.tis() {
-        if ti.ti.removed_at.is_some() {
-            continue;
+    let mut text = app.metrics.render();
+    let tis: Vec<TiSnapshot> = app
+        .scheduler
+        .tis()
+        .into_iter()
+        .filter(|t| t.ti.removed_at.is_none())
+        .collect();
+    let per_ti: [(&'static str, PerTi); 4] = [
+        (TI_QUEUE_LENGTH, |t| t.queue_length as f64),
+        (TI_EXPECTED_WAIT, |t| t.wait_ms / 1000.0),
+        (TI_WAIT_ERROR, |t| t.wait_error_ms / 1000.0),
+        (TI_HEALTHY, |t| f64::from(u8::from(t.healthy))),
+    ];
+    for (name, value) in per_ti {
+        let mut gauge = GaugeText::start(&mut text, name);
+        for t in &tis {
+            let (ti, address) = (
+                t.ti.ti_uuid.to_string(),
+                format!("{}:{}", t.ti.host, t.ti.port),
+            );
+            let labels = [
+                ("ti", &*ti),
+                ("model", &t.ti.model_name),
+                ("address", &address),
+            ];
+            gauge.sample(&labels, value(t));
         }
-        let labels = [
-            ("ti_uuid", ti.ti.ti_uuid.to_string()),
-            ("model_name", ti.ti.model_name.clone()),
-        ];
-        metrics::gauge!("ti_scheduler_ti_queue_length", &labels).set(ti.queue_length as f64);
-        metrics::gauge!("ti_scheduler_ti_expected_wait_ms", &labels).set(ti.wait_ms);
-        metrics::gauge!("ti_scheduler_ti_healthy", &labels).set(f64::from(u8::from(ti.healthy)));
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        app.metrics.render(),
-    )
+    match app.scheduler.waiting_for_ti().await {
+        Ok(stored) => {
+            // Every model with a registered TI, 0 when none of its tasks waits.
+            let mut waiting: BTreeMap<&str, i64> =
+                tis.iter().map(|t| (t.ti.model_name.as_str(), 0)).collect();
+            waiting.extend(stored.iter().map(|(m, n)| (m.as_str(), *n)));
+            let mut gauge = GaugeText::start(&mut text, TASKS_WAITING_FOR_TI);
+            for (model, n) in waiting {
+                gauge.sample(&[("model", model)], n as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = ?e, "counting the tasks waiting for a TI failed"),
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
 /// This document.

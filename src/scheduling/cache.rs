@@ -88,7 +88,7 @@ impl TiEntry {
     }
 }
 
-/// Longest pause of a TI that answers "busy" without a `Retry-After` (SPEC.md §9).
+/// Longest pause of a TI that answers "busy" without a `Retry-After` (docs/API.md, OpenAI-compatible servers).
 const MAX_PAUSE: Duration = Duration::from_secs(30);
 
 /// A TI with its live queue estimate, for `/queue/info` and `/ti/list`.

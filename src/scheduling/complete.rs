@@ -11,7 +11,23 @@ use super::events::Event;
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid, Usage};
 use crate::store::{Completion, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo};
+use crate::telemetry;
 use crate::ti::protocol::ResultCallback;
+
+/// Longest error message of a failed task in its log line, in characters.
+const LOGGED_ERROR_CHARS: usize = 300;
+
+/// What a failed task's stored result says went wrong, cut to [`LOGGED_ERROR_CHARS`].
+fn failure_message(result: &Value) -> String {
+    let message = result
+        .get("error")
+        .and_then(Value::as_str)
+        .map_or_else(|| result.to_string(), str::to_string);
+    match message.char_indices().nth(LOGGED_ERROR_CHARS) {
+        Some((cut, _)) => format!("{}…", &message[..cut]),
+        None => message,
+    }
+}
 
 /// How a task ended, as it is stored.
 #[derive(Debug, Clone)]
@@ -174,11 +190,13 @@ impl Scheduler {
             usage,
             ttft_ms,
         } = finished;
+        let failure = (outcome == Outcome::Failed).then(|| failure_message(&result));
+        let completion_time = unix_now();
         let completion = Completion {
             result: result.to_string(),
             outcome,
             execution_time_ms: execution_ms,
-            completion_time: unix_now(),
+            completion_time,
             usage,
             result_ti: ti,
             ttft_ms,
@@ -191,15 +209,16 @@ impl Scheduler {
             .writer
             .run(move |conn| TaskRepo::complete(conn, &id, &completion))
             .await?;
-        let Some((model, metadata)) = stored else {
+        let Some(stored) = stored else {
             return Ok(false);
         };
+        let model = &stored.model_name;
         let metadata: Map<String, Value> = match outcome {
-            Outcome::Succeeded => serde_json::from_str(&metadata).unwrap_or_default(),
+            Outcome::Succeeded => serde_json::from_str(&stored.metadata).unwrap_or_default(),
             Outcome::Failed => Map::new(),
         };
         let succeeded = (outcome == Outcome::Succeeded).then_some(Execution {
-            model: &model,
+            model,
             hardware: hardware.as_deref(),
             metadata: &metadata,
             execution_ms,
@@ -208,12 +227,33 @@ impl Scheduler {
         self.inner.waiters.notify(task_id);
         self.inner
             .events
-            .publish(Event::task(task_id, &model, TaskStatus::Completed, ti));
-        let label = match outcome {
-            Outcome::Succeeded => "ti_scheduler_completions_total",
-            Outcome::Failed => "ti_scheduler_failures_total",
-        };
-        metrics::counter!(label).increment(1);
+            .publish(Event::task(task_id, model, TaskStatus::Completed, ti));
+        let ti_label = ti.map_or_else(|| "none".to_string(), |ti| ti.to_string());
+        metrics::counter!(
+            telemetry::TASKS_COMPLETED,
+            "model" => model.clone(),
+            "ti" => ti_label,
+            "outcome" => outcome.as_str()
+        )
+        .increment(1);
+        metrics::histogram!(telemetry::TASK_LATENCY, "model" => model.clone())
+            .record((completion_time - stored.submit_time).max(0.0));
+        if outcome == Outcome::Succeeded && execution_ms > 0.0 {
+            let error = (execution_ms - stored.predicted_ms).abs() / execution_ms;
+            metrics::histogram!(telemetry::PREDICTION_ERROR, "model" => model.clone())
+                .record(error);
+        }
+        if let Some(error) = failure {
+            let address = ti.map_or_else(|| "none".to_string(), |ti| self.ti_address(ti));
+            tracing::warn!(
+                task_id = %task_id,
+                model = %model,
+                ti = %ti.map(|t| t.to_string()).unwrap_or_default(),
+                ti_address = %address,
+                error = %error,
+                "task failed"
+            );
+        }
         Ok(true)
     }
 

@@ -21,6 +21,7 @@ use super::proxy::Reply;
 use super::Scheduler;
 use crate::domain::{unix_now, TaskId, TaskStatus, TiKind, TiUuid};
 use crate::store::TaskRepo;
+use crate::telemetry;
 use crate::ti::openai::build_request;
 use crate::ti::protocol::DispatchRequest;
 use crate::ti::{upstream_body, TiClient, TiError};
@@ -197,19 +198,19 @@ impl Scheduler {
                 // The TI refused the task itself (4xx): the task fails, the TI stays healthy.
                 Err(TiError::Rejected { status, body }) => {
                     drop(permit);
-                    metrics::counter!("ti_scheduler_dispatch_rejections_total").increment(1);
-                    tracing::warn!(task_id = %task_id, ti = %ti, status, "the TI rejected the task; it fails");
+                    metrics::counter!(telemetry::DISPATCH_REJECTIONS).increment(1);
+                    tracing::warn!(task_id = %task_id, ti = %ti, ti_address = %format_args!("{}:{}", target.host, target.port), status, "the TI rejected the task; it fails");
                     self.store_outcome(task_id, ti, Finished::rejected(0.0, status, body))
                         .await;
                     return Sent::Done;
                 }
                 Err(e) => {
-                    metrics::counter!("ti_scheduler_dispatch_failures_total").increment(1);
-                    tracing::warn!(task_id = %task_id, ti = %ti, attempt, error = %e, "dispatch failed");
+                    metrics::counter!(telemetry::DISPATCH_FAILURES).increment(1);
+                    tracing::warn!(task_id = %task_id, ti = %ti, ti_address = %format_args!("{}:{}", target.host, target.port), attempt, error = %e, "dispatch failed");
                 }
             }
             if attempt < settings.dispatch_attempts {
-                metrics::counter!("ti_scheduler_dispatch_retries_total").increment(1);
+                metrics::counter!(telemetry::DISPATCH_RETRIES).increment(1);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     // Left `queued`: the next start-up dispatches it again.
@@ -334,10 +335,11 @@ impl Scheduler {
                 Exchange::Failed(failure) => failure,
             };
             drop(permit);
-            metrics::counter!("ti_scheduler_dispatch_failures_total").increment(1);
-            tracing::warn!(task_id = %task_id, ti = %ti, attempt, error = %failure, "request failed");
+            metrics::counter!(telemetry::DISPATCH_FAILURES).increment(1);
+            tracing::warn!(task_id = %task_id, ti = %ti, ti_address = %format_args!("{}:{}", target.host, target.port),
+                attempt, error = %failure, "request failed");
             if attempt < settings.dispatch_attempts {
-                metrics::counter!("ti_scheduler_dispatch_retries_total").increment(1);
+                metrics::counter!(telemetry::DISPATCH_RETRIES).increment(1);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = self.inner.shutdown.cancelled() => return Sent::Done,
@@ -380,7 +382,7 @@ impl Scheduler {
                 Exchange::Busy
             }
             Ok(r) if (400..500).contains(&r.status) => {
-                metrics::counter!("ti_scheduler_dispatch_rejections_total").increment(1);
+                metrics::counter!(telemetry::DISPATCH_REJECTIONS).increment(1);
                 let finished = Finished::rejected(execution_ms, r.status, upstream_body(&r.body));
                 self.store_outcome(task_id, ti, finished).await;
                 Exchange::Done
@@ -399,7 +401,7 @@ impl Scheduler {
         status: u16,
         retry_after: Option<Duration>,
     ) {
-        metrics::counter!("ti_scheduler_ti_busy_total").increment(1);
+        metrics::counter!(telemetry::TI_BUSY).increment(1);
         tracing::info!(task_id = %task_id, ti = %ti, status,
             retry_after_s = retry_after.map(|d| d.as_secs_f64()), "TI busy; task decided again");
         self.cache().pause(ti, retry_after, Instant::now());

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::{Error, Scheduler};
 use crate::store::TaskRepo;
+use crate::telemetry;
 
 /// Least time between two counts of the unfinished tasks while a shutdown waits: each
 /// completion wakes the wait, and under load they come by the thousand per second.
@@ -23,7 +24,7 @@ impl Scheduler {
     pub fn drain(&self) -> bool {
         let first = !self.inner.draining.swap(true, Ordering::SeqCst);
         if first {
-            metrics::gauge!("ti_scheduler_draining").set(1.0);
+            metrics::gauge!(telemetry::DRAINING).set(1.0);
             tracing::info!("draining: new tasks are refused and /ready answers 503");
         }
         first

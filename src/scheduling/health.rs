@@ -17,7 +17,7 @@ impl Scheduler {
                 .flatten()
         };
         if changed.is_some() {
-            tracing::warn!(ti = %ti, why, "TI marked unhealthy");
+            tracing::warn!(ti = %ti, ti_address = %self.ti_address(ti), why, "TI marked unhealthy");
         }
         self.publish_ti(changed);
     }

@@ -55,7 +55,7 @@ pub use queue::QueueEstimate;
 pub use submit::{SubmitItem, Submitted};
 
 use crate::config::Settings;
-use crate::domain::{unix_now, LookupRow, PredictMode, StrategyKind, TaskId, TaskStatus};
+use crate::domain::{unix_now, LookupRow, PredictMode, StrategyKind, TaskId, TaskStatus, TiUuid};
 use crate::predictor::Predictor;
 use crate::store::{
     Db, LearnedRepo, LookupRepo, SettingsRepo, StatsRepo, StoreError, StoredTask, TaskRepo, TiRepo,
@@ -237,6 +237,15 @@ impl Scheduler {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A TI's `host:port`, to name it in log lines beside its uuid.
+    fn ti_address(&self, ti: TiUuid) -> String {
+        match self.cache().address(ti) {
+            Some((host, port)) if host.contains(':') => format!("[{host}]:{port}"),
+            Some((host, port)) => format!("{host}:{port}"),
+            None => "unknown".into(),
+        }
+    }
+
     /// The database.
     pub fn db(&self) -> &Db {
         &self.inner.db
@@ -318,6 +327,12 @@ impl Scheduler {
     /// Every TI, removed ones included, with its live estimate.
     pub fn tis(&self) -> Vec<TiSnapshot> {
         self.cache().snapshots(Instant::now())
+    }
+
+    /// Per model, the unfinished tasks with no TI: when they were placed, no TI of their
+    /// model was usable, and they wait for the sweep to place them.
+    pub async fn waiting_for_ti(&self) -> Result<Vec<(String, i64)>, Error> {
+        Ok(TaskRepo::waiting_for_ti(&self.inner.db.read).await?)
     }
 
     /// A stored task.

@@ -1,4 +1,4 @@
-//! The OpenAI front door's side of the core (SPEC.md §10). A request on
+//! The OpenAI front door's side of the core (docs/API.md, The OpenAI front door). A request on
 //! `/v1/chat/completions` or `/v1/completions` becomes a task like any other: placed over
 //! the model's OpenAI-compatible TIs, committed with its decision before it is sent, queued
 //! for a slot of its TI (`dispatch.rs`). But its client waits on the connection: the TI's
@@ -24,6 +24,7 @@ use super::events::Event;
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, Origin, TaskId, TaskStatus, TiKind, TiUuid};
 use crate::store::NewTask;
+use crate::telemetry;
 use crate::ti::openai::{add_features, retry_after, StreamAssembly};
 use crate::ti::upstream_body;
 
@@ -170,7 +171,7 @@ impl Scheduler {
         };
         let placement = placed.map_err(|refusal| {
             metrics::counter!(
-                "ti_scheduler_admission_rejections_total",
+                telemetry::ADMISSION_REJECTIONS,
                 "model" => model.clone(),
                 "reason" => refusal.reason.as_str()
             )
@@ -201,7 +202,7 @@ impl Scheduler {
             self.inner.in_flight.end(&task_id);
             return Err(e.into());
         }
-        metrics::counter!("ti_scheduler_submits_total").increment(1);
+        metrics::counter!(telemetry::SUBMITS).increment(1);
         self.inner.events.publish(Event::task(
             &task_id,
             &model,
@@ -340,7 +341,7 @@ impl Scheduler {
                 Err(_) => Finished::rejected(execution_ms, status, upstream_body(&body)),
             }
         } else {
-            metrics::counter!("ti_scheduler_dispatch_rejections_total").increment(1);
+            metrics::counter!(telemetry::DISPATCH_REJECTIONS).increment(1);
             Finished::rejected(execution_ms, status, upstream_body(&body))
         };
         self.store_outcome(task_id, ti, finished).await;
@@ -392,8 +393,7 @@ impl Scheduler {
                     if assembly.feed(&bytes) {
                         let ttft = reply.arrived.elapsed();
                         ttft_ms = Some(ttft.as_secs_f64() * 1000.0);
-                        metrics::histogram!("ti_scheduler_openai_ttft_seconds")
-                            .record(ttft.as_secs_f64());
+                        metrics::histogram!(telemetry::OPENAI_TTFT).record(ttft.as_secs_f64());
                     }
                     if chunks.send(Ok(bytes)).await.is_err() {
                         break Err(CLIENT_GONE.to_string());
@@ -430,14 +430,14 @@ struct StreamOpen;
 
 impl StreamOpen {
     fn new() -> Self {
-        metrics::gauge!("ti_scheduler_openai_streams_open").increment(1.0);
+        metrics::gauge!(telemetry::OPENAI_STREAMS_OPEN).increment(1.0);
         Self
     }
 }
 
 impl Drop for StreamOpen {
     fn drop(&mut self) {
-        metrics::gauge!("ti_scheduler_openai_streams_open").decrement(1.0);
+        metrics::gauge!(telemetry::OPENAI_STREAMS_OPEN).decrement(1.0);
     }
 }
 

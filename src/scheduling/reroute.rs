@@ -11,6 +11,7 @@ use super::events::Event;
 use super::Scheduler;
 use crate::domain::{unix_now, DecisionReason, TaskId, TiUuid};
 use crate::store::{DecisionRepo, DecisionRow, TaskRepo};
+use crate::telemetry;
 
 impl Scheduler {
     /// Re-routes a task whose TI went away, reading it back from the database.
@@ -40,10 +41,10 @@ impl Scheduler {
     /// dispatch to, or `None` if the task completed meanwhile or no TI is usable (it then
     /// waits, `queued`, for the sweep).
     pub(super) async fn reroute(&self, task_id: &TaskId, payload: &Payload) -> Option<TiUuid> {
-        let placement = {
+        let (from, placement) = {
             let mut cache = self.cache();
-            cache.release(task_id);
-            cache.place(
+            let from = cache.release(task_id);
+            let placement = cache.place(
                 task_id,
                 &payload.model,
                 payload.only_kind(),
@@ -51,7 +52,8 @@ impl Scheduler {
                 DecisionReason::Reroute,
                 Instant::now(),
                 unix_now(),
-            )
+            );
+            (from, placement)
         };
         let chosen = placement.ti();
         let (status, mean, error) = (
@@ -81,11 +83,29 @@ impl Scheduler {
                 self.inner
                     .events
                     .publish(Event::task(task_id, &payload.model, status, chosen));
+                let from_address = from.map(|ti| self.ti_address(ti));
+                let from = from.map(|ti| ti.to_string());
                 match chosen {
-                    Some(ti) => tracing::info!(task_id = %task_id, ti = %ti, "task re-routed"),
-                    None => {
-                        tracing::warn!(task_id = %task_id, model = %payload.model, "no usable TI; task waits")
+                    Some(ti) => {
+                        metrics::counter!(telemetry::REROUTES, "model" => payload.model.clone())
+                            .increment(1);
+                        tracing::info!(
+                            task_id = %task_id,
+                            model = %payload.model,
+                            from_ti = from.as_deref(),
+                            from_address = from_address.as_deref(),
+                            ti = %ti,
+                            ti_address = %self.ti_address(ti),
+                            "task re-routed"
+                        );
                     }
+                    None => tracing::warn!(
+                        task_id = %task_id,
+                        model = %payload.model,
+                        from_ti = from.as_deref(),
+                        from_address = from_address.as_deref(),
+                        "no usable TI; task waits"
+                    ),
                 }
                 chosen
             }

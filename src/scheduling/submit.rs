@@ -18,6 +18,7 @@ use super::events::Event;
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, NewDecision, Origin, TaskId, TaskStatus, TiUuid};
 use crate::store::{DecisionRow, NewTask, StoreError, TaskRepo};
+use crate::telemetry;
 
 /// Tasks of a batch placed per hold of the cache lock.
 const PLACE_CHUNK: usize = 64;
@@ -204,7 +205,7 @@ impl Scheduler {
                         }
                         drop(cache);
                         metrics::counter!(
-                            "ti_scheduler_admission_rejections_total",
+                            telemetry::ADMISSION_REJECTIONS,
                             "model" => model.to_string(),
                             "reason" => refusal.reason.as_str()
                         )
@@ -258,7 +259,7 @@ impl Scheduler {
         (task_id, ti, status): (TaskId, Option<TiUuid>, TaskStatus),
         metadata: String,
     ) -> Submitted {
-        metrics::counter!("ti_scheduler_submits_total").increment(1);
+        metrics::counter!(telemetry::SUBMITS).increment(1);
         self.inner
             .events
             .publish(Event::task(&task_id, model, status, ti));

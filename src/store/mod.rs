@@ -41,7 +41,7 @@ pub use learned::{LearnedRepo, StoredModel};
 pub use lookup::LookupRepo;
 pub use settings::SettingsRepo;
 pub use stats::{ExecutionStats, StatsRepo};
-pub use tasks::{Completion, Execution, NewTask, StoredTask, TaskRepo, UnfinishedTask};
+pub use tasks::{Completed, Completion, Execution, NewTask, StoredTask, TaskRepo, UnfinishedTask};
 pub use tis::{StoredTi, TiRepo};
 pub use window::{CompletedTask, WindowRepo};
 pub use writer::Writer;

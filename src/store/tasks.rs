@@ -19,7 +19,7 @@ pub(super) const COMPLETE: &str =
                       execution_time_ms = ?3, completion_time = ?4, result_ti = ?6,
                       prompt_tokens = ?7, completion_tokens = ?8, ttft_ms = ?9
      WHERE task_id = ?5 AND status <> 'completed'
-     RETURNING model_name, metadata";
+     RETURNING model_name, metadata, submit_time, predicted_ms";
 pub(super) const REASSIGN: &str =
     "UPDATE tasks SET status = ?5, ti_uuid = ?1, dispatch_time = NULL,
                       predicted_ms = ?2, predicted_error_ms = ?3
@@ -191,6 +191,19 @@ pub struct Completion {
     pub ttft_ms: Option<f64>,
 }
 
+/// A task whose result was just stored, as the completion path needs it.
+#[derive(Debug, Clone)]
+pub struct Completed {
+    /// Its model.
+    pub model_name: String,
+    /// Its metadata, as JSON text.
+    pub metadata: String,
+    /// When it was submitted, Unix seconds.
+    pub submit_time: f64,
+    /// The execution time predicted on its current TI, ms.
+    pub predicted_ms: f64,
+}
+
 pub(super) fn parse_ti(raw: Option<String>) -> Result<Option<TiUuid>, StoreError> {
     raw.map(|s| {
         s.parse()
@@ -300,13 +313,14 @@ impl TaskRepo {
         Ok(changed == 1)
     }
 
-    /// Stores a task's result. Returns its model and metadata if it was stored, `None` if
-    /// the task is unknown or already completed (the first result wins).
+    /// Stores a task's result. Returns what the completion path needs of the task if it
+    /// was stored, `None` if the task is unknown or already completed (the first result
+    /// wins).
     pub fn complete(
         conn: &Connection,
         task_id: &TaskId,
         c: &Completion,
-    ) -> Result<Option<(String, String)>, StoreError> {
+    ) -> Result<Option<Completed>, StoreError> {
         let stored = conn
             .prepare_cached(COMPLETE)?
             .query_row(
@@ -321,7 +335,14 @@ impl TaskRepo {
                     c.usage.and_then(|u| u.completion_tokens),
                     c.ttft_ms,
                 ),
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| {
+                    Ok(Completed {
+                        model_name: r.get(0)?,
+                        metadata: r.get(1)?,
+                        submit_time: r.get(2)?,
+                        predicted_ms: r.get(3)?,
+                    })
+                },
             )
             .optional()?;
         Ok(stored)
@@ -388,6 +409,24 @@ impl TaskRepo {
         .into_iter()
         .map(UnfinishedTask::try_from)
         .collect()
+    }
+
+    /// Per model, the unfinished tasks with no TI: none of their model's TIs was usable
+    /// when they were placed (they wait for the sweep to place them).
+    pub async fn waiting_for_ti(
+        exec: impl SqliteExecutor<'_>,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query!(
+            r#"SELECT model_name, COUNT(*) AS "waiting!: i64"
+               FROM tasks WHERE status <> 'completed' AND ti_uuid IS NULL
+               GROUP BY model_name"#
+        )
+        .fetch_all(exec)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.model_name, r.waiting))
+            .collect())
     }
 
     /// One unfinished task, to dispatch it again.

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::StoreError;
+use crate::telemetry;
 
 /// How a batch ended, as each of its callers learns it.
 type Outcome = Result<(), Arc<StoreError>>;
@@ -210,8 +211,8 @@ fn write_batch(conn: &mut Connection, batch: &mut Vec<Job>, full: &AtomicBool) {
         }
     };
     let elapsed = started.elapsed();
-    metrics::histogram!("ti_scheduler_db_commit_seconds").record(elapsed.as_secs_f64());
-    metrics::histogram!("ti_scheduler_db_batch_size").record(size as f64);
+    metrics::histogram!(telemetry::DB_COMMIT).record(elapsed.as_secs_f64());
+    metrics::histogram!(telemetry::DB_BATCH_SIZE).record(size as f64);
     tracing::trace!(
         size,
         elapsed_us = elapsed.as_micros() as u64,

@@ -225,7 +225,7 @@ pub fn usage(response: &Value) -> Option<Usage> {
     (found != Usage::default()).then_some(found)
 }
 
-/// What the scheduler keeps of a streamed answer (SPEC.md §10): the text of its events
+/// What the scheduler keeps of a streamed answer (docs/API.md, The OpenAI front door): the text of its events
 /// put together, how many events, and the `usage` if the server sent one. It is fed the
 /// bytes as they arrive; an event may be split anywhere between two reads.
 #[derive(Debug, Default)]

@@ -216,6 +216,16 @@ fn every_endpoint_of_the_openapi_document_is_documented_here_and_no_other() {
         }
     }
     assert!(served.contains("POST /queue/submit"), "{served:?}");
+    // The OpenAI front door follows OpenAI's API, not this document's conventions (its
+    // errors have OpenAI's shape, its keys are not the admin token): it is left out of
+    // /openapi.json and documented in docs/API.md all the same.
+    for op in [
+        "GET /v1/models",
+        "POST /v1/chat/completions",
+        "POST /v1/completions",
+    ] {
+        served.insert(op.to_string());
+    }
     let documented =
         documented_operations(&std::fs::read_to_string(root().join("docs/API.md")).unwrap());
     let undocumented: Vec<_> = served.difference(&documented).collect();

@@ -1,4 +1,4 @@
-//! The OpenAI front door (SPEC.md §10), driven by a real OpenAI client library
+//! The OpenAI front door (docs/API.md, The OpenAI front door), driven by a real OpenAI client library
 //! (`async-openai`) and, where the client library hides what is checked (headers, raw
 //! errors, a client that leaves), by plain HTTP; behind it, simulated OpenAI-compatible
 //! servers over real HTTP.

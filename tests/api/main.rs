@@ -25,4 +25,5 @@ mod scheduler;
 mod strategies;
 mod task;
 mod tasks;
+mod telemetry;
 mod ti;

@@ -71,7 +71,10 @@ async fn metrics_are_prometheus_text_with_submits_and_queue_gauges() {
         .starts_with("text/plain"));
     let text = resp.text().await.unwrap();
     assert!(text.contains("ti_scheduler_submits_total"), "{text}");
-    assert!(text.contains("ti_scheduler_completions_total"), "{text}");
+    assert!(
+        text.contains("ti_scheduler_tasks_completed_total"),
+        "{text}"
+    );
     assert!(
         text.contains("ti_scheduler_db_commit_seconds_bucket"),
         "{text}"
@@ -81,9 +84,7 @@ async fn metrics_are_prometheus_text_with_submits_and_queue_gauges() {
         "{text}"
     );
     assert!(
-        text.contains(&format!(
-            "ti_scheduler_ti_queue_length{{ti_uuid=\"{ti_uuid}\""
-        )),
+        text.contains(&format!("ti_scheduler_ti_queue_length{{ti=\"{ti_uuid}\"")),
         "{text}"
     );
 }
