@@ -335,6 +335,19 @@ mod tests {
     }
 
     #[test]
+    fn api_keys_come_as_a_list_from_the_file_or_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("keys.toml", "[server]\napi_keys = [\"a\", \"b\"]\n")?;
+            let from_file = Settings::load(Path::new("keys.toml")).map_err(|e| *e)?;
+            assert_eq!(from_file.server.api_keys, ["a", "b"]);
+            jail.set_env("TI_SCHEDULER__SERVER__API_KEYS", "[key-1,key-2]");
+            let from_env = Settings::load(Path::new("keys.toml")).map_err(|e| *e)?;
+            assert_eq!(from_env.server.api_keys, ["key-1", "key-2"]);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn environment_variables_override_the_file() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

@@ -562,6 +562,198 @@ async fn crash_test(kind: &str) {
     assert_eq!(service.terminate().await, Some(0));
 }
 
+/// The OpenAI front door under SIGKILL (docs/API.md, The OpenAI front door): every request
+/// is either answered or, if its task was stored, completed as failed; none is sent to a
+/// TI twice, and no task is left unfinished. `CRASH_KILLS` and `CRASH_SEED` as above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_front_door_request_is_lost_or_answered_twice_when_the_service_is_killed() {
+    let kills: usize = std::env::var("CRASH_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("crash test (front door): {kills} kill points, CRASH_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let dir = tempfile::tempdir().unwrap();
+    let (db, log) = (dir.path().join("crash.db"), dir.path().join("crash.log"));
+    let tis = Arc::new(Tis::spawn("openai").await);
+    let client = client();
+    let mut service = Service::start(free_port(), &db, &log);
+    service.wait_ready(&client).await;
+    tis.register(&client, &service).await;
+
+    // Each request carries a unique prompt, so that its task row can be found even when
+    // the client never saw its x-task-id. Half of them stream.
+    #[derive(Default)]
+    struct Seen {
+        answered: Vec<(String, String)>,
+        unanswered: Vec<String>,
+    }
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let base_url = service.url("");
+    let mut clients = Vec::new();
+    for c in 0..4 {
+        let (seen, stop, base) = (seen.clone(), stop.clone(), base_url.clone());
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let prompt = format!("front-door c{c} n{n}");
+                let body = json!({"model": "llama-7b", "prompt": prompt,
+                                  "max_tokens": n % 20 + 1, "stream": !n.is_multiple_of(2)});
+                let sent = http
+                    .post(format!("{base}/v1/completions"))
+                    .json(&body)
+                    .send()
+                    .await;
+                let answered = match sent {
+                    Ok(r) if r.status().is_success() => {
+                        let task_id = r.headers()["x-task-id"].to_str().unwrap().to_string();
+                        // A stream cut by the kill is not an answer.
+                        match r.bytes().await {
+                            Ok(bytes)
+                                if n.is_multiple_of(2) || bytes.ends_with(b"data: [DONE]\n\n") =>
+                            {
+                                Some(task_id)
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
+                let failed = answered.is_none();
+                {
+                    let mut seen = seen.lock().unwrap();
+                    match answered {
+                        Some(task_id) => seen.answered.push((prompt, task_id)),
+                        None => seen.unanswered.push(prompt),
+                    }
+                }
+                n += 1;
+                if failed {
+                    // The service is restarting: do not spin.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }));
+    }
+
+    for k in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
+        let answered = seen.lock().unwrap().answered.len();
+        let (port, db, log) = service.kill();
+        println!("kill {}: {answered} requests answered so far", k + 1);
+        service = Service::start(port, &db, &log);
+        service.wait_ready(&client).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+
+    // Every front-door task completes (after a restart, as failed).
+    let conn = || {
+        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap()
+    };
+    let mut waited = 0;
+    while conn()
+        .query_row(
+            "SELECT COUNT(*) FROM tasks WHERE status <> 'completed'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+        > 0
+    {
+        assert!(waited < 600, "tasks still unfinished after 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    let rows: Vec<(String, String, String)> = {
+        let conn = conn();
+        let mut query = conn
+            .prepare(
+                "SELECT json_extract(task_input, '$.prompt'), task_id, outcome FROM tasks \
+                 WHERE origin = 'openai'",
+            )
+            .unwrap();
+        query
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let mut by_prompt: std::collections::HashMap<&str, Vec<(&str, &str)>> = Default::default();
+    for (prompt, task_id, outcome) in &rows {
+        by_prompt
+            .entry(prompt.as_str())
+            .or_default()
+            .push((task_id.as_str(), outcome.as_str()));
+    }
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let twice: Vec<_> = by_prompt.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(twice.is_empty(), "a request became two tasks: {twice:?}");
+    let mut lost = Vec::new();
+    let mut answered_but_failed = 0;
+    for (prompt, task_id) in &seen.answered {
+        match by_prompt.get(prompt.as_str()).map(|v| v[0]) {
+            Some((stored, outcome)) if stored == task_id => {
+                answered_but_failed += usize::from(outcome == "failed");
+            }
+            other => lost.push((prompt.clone(), other)),
+        }
+    }
+    let recorded_failed = seen
+        .unanswered
+        .iter()
+        .filter(|p| {
+            by_prompt
+                .get(p.as_str())
+                .is_some_and(|v| v[0].1 == "failed")
+        })
+        .count();
+    let never_stored = seen
+        .unanswered
+        .iter()
+        .filter(|p| !by_prompt.contains_key(p.as_str()))
+        .count();
+    let stored_without_answer = seen.unanswered.len() - recorded_failed - never_stored;
+    let executed = tis.executed();
+    println!(
+        "crash test result (front door): kill points {kills}, requests answered {}, \
+         not answered {} (recorded as failed {recorded_failed}, never stored {never_stored}, \
+         stored as succeeded while the client's connection died {stored_without_answer}), \
+         answered but recorded failed (killed between answer and commit) {answered_but_failed}, \
+         task rows {}, lost {}, TI answers {executed} (seed {seed})",
+        seen.answered.len(),
+        seen.unanswered.len(),
+        rows.len(),
+        lost.len(),
+    );
+    assert!(
+        lost.is_empty(),
+        "answered requests without their task: {lost:?}"
+    );
+    assert!(
+        executed <= rows.len() as u64,
+        "a request was sent to a TI twice: {executed} answers for {} tasks",
+        rows.len()
+    );
+    assert!(!seen.answered.is_empty(), "some requests were answered");
+    assert_eq!(service.terminate().await, Some(0));
+}
+
 /// Submits `body` and returns the task id it was given; panics on anything but success.
 async fn submit_ok(client: &reqwest::Client, service: &Service, body: Value) -> String {
     let resp = client

@@ -142,13 +142,13 @@ impl WriterFigures {
 }
 
 /// A child process serving HTTP on a port.
-struct ChildServer {
+pub(super) struct ChildServer {
     child: Child,
     port: u16,
 }
 
 impl ChildServer {
-    fn spawn(
+    pub(super) fn spawn(
         program: &Path,
         args: &[&str],
         envs: &[(&str, String)],
@@ -167,11 +167,11 @@ impl ChildServer {
         Ok(Self { child, port })
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    async fn wait_ready(&self, path: &str) -> anyhow::Result<()> {
+    pub(super) async fn wait_ready(&self, path: &str) -> anyhow::Result<()> {
         let http = reqwest::Client::builder().no_proxy().build()?;
         for _ in 0..400 {
             if let Ok(r) = http.get(format!("{}{path}", self.url())).send().await {
@@ -188,7 +188,7 @@ impl ChildServer {
         self.child.id()
     }
 
-    fn stop(mut self) {
+    pub(super) fn stop(mut self) {
         // SIGTERM would be gentler; the figures are taken before this.
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -510,7 +510,7 @@ async fn instant_tis(n: usize) -> anyhow::Result<Vec<SimTi>> {
     Ok(tis)
 }
 
-fn scratch_dir() -> anyhow::Result<PathBuf> {
+pub(super) fn scratch_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!(
         "ti-scheduler-load-{}-{}",
         std::process::id(),
@@ -520,7 +520,7 @@ fn scratch_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn durability_name(d: Durability) -> &'static str {
+pub(super) fn durability_name(d: Durability) -> &'static str {
     match d {
         Durability::Full => "full",
         Durability::Normal => "normal",

@@ -1,5 +1,5 @@
 //! The project's measurements (they are not tests): `cargo bench --bench measure -- <what>`
-//! with `load`, `scale`, `strategies` or `prediction` and their options (`--help` lists
+//! with `load`, `scale`, `strategies`, `prediction` or `proxy` and their options (`--help` lists
 //! them). Each prints Markdown tables for the README. Built as a bench target, so the
 //! service binary carries none of it; cargo hands it the path of the service binary it
 //! starts (`CARGO_BIN_EXE_ti-scheduler`).
@@ -8,6 +8,7 @@ mod ceiling;
 mod history;
 mod load;
 mod prediction;
+mod proxy;
 mod scale;
 mod strategies;
 mod workload;
@@ -48,6 +49,9 @@ enum Measure {
     /// Job completion time per strategy and predict mode on a heterogeneous cluster, and
     /// the calibration of the queue estimates (real service and simulated TIs in-process).
     Strategies(strategies::StrategyArgs),
+    /// What the OpenAI front door adds: the same clients against two simulated
+    /// OpenAI-compatible servers directly and through the scheduler, plain and streamed.
+    Proxy(proxy::ProxyArgs),
     /// A minimal server for the load benchmark's ceilings (started by `load`).
     #[command(hide = true)]
     CeilingServer {
@@ -78,6 +82,7 @@ async fn run(which: Measure) -> anyhow::Result<()> {
     match which {
         Measure::Load(args) => load::run(&args).await,
         Measure::Scale(args) => scale::run(&args).await,
+        Measure::Proxy(args) => proxy::run(&args).await,
         Measure::Prediction(args) => {
             let results = prediction::run(&args);
             prediction::print(&args, &results);
@@ -115,7 +120,7 @@ async fn main() -> anyhow::Result<()> {
         Some(what) => run(what).await,
         // A plain `cargo bench` runs every bench target: this one has nothing to do then.
         None => {
-            println!("measure: give what to measure (load, scale, strategies, prediction); --help lists the options");
+            println!("measure: give what to measure (load, scale, strategies, prediction, proxy); --help lists the options");
             Ok(())
         }
     }
