@@ -88,6 +88,9 @@ pub struct RunResult {
     pub calibration: f64,
     /// The same, allowing the 2 ms resolution of the stored timestamps, %.
     pub calibration_resolved: f64,
+    /// Of the waits outside estimate ± (2σ + 2 ms): the shares longer and shorter than
+    /// it, % of all (they say whether the estimate is biased or too narrow).
+    pub misses_late_early: (f64, f64),
     /// OpenAI cluster only: how well the execution times were predicted.
     pub accuracy: Option<Accuracy>,
 }
@@ -349,7 +352,7 @@ const TIMESTAMP_RESOLUTION_MS: f64 = 2.0;
 
 /// JCT (sorted) and calibration of the measured tasks, from the database: the share of
 /// actual waits within the estimate ± 2σ, and within it ± the timestamp resolution.
-fn measure(db: &PathBuf, ids: &[String]) -> anyhow::Result<(Vec<f64>, f64, f64)> {
+fn measure(db: &PathBuf, ids: &[String]) -> anyhow::Result<(Vec<f64>, f64, f64, (f64, f64))> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut query = conn.prepare(
@@ -359,6 +362,7 @@ fn measure(db: &PathBuf, ids: &[String]) -> anyhow::Result<(Vec<f64>, f64, f64)>
     )?;
     let mut jct = Vec::with_capacity(ids.len());
     let (mut within, mut within_resolution) = (0usize, 0usize);
+    let (mut late, mut early) = (0usize, 0usize);
     for id in ids {
         let (total, exec, chosen, candidates): (f64, f64, String, String) =
             query.query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
@@ -379,11 +383,20 @@ fn measure(db: &PathBuf, ids: &[String]) -> anyhow::Result<(Vec<f64>, f64, f64)>
         }
         if miss <= TIMESTAMP_RESOLUTION_MS {
             within_resolution += 1;
+        } else if actual_wait > wait {
+            late += 1;
+        } else {
+            early += 1;
         }
     }
     jct.sort_by(f64::total_cmp);
     let share = |n: usize| 100.0 * n as f64 / ids.len().max(1) as f64;
-    Ok((jct, share(within), share(within_resolution)))
+    Ok((
+        jct,
+        share(within),
+        share(within_resolution),
+        (share(late), share(early)),
+    ))
 }
 
 async fn run_once(
@@ -417,7 +430,7 @@ async fn run_once(
         .await?;
     cluster.drain().await?;
 
-    let (jct, calibration, calibration_resolved) = measure(&cluster.db, &ids)?;
+    let (jct, calibration, calibration_resolved, misses_late_early) = measure(&cluster.db, &ids)?;
     let accuracy = match args.protocol {
         TiKind::Openai => Some(accuracy(args, &cluster.db, &ids)?),
         TiKind::Callback => None,
@@ -432,6 +445,7 @@ async fn run_once(
         p99_ms: workload::quantile(&jct, 0.99),
         calibration,
         calibration_resolved,
+        misses_late_early,
         accuracy,
     })
 }
@@ -512,11 +526,11 @@ pub fn print(args: &StrategyArgs, results: &[RunResult]) {
         args.seed
     );
     println!();
-    println!("| predict mode | load | strategy | mean JCT | p50 JCT | p99 JCT | wait within ±2σ | within ±(2σ + 2 ms) |");
-    println!("|---|---:|---|---:|---:|---:|---:|---:|");
+    println!("| predict mode | load | strategy | mean JCT | p50 JCT | p99 JCT | wait within ±2σ | within ±(2σ + 2 ms) | outside: late / early |");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for r in results {
         println!(
-            "| {} | {:.0}% | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1}% | {:.1}% |",
+            "| {} | {:.0}% | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1}% | {:.1}% | {:.1}% / {:.1}% |",
             r.mode.as_str(),
             r.load * 100.0,
             r.strategy.as_str(),
@@ -524,7 +538,9 @@ pub fn print(args: &StrategyArgs, results: &[RunResult]) {
             r.p50_ms,
             r.p99_ms,
             r.calibration,
-            r.calibration_resolved
+            r.calibration_resolved,
+            r.misses_late_early.0,
+            r.misses_late_early.1,
         );
     }
     if results.iter().any(|r| r.accuracy.is_some()) {
