@@ -352,7 +352,19 @@ const TIMESTAMP_RESOLUTION_MS: f64 = 2.0;
 
 /// JCT (sorted) and calibration of the measured tasks, from the database: the share of
 /// actual waits within the estimate ± 2σ, and within it ± the timestamp resolution.
-fn measure(db: &PathBuf, ids: &[String]) -> anyhow::Result<(Vec<f64>, f64, f64, (f64, f64))> {
+/// What [`measure`] found.
+struct Measured {
+    /// JCTs, sorted, ms.
+    jct: Vec<f64>,
+    /// Waits within ±2σ, %.
+    calibration: f64,
+    /// Waits within ±(2σ + the timestamps' resolution), %.
+    calibration_resolved: f64,
+    /// Waits outside that, longer / shorter than the estimate, %.
+    misses_late_early: (f64, f64),
+}
+
+fn measure(db: &PathBuf, ids: &[String]) -> anyhow::Result<Measured> {
     let conn =
         rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut query = conn.prepare(
@@ -391,12 +403,12 @@ fn measure(db: &PathBuf, ids: &[String]) -> anyhow::Result<(Vec<f64>, f64, f64, 
     }
     jct.sort_by(f64::total_cmp);
     let share = |n: usize| 100.0 * n as f64 / ids.len().max(1) as f64;
-    Ok((
+    Ok(Measured {
         jct,
-        share(within),
-        share(within_resolution),
-        (share(late), share(early)),
-    ))
+        calibration: share(within),
+        calibration_resolved: share(within_resolution),
+        misses_late_early: (share(late), share(early)),
+    })
 }
 
 async fn run_once(
@@ -430,7 +442,12 @@ async fn run_once(
         .await?;
     cluster.drain().await?;
 
-    let (jct, calibration, calibration_resolved, misses_late_early) = measure(&cluster.db, &ids)?;
+    let Measured {
+        jct,
+        calibration,
+        calibration_resolved,
+        misses_late_early,
+    } = measure(&cluster.db, &ids)?;
     let accuracy = match args.protocol {
         TiKind::Openai => Some(accuracy(args, &cluster.db, &ids)?),
         TiKind::Callback => None,
