@@ -171,6 +171,36 @@ async fn a_stream_reaches_the_client_chunk_by_chunk_and_is_stored_whole() {
     assert_eq!(task["result"]["chunks"], chunks);
     let ttft = task["ttft_ms"].as_f64().expect("ttft_ms is stored");
     assert!(ttft > 0.0, "{task}");
+
+    // The front door's own metrics: the request by model and status, its time to first
+    // token, the streams gauge. (The recorder is the test process's: other tests count in
+    // it too, hence no exact values.)
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+    };
+    assert!(sample(r#"ti_scheduler_openai_requests_total{model="llama-7b",status="200"}"#) >= 1.0);
+    assert!(sample("ti_scheduler_openai_ttft_seconds_count") >= 1.0);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ti_scheduler_openai_streams_open ")),
+        "the streams gauge is exported"
+    );
+    assert!(metrics.contains("# HELP ti_scheduler_openai_ttft_seconds"));
 }
 
 #[tokio::test]
