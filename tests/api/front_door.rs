@@ -546,3 +546,35 @@ async fn the_front_door_is_refused_by_admission_control_and_by_a_drain() {
         "refused requests leave no task"
     );
 }
+
+#[tokio::test]
+async fn oversized_and_overdeep_bodies_are_refused_in_the_openai_shape() {
+    let app = spawn_app_with(|s| {
+        s.server.body_limit_bytes = 2_048;
+        s.server.max_json_depth = 8;
+    })
+    .await;
+    let server = spawn_openai(sim(1.0, 0.0)).await;
+    app.register_openai(&server, json!({})).await;
+
+    let long = "x".repeat(4_096);
+    let (status, body) = app
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": long, "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+
+    let deep = format!("{}1{}", "[".repeat(20), "]".repeat(20));
+    let text = format!(r#"{{"model": "{MODEL}", "prompt": "p", "logit_bias": {deep}}}"#);
+    let (status, body) = app
+        .post_raw("/v1/completions", "application/json", text)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("server.max_json_depth"), "{body}");
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(server.stats().requests, 0, "nothing reached the TI");
+}
