@@ -194,8 +194,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Parses JSON text, naming the field at fault in the error.
+/// Parses JSON text, naming the field at fault in the error. Every body of this API is a
+/// JSON object: an array is refused (serde would read a struct from one, by position).
 pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.trim_ascii_start().starts_with(b"[") {
+        return Err(ApiError::BadRequest(
+            "invalid JSON body: expected a JSON object, got an array".into(),
+        ));
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

@@ -57,7 +57,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 #[utoipa::path(get, path = "/events",
     params(("model_name" = Option<String>, Query, description = "only this model"),
            ("task_id" = Option<String>, Query, description = "only this task"),
-           ("Last-Event-ID" = Option<u64>, Header, description = "resume after this event")),
+           ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = "^[0-9]{1,19}$", description = "resume after this event (its id)")),
     responses((status = 200, content_type = "text/event-stream",
                description = "`event: task` / `event: ti` with JSON data, `event: reset` when events were missed"),
               (status = 400, description = "bad filter or Last-Event-ID")))]

@@ -38,7 +38,7 @@ pub(super) struct ImportResponse {
 /// Replaces the lookup table atomically (`?append=true` adds to it).
 #[utoipa::path(post, path = "/predictor/lookup_table", params(ImportOptions),
     request_body(description = "CSV (text/csv) or SwarmPilot JSON (application/json)",
-        content((String = "text/csv"), (Object = "application/json"))),
+        content((String = "text/csv"), (Vec<Object> = "application/json"))),
     responses((status = 200, body = ImportResponse), (status = 400, description = "malformed table, naming line and column"),
               (status = 401)))]
 pub(super) async fn import_lookup_table(

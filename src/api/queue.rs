@@ -38,6 +38,7 @@ pub(super) struct SubmitRequest {
     pub metadata: Option<Map<String, Value>>,
     /// Optional idempotency key: 1–128 characters of `A-Za-z0-9._:-`.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub task_id: Option<String>,
 }
 
@@ -62,8 +63,9 @@ pub(super) struct BatchItem {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Map<String, Value>>,
-    /// Optional idempotency key.
+    /// Optional idempotency key: 1–128 characters of `A-Za-z0-9._:-`.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9._:-]{1,128}$")]
     pub task_id: Option<String>,
 }
 
@@ -74,6 +76,7 @@ pub(super) struct BatchRequest {
     #[schema(min_length = 1)]
     pub model_name: String,
     /// The tasks, committed all or nothing.
+    #[schema(min_items = 1)]
     pub tasks: Vec<BatchItem>,
 }
 
@@ -375,10 +378,11 @@ pub(super) async fn queue_info_post(
     State(app): State<AppState>,
     super::error::Body(bytes): super::error::Body,
 ) -> Result<Json<QueueInfoResponse>, ApiError> {
-    let filter = if bytes.iter().all(u8::is_ascii_whitespace) {
+    let body = bytes.trim_ascii();
+    let filter = if body.is_empty() || body == b"null" {
         QueueInfoRequest::default()
     } else {
-        super::error::parse_json(&bytes)?
+        super::error::parse_json(body)?
     };
     Ok(queue_info(&app, filter))
 }

@@ -87,7 +87,7 @@ const DEFAULT_WINDOW_S: f64 = 300.0;
 const MAX_WINDOW_S: f64 = 86_400.0;
 
 /// What the service did in the last `window_s` seconds.
-#[utoipa::path(get, path = "/stats", params(("window_s" = Option<f64>, Query, description = "seconds back from now, 1..=86400 (default 300)")),
+#[utoipa::path(get, path = "/stats", params(("window_s" = Option<f64>, Query, minimum = 1, maximum = 86400, description = "seconds back from now, 1..=86400 (default 300)")),
     responses((status = 200, body = StatsResponse), (status = 400, description = "bad window_s")))]
 pub(super) async fn stats(
     State(app): State<AppState>,

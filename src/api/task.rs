@@ -24,6 +24,7 @@ pub(super) struct TaskQuery {
     /// Long-poll: when the task is not completed, answer once it is or after this many
     /// ms (0..=60000; default 0, answer at once).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 60000)]
     pub wait_ms: Option<f64>,
 }
 
@@ -117,8 +118,8 @@ async fn query(app: &AppState, q: &TaskQuery) -> Result<Json<TaskView>, ErrorRes
 }
 
 /// A task's status and result (`?task_id=`).
-#[utoipa::path(get, path = "/task/query", params(("task_id" = String, Query, description = "the task"),
-    ("wait_ms" = Option<f64>, Query, description = "long-poll: wait up to this many ms (0..=60000) for the task to complete")),
+#[utoipa::path(get, path = "/task/query", params(("task_id" = String, Query, min_length = 1, description = "the task"),
+    ("wait_ms" = Option<f64>, Query, minimum = 0, maximum = 60000, description = "long-poll: wait up to this many ms (0..=60000) for the task to complete")),
     responses((status = 200, body = TaskView), (status = 400), (status = 404, description = "unknown or purged task")))]
 pub(super) async fn query_task_get(
     State(app): State<AppState>,

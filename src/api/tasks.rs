@@ -29,20 +29,30 @@ pub(super) const MAX_LIMIT: u32 = 1000;
 #[into_params(parameter_in = Query)]
 pub(super) struct HistoryParams {
     /// Only this model.
+    #[param(min_length = 1)]
     pub model_name: Option<String>,
     /// `queued`, `scheduled` or `completed`.
+    #[param(value_type = Option<TaskStatus>)]
     pub status: Option<String>,
     /// `succeeded` or `failed` (completed tasks only).
+    #[param(value_type = Option<Outcome>)]
     pub outcome: Option<String>,
     /// Only tasks whose current TI is this one (UUID).
+    #[param(
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
     pub ti_uuid: Option<String>,
     /// Unix seconds: only tasks submitted at or after.
+    #[param(value_type = Option<f64>)]
     pub since: Option<String>,
     /// Unix seconds: only tasks submitted before.
+    #[param(value_type = Option<f64>)]
     pub until: Option<String>,
     /// Tasks per page, 1..=1000 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
     pub limit: Option<String>,
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page (`{submit_time}~{task_id}`).
+    #[param(pattern = "^-?[0-9]{1,15}(\\.[0-9]{1,9})?~[A-Za-z0-9._:-]{1,128}$")]
     pub cursor: Option<String>,
 }
 

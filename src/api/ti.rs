@@ -25,6 +25,8 @@ pub(super) struct RegisterRequest {
     #[schema(min_length = 1)]
     pub host: String,
     /// Port of the TI, 1..=65535.
+    #[schema(minimum = 1, maximum = 65535)]
+    #[serde(deserialize_with = "integer")]
     pub port: i64,
     /// The model it serves: for a callback TI it must agree with its `GET /info` (and is
     /// used when that names none); for an OpenAI-compatible TI it must be one of the ids of
@@ -40,8 +42,28 @@ pub(super) struct RegisterRequest {
     pub hardware: Option<String>,
     /// Requests in flight to it at once, 1..=1024 (default 8 for `openai`; for a callback
     /// TI, `ti.max_inflight_dispatches`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_integer")]
+    #[schema(minimum = 1, maximum = 1024)]
     pub max_concurrency: Option<i64>,
+}
+
+/// A JSON integer, written `8` or `8.0` (JSON Schema's `integer` takes both).
+fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_i64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                .map(|f| f as i64)
+        })
+        .ok_or_else(|| serde::de::Error::custom(format!("expected an integer, got {n}")))
+}
+
+/// [`integer`], or null.
+fn optional_integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrapped(#[serde(deserialize_with = "integer")] i64);
+    Ok(Option::<Wrapped>::deserialize(d)?.map(|Wrapped(n)| n))
 }
 
 /// Answer of `POST /ti/register` (`ti_uuid` is empty on error).
@@ -58,8 +80,11 @@ pub(super) struct RegisterResponse {
 /// Body of `POST /ti/remove`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub(super) struct RemoveRequest {
-    /// The TI's id.
-    #[schema(min_length = 1)]
+    /// The TI's id (a UUID).
+    #[schema(
+        min_length = 1,
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
     pub ti_uuid: String,
 }
 

@@ -1,5 +1,5 @@
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, spawn_ti};
 
@@ -217,4 +217,77 @@ async fn the_openapi_document_is_valid_and_documents_errors_auth_enums_and_conte
             "{schema}.{field}"
         );
     }
+}
+
+/// The limits the handlers enforce are in the document, so that a client generated from it
+/// (or a property-based run: Schemathesis, see README) sends nothing valid that is refused.
+#[tokio::test]
+async fn the_openapi_document_declares_the_limits_the_handlers_enforce() {
+    let app = spawn_app().await;
+    let (_, doc) = app.get("/openapi.json").await;
+    let param = |path: &str, name: &str| {
+        doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no parameter {name} on {path}"))["schema"]
+            .clone()
+    };
+    let schema = |name: &str| doc["components"]["schemas"][name]["properties"].clone();
+    let number = |v: &Value| v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
+    assert_eq!(number(&param("/stats", "window_s")["minimum"]), 1.0);
+    assert_eq!(number(&param("/stats", "window_s")["maximum"]), 86_400.0);
+    assert_eq!(
+        number(&param("/task/query", "wait_ms")["maximum"]),
+        60_000.0
+    );
+    assert_eq!(param("/task/query", "task_id")["minLength"], 1);
+    assert_eq!(number(&param("/tasks", "limit")["maximum"]), 1_000.0);
+    assert!(param("/tasks", "cursor")["pattern"].is_string());
+    assert_eq!(
+        param("/events", "Last-Event-ID"),
+        json!({"type": "string", "pattern": "^[0-9]{1,19}$"}),
+        "a header is a string, never null"
+    );
+    assert_eq!(
+        number(&schema("RegisterRequest")["port"]["maximum"]),
+        65_535.0
+    );
+    assert_eq!(
+        number(&schema("RegisterRequest")["max_concurrency"]["minimum"]),
+        1.0
+    );
+    assert_eq!(schema("BatchRequest")["tasks"]["minItems"], 1);
+    assert!(schema("SubmitRequest")["task_id"]["pattern"].is_string());
+    assert!(schema("RemoveRequest")["ti_uuid"]["pattern"].is_string());
+}
+
+/// What the document allows is accepted: a port written `8100.0` (a JSON Schema integer)
+/// and a `null` body for `POST /queue/info` (its body is optional).
+#[tokio::test]
+async fn integral_numbers_and_a_null_optional_body_are_accepted() {
+    let app = spawn_app().await;
+    let ti = spawn_ti("llama-7b", "A100", 5.0).await;
+    let port = f64::from(ti.addr().port());
+    let (status, body) = app
+        .post(
+            "/ti/register",
+            json!({"host": "127.0.0.1", "port": port, "max_concurrency": 4.0}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = app
+        .post("/ti/register", json!({"host": "127.0.0.1", "port": 8100.5}))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("port"), "{body}");
+    let (status, body) = app
+        .post_raw("/queue/info", "application/json", "null")
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["queues"].as_array().unwrap().len(), 1);
+    // serde reads a struct from an array too; the document says an object.
+    let (status, body) = app.post_raw("/queue/info", "application/json", "[]").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
 }
