@@ -10,7 +10,7 @@ use rand::SeedableRng;
 use serde_json::{json, Map, Value};
 use ti_scheduler::domain::{DecisionReason, PredictMode, StrategyKind, TaskId, TiKind, TiUuid};
 use ti_scheduler::predictor::Predictor;
-use ti_scheduler::scheduling::Cache;
+use ti_scheduler::scheduling::{Cache, Placing};
 use ti_scheduler::store::StoredTi;
 use tokio::time::Instant;
 
@@ -74,15 +74,15 @@ fn decision_path(c: &mut Criterion) {
             let now = Instant::now();
             group.bench_with_input(BenchmarkId::new(strategy.as_str(), tis), &tis, |b, _| {
                 b.iter(|| {
-                    let d = st.decide(
-                        &task,
-                        "llama-7b",
-                        None,
-                        &metadata,
-                        DecisionReason::Submit,
+                    let d = st.decide(&Placing {
+                        task_id: &task,
+                        model: "llama-7b",
+                        only: None,
+                        metadata: &metadata,
+                        reason: DecisionReason::Submit,
                         now,
-                        0.0,
-                    );
+                        decided_at: 0.0,
+                    });
                     st.release(&task);
                     black_box(d)
                 })

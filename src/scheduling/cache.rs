@@ -110,6 +110,25 @@ pub struct TiSnapshot {
     pub running: usize,
 }
 
+/// A task to place: what a decision needs to know of it and of the moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Placing<'a> {
+    /// The task.
+    pub task_id: &'a TaskId,
+    /// Its model.
+    pub model: &'a str,
+    /// The only kind of TI it may go to (a front-door request: `openai`), if any.
+    pub only: Option<TiKind>,
+    /// Its metadata (the predictor's features).
+    pub metadata: &'a Map<String, Value>,
+    /// Why it is placed (submit, re-route).
+    pub reason: DecisionReason,
+    /// Now, for the queue estimates.
+    pub now: Instant,
+    /// Now, as the decision records it (Unix seconds).
+    pub decided_at: f64,
+}
+
 /// Where a task was placed: the decision (with the chosen TI) when a TI of its model is
 /// usable, and the prediction it carries either way.
 #[derive(Debug)]
@@ -568,61 +587,25 @@ impl Cache {
     /// given) with the current strategy and reserves the prediction there. With no usable
     /// TI, the task keeps the model's prediction and no TI. Used by submit, the front door
     /// and re-routes alike.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn place(
-        &mut self,
-        task_id: &TaskId,
-        model: &str,
-        only: Option<TiKind>,
-        metadata: &Map<String, Value>,
-        reason: DecisionReason,
-        now: Instant,
-        decided_at: f64,
-    ) -> Placement {
-        match self.choose(task_id, model, only, metadata, reason, now, decided_at) {
+    pub(super) fn place(&mut self, task: &Placing<'_>) -> Placement {
+        match self.choose(task) {
             Some(d) => self.reserved(d),
-            None => self.unplaced(model, metadata),
+            None => self.unplaced(task.model, task.metadata),
         }
     }
 
     /// Places a submitted task as [`Cache::place`] does, once admission control admits it
     /// (`admission.rs`): checked before its prediction is reserved, so a refused task
     /// leaves every queue estimate as it was.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn admit(
-        &mut self,
-        task_id: &TaskId,
-        model: &str,
-        only: Option<TiKind>,
-        metadata: &Map<String, Value>,
-        ask: &Ask,
-        now: Instant,
-        decided_at: f64,
-    ) -> Result<Placement, Refusal> {
+    pub(super) fn admit(&mut self, task: &Placing<'_>, ask: &Ask) -> Result<Placement, Refusal> {
         if ask.is_free() {
-            return Ok(self.place(
-                task_id,
-                model,
-                only,
-                metadata,
-                DecisionReason::Submit,
-                now,
-                decided_at,
-            ));
+            return Ok(self.place(task));
         }
         let waiting = match ask.limits.max_waiting_tasks {
-            Some(_) => self.waiting(model),
+            Some(_) => self.waiting(task.model),
             None => 0,
         };
-        let decision = self.choose(
-            task_id,
-            model,
-            only,
-            metadata,
-            DecisionReason::Submit,
-            now,
-            decided_at,
-        );
+        let decision = self.choose(task);
         let wait_and_execution_ms = decision.as_ref().map(|d| {
             let wait = d
                 .candidates
@@ -635,10 +618,10 @@ impl Cache {
             waiting,
             wait_and_execution_ms,
         };
-        admission::check(ask, model, seen)?;
+        admission::check(ask, task.model, seen)?;
         Ok(match decision {
             Some(d) => self.reserved(d),
-            None => self.unplaced(model, metadata),
+            None => self.unplaced(task.model, task.metadata),
         })
     }
 
@@ -687,35 +670,29 @@ impl Cache {
 
     /// Chooses a TI for a task among the model's usable ones with the current strategy and
     /// reserves the prediction there. `None` when no TI is usable.
-    #[allow(clippy::too_many_arguments)]
-    pub fn decide(
-        &mut self,
-        task_id: &TaskId,
-        model: &str,
-        only: Option<TiKind>,
-        metadata: &Map<String, Value>,
-        reason: DecisionReason,
-        now: Instant,
-        decided_at: f64,
-    ) -> Option<NewDecision> {
-        let d = self.choose(task_id, model, only, metadata, reason, now, decided_at)?;
-        self.reserve(task_id, d.chosen_ti, d.predicted_ms, d.predicted_error_ms);
+    pub fn decide(&mut self, task: &Placing<'_>) -> Option<NewDecision> {
+        let d = self.choose(task)?;
+        self.reserve(
+            task.task_id,
+            d.chosen_ti,
+            d.predicted_ms,
+            d.predicted_error_ms,
+        );
         Some(d)
     }
 
     /// Chooses a TI for a task among the model's usable ones (of kind `only`, when given)
     /// with the current strategy, reserving nothing. `None` when no TI is usable.
-    #[allow(clippy::too_many_arguments)]
-    fn choose(
-        &mut self,
-        task_id: &TaskId,
-        model: &str,
-        only: Option<TiKind>,
-        metadata: &Map<String, Value>,
-        reason: DecisionReason,
-        now: Instant,
-        decided_at: f64,
-    ) -> Option<NewDecision> {
+    fn choose(&mut self, task: &Placing<'_>) -> Option<NewDecision> {
+        let Placing {
+            task_id,
+            model,
+            only,
+            metadata,
+            reason,
+            now,
+            decided_at,
+        } = *task;
         let ids = self.models.get(model)?;
         let mut candidates = Vec::with_capacity(ids.len());
         let mut predictions: Vec<Prediction> = Vec::with_capacity(ids.len());

@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use admission::{deadline_of, Limits as AdmissionLimits, Reason as RefusalReason, Refusal};
-pub use cache::{Cache, TiSnapshot};
+pub use cache::{Cache, Placing, TiSnapshot};
 pub use events::{Event, Events, Since, EVENT_BUFFER};
 pub use instances::Registration;
 pub use proxy::{Answer, Proxied, ProxyRequest, CLIENT_GONE, RESTARTED};

@@ -18,11 +18,13 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::admission::Ask;
+use super::cache::Placing;
 use super::complete::Finished;
 use super::dispatch::{Exchange, Payload, Step};
 use super::events::Event;
+use super::submit::{refused, serialized_object};
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, Origin, TaskId, TaskStatus, TiKind, TiUuid};
+use crate::domain::{unix_now, DecisionReason, Origin, TaskId, TaskStatus, TiKind, TiUuid};
 use crate::store::NewTask;
 use crate::telemetry;
 use crate::ti::openai::{add_features, retry_after, StreamAssembly};
@@ -141,9 +143,9 @@ impl Scheduler {
         let mut metadata = Map::new();
         metadata.insert("path".into(), path.into());
         add_features(&body, &mut metadata);
-        let task_input = RawValue::from_string(serialized(&body))
+        let task_input = RawValue::from_string(serialized_object(&body))
             .map_err(|e| Error::Invalid(format!("the request body: {e}")))?;
-        let metadata_text = serialized(&metadata);
+        let metadata_text = serialized_object(&metadata);
         let submit_time = unix_now();
         let ask = Ask {
             limits: self.inner.settings.admission,
@@ -159,25 +161,18 @@ impl Scheduler {
                     "The model '{model}' does not exist: no OpenAI-compatible TI serves it"
                 )));
             }
-            cache.admit(
-                &task_id,
-                &model,
-                Some(TiKind::Openai),
-                &metadata,
-                &ask,
-                arrived,
-                submit_time,
-            )
+            let task = Placing {
+                task_id: &task_id,
+                model: &model,
+                only: Some(TiKind::Openai),
+                metadata: &metadata,
+                reason: DecisionReason::Submit,
+                now: arrived,
+                decided_at: submit_time,
+            };
+            cache.admit(&task, &ask)
         };
-        let placement = placed.map_err(|refusal| {
-            metrics::counter!(
-                telemetry::ADMISSION_REJECTIONS,
-                "model" => model.clone(),
-                "reason" => refusal.reason.as_str()
-            )
-            .increment(1);
-            Error::Overloaded(refusal)
-        })?;
+        let placement = placed.map_err(refused)?;
         let Some(ti) = placement.ti() else {
             return Err(Error::NoInstance(format!(
                 "no usable TaskInstance for model '{model}'"
@@ -439,10 +434,4 @@ impl Drop for StreamOpen {
     fn drop(&mut self) {
         metrics::gauge!(telemetry::OPENAI_STREAMS_OPEN).decrement(1.0);
     }
-}
-
-/// A JSON object as text.
-fn serialized(map: &Map<String, Value>) -> String {
-    // Serializing a map of JSON values cannot fail (keys are strings).
-    serde_json::to_string(map).unwrap_or_else(|_| "{}".to_string())
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use super::cache::Placing;
 use super::dispatch::{Payload, Step};
 use super::events::Event;
 use super::Scheduler;
@@ -44,15 +45,15 @@ impl Scheduler {
         let (from, placement) = {
             let mut cache = self.cache();
             let from = cache.release(task_id);
-            let placement = cache.place(
+            let placement = cache.place(&Placing {
                 task_id,
-                &payload.model,
-                payload.only_kind(),
-                &payload.metadata,
-                DecisionReason::Reroute,
-                Instant::now(),
-                unix_now(),
-            );
+                model: &payload.model,
+                only: payload.only_kind(),
+                metadata: &payload.metadata,
+                reason: DecisionReason::Reroute,
+                now: Instant::now(),
+                decided_at: unix_now(),
+            });
             (from, placement)
         };
         let chosen = placement.ti();

@@ -12,11 +12,12 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
-use super::admission::Ask;
+use super::admission::{Ask, Refusal};
+use super::cache::Placing;
 use super::dispatch::{Payload, Step};
 use super::events::Event;
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, NewDecision, Origin, TaskId, TaskStatus, TiUuid};
+use crate::domain::{unix_now, DecisionReason, NewDecision, Origin, TaskId, TaskStatus, TiUuid};
 use crate::store::{DecisionRow, NewTask, StoreError, TaskRepo};
 use crate::telemetry;
 
@@ -188,15 +189,16 @@ impl Scheduler {
                     deadline_ms: item.deadline_ms,
                     index: i,
                 };
-                let placed = cache.admit(
-                    &task_id,
+                let task = Placing {
+                    task_id: &task_id,
                     model,
-                    None,
-                    &item.metadata,
-                    &ask,
+                    only: None,
+                    metadata: &item.metadata,
+                    reason: DecisionReason::Submit,
                     now,
-                    submit_time,
-                );
+                    decided_at: submit_time,
+                };
+                let placed = cache.admit(&task, &ask);
                 let placement = match placed {
                     Ok(p) => p,
                     Err(refusal) => {
@@ -204,13 +206,7 @@ impl Scheduler {
                             cache.release(&task.task_id);
                         }
                         drop(cache);
-                        metrics::counter!(
-                            telemetry::ADMISSION_REJECTIONS,
-                            "model" => model.to_string(),
-                            "reason" => refusal.reason.as_str()
-                        )
-                        .increment(1);
-                        return Err(Error::Overloaded(refusal));
+                        return Err(refused(refusal));
                     }
                 };
                 let task = NewTask {
@@ -287,8 +283,19 @@ impl Scheduler {
     }
 }
 
+/// A task refused by admission control, counted by model and reason.
+pub(super) fn refused(refusal: Refusal) -> Error {
+    metrics::counter!(
+        telemetry::ADMISSION_REJECTIONS,
+        "model" => refusal.model.clone(),
+        "reason" => refusal.reason.as_str()
+    )
+    .increment(1);
+    Error::Overloaded(refusal)
+}
+
 /// A JSON object as text, without copying it first.
-fn serialized_object(map: &Map<String, Value>) -> String {
+pub(super) fn serialized_object(map: &Map<String, Value>) -> String {
     // Serializing a map of JSON values cannot fail (keys are strings).
     serde_json::to_string(map).unwrap_or_else(|_| "{}".to_string())
 }
