@@ -285,17 +285,20 @@ async fn sigterm_stops_the_service_cleanly_and_nothing_is_lost() {
     );
 }
 
+/// A read-only connection to a service's database (running or not).
+fn read_only(db: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap()
+}
+
 /// The status and outcome of a task in a stopped service's database.
 fn stored_state(db: &Path, task_id: &str) -> (String, Option<String>) {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap();
-    conn.query_row(
-        "SELECT status, outcome FROM tasks WHERE task_id = ?1",
-        [task_id],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-    .unwrap()
+    read_only(db)
+        .query_row(
+            "SELECT status, outcome FROM tasks WHERE task_id = ?1",
+            [task_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
 }
 
 /// A service with one simulated TI whose tasks run `task_ms`, a shutdown grace of
@@ -407,7 +410,9 @@ async fn no_acknowledged_task_is_lost_on_openai_tis_when_the_service_is_killed()
     crash_test("openai").await;
 }
 
-async fn crash_test(kind: &str) {
+/// The kill points (`CRASH_KILLS`, default 5) and seed (`CRASH_SEED`, else random) of a
+/// crash test, announced with its name.
+fn crash_plan(name: &str) -> (usize, u64, rand::rngs::StdRng) {
     let kills: usize = std::env::var("CRASH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -416,14 +421,61 @@ async fn crash_test(kind: &str) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(rand::random);
-    println!("crash test ({kind} TIs): {kills} kill points, CRASH_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    println!("crash test ({name}): {kills} kill points, CRASH_SEED={seed}");
+    (kills, seed, rand::rngs::StdRng::seed_from_u64(seed))
+}
+
+/// SIGKILLs the service at `kills` random moments 50–600 ms apart, restarting it on the
+/// same database each time; `progress` says how far the clients got at each kill.
+async fn kill_and_restart(
+    mut service: Service,
+    client: &reqwest::Client,
+    kills: usize,
+    rng: &mut rand::rngs::StdRng,
+    progress: impl Fn() -> String,
+) -> Service {
+    for k in 0..kills {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
+        let before = progress();
+        let (port, db, log) = service.kill();
+        println!("kill {}: {before}", k + 1);
+        service = Service::start(port, &db, &log);
+        service.wait_ready(client).await;
+    }
+    service
+}
+
+/// Waits until every task in the service's database is completed (30 s at most).
+async fn wait_all_completed(service: &Service, db: &Path) {
+    let unfinished = || {
+        read_only(db)
+            .query_row(
+                "SELECT COUNT(*) FROM tasks WHERE status <> 'completed'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap()
+    };
+    for _ in 0..600 {
+        if unfinished() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "tasks still unfinished after 30 s; log:\n{}",
+        service.log_tail()
+    );
+}
+
+async fn crash_test(kind: &str) {
+    let (kills, seed, mut rng) = crash_plan(&format!("{kind} TIs"));
 
     let dir = tempfile::tempdir().unwrap();
     let (db, log) = (dir.path().join("crash.db"), dir.path().join("crash.log"));
     let tis = Arc::new(Tis::spawn(kind).await);
     let client = client();
-    let mut service = Service::start(free_port(), &db, &log);
+    let service = Service::start(free_port(), &db, &log);
     service.wait_ready(&client).await;
     tis.register(&client, &service).await;
 
@@ -478,14 +530,10 @@ async fn crash_test(kind: &str) {
         }));
     }
 
-    for k in 0..kills {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
-        let before = acked.lock().unwrap().len();
-        let (port, db, log) = service.kill();
-        println!("kill {}: {before} tasks acknowledged so far", k + 1);
-        service = Service::start(port, &db, &log);
-        service.wait_ready(&client).await;
-    }
+    let service = kill_and_restart(service, &client, kills, &mut rng, || {
+        format!("{} tasks acknowledged so far", acked.lock().unwrap().len())
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -501,27 +549,7 @@ async fn crash_test(kind: &str) {
     );
 
     // Every task in the database finishes (results come by callback or reconciliation).
-    let unfinished = || {
-        let conn =
-            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .unwrap();
-        conn.query_row(
-            "SELECT COUNT(*) FROM tasks WHERE status <> 'completed'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .unwrap()
-    };
-    let mut waited = 0;
-    while unfinished() > 0 {
-        assert!(
-            waited < 600,
-            "tasks still unfinished after 30 s; log:\n{}",
-            service.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += 1;
-    }
+    wait_all_completed(&service, &db).await;
 
     let mut lost = Vec::new();
     for id in &acked {
@@ -531,13 +559,9 @@ async fn crash_test(kind: &str) {
             lost.push((id.clone(), status, body));
         }
     }
-    let stored: i64 = {
-        let conn =
-            rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .unwrap();
-        conn.query_row("SELECT COUNT(*) FROM tasks", [], |r| r.get(0))
-            .unwrap()
-    };
+    let stored: i64 = read_only(&db)
+        .query_row("SELECT COUNT(*) FROM tasks", [], |r| r.get(0))
+        .unwrap();
     let executed = tis.executed();
     let twice = executed.saturating_sub(stored as u64);
     println!(
@@ -567,22 +591,13 @@ async fn crash_test(kind: &str) {
 /// TI twice, and no task is left unfinished. `CRASH_KILLS` and `CRASH_SEED` as above.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_front_door_request_is_lost_or_answered_twice_when_the_service_is_killed() {
-    let kills: usize = std::env::var("CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("crash test (front door): {kills} kill points, CRASH_SEED={seed}");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (kills, seed, mut rng) = crash_plan("front door");
 
     let dir = tempfile::tempdir().unwrap();
     let (db, log) = (dir.path().join("crash.db"), dir.path().join("crash.log"));
     let tis = Arc::new(Tis::spawn("openai").await);
     let client = client();
-    let mut service = Service::start(free_port(), &db, &log);
+    let service = Service::start(free_port(), &db, &log);
     service.wait_ready(&client).await;
     tis.register(&client, &service).await;
 
@@ -647,14 +662,13 @@ async fn no_front_door_request_is_lost_or_answered_twice_when_the_service_is_kil
         }));
     }
 
-    for k in 0..kills {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(50..600))).await;
-        let answered = seen.lock().unwrap().answered.len();
-        let (port, db, log) = service.kill();
-        println!("kill {}: {answered} requests answered so far", k + 1);
-        service = Service::start(port, &db, &log);
-        service.wait_ready(&client).await;
-    }
+    let service = kill_and_restart(service, &client, kills, &mut rng, || {
+        format!(
+            "{} requests answered so far",
+            seen.lock().unwrap().answered.len()
+        )
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
@@ -662,26 +676,9 @@ async fn no_front_door_request_is_lost_or_answered_twice_when_the_service_is_kil
     }
 
     // Every front-door task completes (after a restart, as failed).
-    let conn = || {
-        rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .unwrap()
-    };
-    let mut waited = 0;
-    while conn()
-        .query_row(
-            "SELECT COUNT(*) FROM tasks WHERE status <> 'completed'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .unwrap()
-        > 0
-    {
-        assert!(waited < 600, "tasks still unfinished after 30 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        waited += 1;
-    }
+    wait_all_completed(&service, &db).await;
     let rows: Vec<(String, String, String)> = {
-        let conn = conn();
+        let conn = read_only(&db);
         let mut query = conn
             .prepare(
                 "SELECT json_extract(task_input, '$.prompt'), task_id, outcome FROM tasks \
