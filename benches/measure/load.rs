@@ -148,7 +148,7 @@ pub(super) struct ChildServer {
 }
 
 impl ChildServer {
-    pub(super) fn spawn(
+    fn spawn(
         program: &Path,
         args: &[&str],
         envs: &[(&str, String)],
@@ -171,7 +171,7 @@ impl ChildServer {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    pub(super) async fn wait_ready(&self, path: &str) -> anyhow::Result<()> {
+    async fn wait_ready(&self, path: &str) -> anyhow::Result<()> {
         let http = reqwest::Client::builder().no_proxy().build()?;
         for _ in 0..400 {
             if let Ok(r) = http.get(format!("{}{path}", self.url())).send().await {
@@ -527,14 +527,14 @@ pub(super) fn durability_name(d: Durability) -> &'static str {
     }
 }
 
-/// The scheduler under load: its drive, and its own figures.
-pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<ServerFigures>)> {
-    if let Some(url) = &args.url {
-        return Ok((drive(url.trim_end_matches('/'), args).await?, None));
-    }
-    let dir = scratch_dir()?;
-    let db = dir.join("load.db");
-    let tis = InstantTis::spawn(args.protocol, args.tis).await?;
+/// Starts the service binary on `db` (its log in `dir`) at `durability`, waits until it is
+/// ready and registers the TIs; returns it with an HTTP client for it.
+pub(super) async fn start_scheduler(
+    dir: &Path,
+    db: &Path,
+    durability: Durability,
+    registrations: &[Value],
+) -> anyhow::Result<(ChildServer, reqwest::Client)> {
     let port = free_port()?;
     let server = ChildServer::spawn(
         Path::new(SERVICE_BIN),
@@ -547,21 +547,33 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
         ],
         &[(
             "TI_SCHEDULER__DATABASE__DURABILITY",
-            durability_name(args.durability).to_string(),
+            durability_name(durability).to_string(),
         )],
         port,
         &dir.join("scheduler.log"),
     )?;
     server.wait_ready("/ready").await?;
     let http = reqwest::Client::builder().no_proxy().build()?;
-    for registration in tis.registrations() {
+    for registration in registrations {
         let r = http
             .post(format!("{}/ti/register", server.url()))
-            .json(&registration)
+            .json(registration)
             .send()
             .await?;
         anyhow::ensure!(r.status().is_success(), "register: {}", r.text().await?);
     }
+    Ok((server, http))
+}
+
+/// The scheduler under load: its drive, and its own figures.
+pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<ServerFigures>)> {
+    if let Some(url) = &args.url {
+        return Ok((drive(url.trim_end_matches('/'), args).await?, None));
+    }
+    let dir = scratch_dir()?;
+    let db = dir.join("load.db");
+    let tis = InstantTis::spawn(args.protocol, args.tis).await?;
+    let (server, http) = start_scheduler(&dir, &db, args.durability, &tis.registrations()).await?;
     // CPU time and the writer's totals are read at the edges of the measured window.
     let window = {
         let (pid, http, url) = (server.pid(), http.clone(), server.url());

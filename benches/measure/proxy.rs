@@ -12,7 +12,6 @@
 //!
 //! Clients, servers and scheduler share the machine's cores, as the targets say.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,9 +20,8 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::load::{durability_name, free_port, scratch_dir, ChildServer};
+use super::load::{durability_name, scratch_dir, start_scheduler};
 use super::workload::MODEL;
-use super::SERVICE_BIN;
 use ti_scheduler::domain::Durability;
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 
@@ -285,36 +283,14 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
     }
     let dir = scratch_dir()?;
     let db = dir.join("proxy.db");
-    let port = free_port()?;
-    let server = ChildServer::spawn(
-        Path::new(SERVICE_BIN),
-        &[
-            "serve",
-            "--bind",
-            &format!("127.0.0.1:{port}"),
-            "--db",
-            &db.to_string_lossy(),
-        ],
-        &[(
-            "TI_SCHEDULER__DATABASE__DURABILITY",
-            durability_name(args.durability).to_string(),
-        )],
-        port,
-        &dir.join("scheduler.log"),
-    )?;
-    server.wait_ready("/ready").await?;
-    let http = reqwest::Client::builder().no_proxy().build()?;
-    for sim in &sims {
-        let r = http
-            .post(format!("{}/ti/register", server.url()))
-            .json(
-                &json!({"host": "127.0.0.1", "port": sim.addr().port(), "kind": "openai",
-                          "max_concurrency": BACKEND_CONCURRENCY}),
-            )
-            .send()
-            .await?;
-        anyhow::ensure!(r.status().is_success(), "register: {}", r.text().await?);
-    }
+    let registrations: Vec<Value> = sims
+        .iter()
+        .map(|sim| {
+            json!({"host": "127.0.0.1", "port": sim.addr().port(), "kind": "openai",
+                   "max_concurrency": BACKEND_CONCURRENCY})
+        })
+        .collect();
+    let (server, _) = start_scheduler(&dir, &db, args.durability, &registrations).await?;
     let bases = |range: std::ops::Range<usize>| -> Vec<String> {
         sims[range]
             .iter()
