@@ -86,15 +86,7 @@ async fn assert_no_task(app: &TestApp, task_id: &str) {
 
 /// The value of `ti_scheduler_admission_rejections_total` for this model and reason.
 async fn rejections(app: &TestApp, model: &str, reason: &str) -> f64 {
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     text.lines()
         .filter(|l| l.starts_with("ti_scheduler_admission_rejections_total{"))
         .filter(|l| {

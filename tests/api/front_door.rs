@@ -175,15 +175,7 @@ async fn a_stream_reaches_the_client_chunk_by_chunk_and_is_stored_whole() {
     // The front door's own metrics: the request by model and status, its time to first
     // token, the streams gauge. (The recorder is the test process's: other tests count in
     // it too, hence no exact values.)
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     let sample = |name: &str| {
         metrics
             .lines()

@@ -478,15 +478,7 @@ async fn beyond_max_connections_a_new_connection_is_closed_and_requests_work_aga
         (resp.status() == StatusCode::OK).then_some(())
     })
     .await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("ti_scheduler_connections_refused_total"),
         "{metrics}"

@@ -114,6 +114,13 @@ impl TestApp {
         read(resp).await
     }
 
+    /// The Prometheus text of `GET /metrics` (asserting a 200).
+    pub async fn metrics(&self) -> String {
+        let resp = self.client.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        resp.text().await.unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
         let resp = self.client.get(self.url(path)).send().await.unwrap();
         read(resp).await

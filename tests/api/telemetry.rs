@@ -29,9 +29,7 @@ struct Scrape {
 
 impl Scrape {
     async fn of(app: &TestApp) -> Self {
-        let resp = app.client.get(app.url("/metrics")).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        Self::parse(resp.text().await.unwrap())
+        Self::parse(app.metrics().await)
     }
 
     /// Parses the text. Label values here hold no `",` (uuids, model names, addresses),
