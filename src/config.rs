@@ -20,8 +20,10 @@ use crate::domain::{Durability, PredictMode, StrategyKind};
 pub struct Settings {
     /// HTTP server.
     pub server: ServerSettings,
-    /// SQLite database.
+    /// The database: SQLite (default) or PostgreSQL.
     pub database: DatabaseSettings,
+    /// High availability on PostgreSQL: several nodes, one leader.
+    pub ha: HaSettings,
     /// Talking to Task Instances.
     pub ti: TiSettings,
     /// Strategy and predictor defaults.
@@ -69,23 +71,98 @@ pub struct ServerSettings {
     pub shutdown_grace_ms: u64,
 }
 
-/// SQLite settings.
+/// Database settings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
-    /// The database file; created and migrated on first start.
+    /// `sqlite:PATH` or `postgres://user@host:port/db`; empty: SQLite at `path`.
+    pub url: String,
+    /// The SQLite file when `url` is empty; created and migrated on first start.
     pub path: PathBuf,
     /// `full` (a commit survives power loss) or `normal` (it survives a process crash).
     pub durability: Durability,
     /// Largest number of writes committed in one transaction by the group-commit writer.
     pub max_batch: usize,
-    /// Connections in the read pool.
+    /// Connections in the read pool (SQLite: read-only connections; PostgreSQL: the
+    /// pool beside the writer's own connection).
     pub read_connections: u32,
     /// Largest size of the database file, MiB (`PRAGMA max_page_count`); 0 = no limit.
     /// Beyond it writes are refused as on a full disk (507) while reads go on.
     pub max_size_mb: u64,
     /// Run `PRAGMA quick_check` on the file at start and refuse a corrupt one.
     pub quick_check: bool,
+}
+
+/// High availability (PostgreSQL only, SPEC.md §12).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HaSettings {
+    /// Run as one of several nodes sharing one PostgreSQL database; only the node holding
+    /// the leader lease serves, the others answer 503 naming the leader.
+    pub enabled: bool,
+    /// How long a lease lasts without renewal, ms; the leader renews it every third of
+    /// this, and a standby takes over within twice this after the leader dies.
+    pub lease_ms: u64,
+    /// This node's name in the lease; empty: the host name and the process id.
+    pub node_id: String,
+}
+
+/// Where the state lives, from `database.url` (or `database.path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseLocation {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`postgres://` or `postgresql://` URL).
+    Postgres(String),
+}
+
+impl DatabaseLocation {
+    /// For logs: the file, or the URL without its password.
+    pub fn display(&self) -> String {
+        match self {
+            Self::Sqlite(path) => path.display().to_string(),
+            Self::Postgres(url) => redact_password(url),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl DatabaseSettings {
+    /// The database `url` names (or the file `path` names when `url` is empty).
+    pub fn location(&self) -> Result<DatabaseLocation, String> {
+        let url = self.url.trim();
+        if url.is_empty() {
+            return Ok(DatabaseLocation::Sqlite(self.path.clone()));
+        }
+        if let Some(path) = url.strip_prefix("sqlite:") {
+            let path = path.strip_prefix("//").unwrap_or(path);
+            if path.is_empty() {
+                return Err("database.url sqlite: names no file (sqlite:PATH)".into());
+            }
+            return Ok(DatabaseLocation::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(DatabaseLocation::Postgres(url.to_string()));
+        }
+        Err(format!(
+            "database.url {:?} is neither sqlite:PATH nor postgres://...",
+            redact_password(url)
+        ))
+    }
 }
 
 /// Settings for the scheduler's side of the TI protocol.
@@ -175,9 +252,20 @@ impl Default for ServerSettings {
     }
 }
 
+impl Default for HaSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            lease_ms: 3_000,
+            node_id: String::new(),
+        }
+    }
+}
+
 impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
+            url: String::new(),
             path: PathBuf::from("data/ti-scheduler.db"),
             durability: Durability::Full,
             max_batch: 512,
@@ -387,6 +475,39 @@ mod tests {
             assert_eq!(loaded.source, "s.toml + 1 TI_SCHEDULER__* variable(s)");
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_database_url_names_a_file_or_a_postgres_server_and_anything_else_is_refused() {
+        let mut db = DatabaseSettings::default();
+        assert_eq!(
+            db.location().unwrap(),
+            DatabaseLocation::Sqlite(PathBuf::from("data/ti-scheduler.db"))
+        );
+        db.url = "sqlite:state/x.db".into();
+        assert_eq!(
+            db.location().unwrap(),
+            DatabaseLocation::Sqlite(PathBuf::from("state/x.db"))
+        );
+        db.url = "sqlite:///abs/x.db".into();
+        assert_eq!(
+            db.location().unwrap(),
+            DatabaseLocation::Sqlite(PathBuf::from("/abs/x.db"))
+        );
+        db.url = "postgres://u:pw@127.0.0.1:5432/sched".into();
+        let pg = db.location().unwrap();
+        assert_eq!(
+            pg,
+            DatabaseLocation::Postgres("postgres://u:pw@127.0.0.1:5432/sched".into())
+        );
+        assert_eq!(pg.display(), "postgres://u:***@127.0.0.1:5432/sched");
+        db.url = "mysql://u:pw@h/db".into();
+        assert_eq!(
+            db.location().unwrap_err(),
+            "database.url \"mysql://u:***@h/db\" is neither sqlite:PATH nor postgres://..."
+        );
+        db.url = "sqlite:".into();
+        assert!(db.location().unwrap_err().contains("names no file"));
     }
 
     #[test]

@@ -9,10 +9,8 @@
 //! `migrations/V4__task_history_indexes.sql`): one range per wanted state, merged by
 //! SQLite in key order, never sorted.
 
-use sqlx::SqliteExecutor;
-
 use super::tasks::{parse_status, parse_ti};
-use super::{StoreError, TaskRepo};
+use super::{Reader, StoreError, TaskRepo};
 use crate::domain::{Outcome, TaskId, TaskStatus, TiUuid};
 
 /// Which tasks to list.
@@ -229,6 +227,36 @@ impl HistorySql {
         }
         query
     }
+
+    /// The same statement for PostgreSQL: `$n` placeholders, and no `INDEXED BY` (its
+    /// planner picks the same index by itself: the filter and the order match it).
+    fn postgres_sql(&self) -> String {
+        let mut sql = self.sql.replace('?', "$");
+        while let Some(start) = sql.find(" INDEXED BY ") {
+            let name = start + " INDEXED BY ".len();
+            let end = sql[name..].find(' ').map_or(sql.len(), |i| name + i);
+            sql.replace_range(start..end, "");
+        }
+        sql
+    }
+
+    /// The PostgreSQL statement with its values bound.
+    fn postgres_query<T>(
+        &self,
+    ) -> sqlx::query::QueryAs<'static, sqlx::Postgres, T, sqlx::postgres::PgArguments>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    {
+        let mut query = sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(self.postgres_sql()));
+        for bind in &self.binds {
+            query = match bind {
+                HistoryBind::Text(s) => query.bind(s.clone()),
+                HistoryBind::Real(x) => query.bind(*x),
+                HistoryBind::Int(i) => query.bind(*i),
+            };
+        }
+        query
+    }
 }
 
 /// The columns a history row reads.
@@ -311,20 +339,18 @@ pub fn history_sql(filter: &HistoryFilter) -> Option<HistorySql> {
 impl TaskRepo {
     /// A page of the tasks matching `filter`, newest first.
     #[tracing::instrument(skip_all, fields(index = filter.index(), limit = filter.limit))]
-    pub async fn history(
-        exec: impl SqliteExecutor<'_>,
-        filter: &HistoryFilter,
-    ) -> Result<HistoryPage, StoreError> {
+    pub async fn history(read: &Reader, filter: &HistoryFilter) -> Result<HistoryPage, StoreError> {
         let Some(query) = history_sql(filter) else {
             return Ok(HistoryPage {
                 tasks: Vec::new(),
                 next: None,
             });
         };
-        let mut tasks = query
-            .query_as::<StoredRow>("")
-            .fetch_all(exec)
-            .await?
+        let rows = match read {
+            Reader::Sqlite(pool) => query.query_as::<StoredRow>("").fetch_all(pool).await?,
+            Reader::Postgres(pool) => query.postgres_query::<StoredRow>().fetch_all(pool).await?,
+        };
+        let mut tasks = rows
             .into_iter()
             .map(HistoryRow::try_from)
             .collect::<Result<Vec<_>, _>>()?;

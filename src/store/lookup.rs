@@ -1,9 +1,6 @@
 //! The `lookup_rows` table: the pre-computed predictions of lookup_table mode.
 
-use rusqlite::Connection;
-use sqlx::SqliteExecutor;
-
-use super::StoreError;
+use super::{Reader, StoreError, Tx};
 use crate::domain::LookupRow;
 
 pub(super) const INSERT: &str =
@@ -16,13 +13,27 @@ pub struct LookupRepo;
 
 impl LookupRepo {
     /// Every row, in import order.
-    pub async fn all(exec: impl SqliteExecutor<'_>) -> Result<Vec<LookupRow>, StoreError> {
-        let rows = sqlx::query!(
-            "SELECT model_name, hardware, features, expect_ms, error_ms, quantiles
-             FROM lookup_rows ORDER BY id"
-        )
-        .fetch_all(exec)
-        .await?;
+    pub async fn all(read: &Reader) -> Result<Vec<LookupRow>, StoreError> {
+        let rows: Vec<StoredRow> = match read {
+            Reader::Sqlite(pool) => {
+                sqlx::query_as!(
+                    StoredRow,
+                    "SELECT model_name, hardware, features, expect_ms, error_ms, quantiles
+                     FROM lookup_rows ORDER BY id"
+                )
+                .fetch_all(pool)
+                .await?
+            }
+            Reader::Postgres(pool) => {
+                sqlx::query_as!(
+                    StoredRow,
+                    "/* pg */ SELECT model_name, hardware, features, expect_ms, error_ms, quantiles
+                     FROM lookup_rows ORDER BY id"
+                )
+                .fetch_all(pool)
+                .await?
+            }
+        };
         rows.into_iter()
             .map(|row| {
                 let corrupt =
@@ -40,28 +51,66 @@ impl LookupRepo {
     }
 
     /// Deletes every row.
-    pub fn clear(conn: &Connection) -> Result<(), StoreError> {
-        conn.prepare_cached(CLEAR)?.execute(())?;
+    pub fn clear(tx: &mut Tx<'_>) -> Result<(), StoreError> {
+        match tx {
+            Tx::Sqlite(conn) => {
+                conn.prepare_cached(CLEAR)?.execute(())?;
+            }
+            Tx::Postgres(pg) => {
+                pg.rt.block_on(
+                    sqlx::query!("/* pg */ DELETE FROM lookup_rows").execute(&mut *pg.conn),
+                )?;
+            }
+        }
         Ok(())
     }
 
     /// Appends rows.
-    pub fn insert(conn: &Connection, rows: &[LookupRow]) -> Result<(), StoreError> {
-        let mut insert = conn.prepare_cached(INSERT)?;
+    pub fn insert(tx: &mut Tx<'_>, rows: &[LookupRow]) -> Result<(), StoreError> {
         for row in rows {
             let features = serde_json::to_string(&row.features)
                 .map_err(|e| StoreError::Corrupt(format!("features: {e}")))?;
             let quantiles = serde_json::to_string(&row.quantiles)
                 .map_err(|e| StoreError::Corrupt(format!("quantiles: {e}")))?;
-            insert.execute((
-                &row.model_name,
-                &row.hardware,
-                features,
-                row.expect_ms,
-                row.error_ms,
-                quantiles,
-            ))?;
+            match tx {
+                Tx::Sqlite(conn) => {
+                    conn.prepare_cached(INSERT)?.execute((
+                        &row.model_name,
+                        &row.hardware,
+                        features,
+                        row.expect_ms,
+                        row.error_ms,
+                        quantiles,
+                    ))?;
+                }
+                Tx::Postgres(pg) => {
+                    pg.rt.block_on(
+                        sqlx::query!(
+                            "/* pg */ INSERT INTO lookup_rows
+                                 (model_name, hardware, features, expect_ms, error_ms, quantiles)
+                             VALUES ($1, $2, $3, $4, $5, $6)",
+                            row.model_name,
+                            row.hardware,
+                            features,
+                            row.expect_ms,
+                            row.error_ms,
+                            quantiles
+                        )
+                        .execute(&mut *pg.conn),
+                    )?;
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// A row as read from the table.
+struct StoredRow {
+    model_name: String,
+    hardware: Option<String>,
+    features: String,
+    expect_ms: f64,
+    error_ms: f64,
+    quantiles: String,
 }

@@ -1,12 +1,16 @@
-//! SQLite: the service's whole state, and the only truth.
+//! The database: the service's whole state, and the only truth. SQLite (the default) or
+//! PostgreSQL, with the same repositories and the same guarantees.
 //!
-//! [`open`] migrates the file with refinery (through rusqlite, which shares sqlx's
+//! [`open`] migrates an SQLite file with refinery (through rusqlite, which shares sqlx's
 //! libsqlite3), then opens a read pool (sqlx) and the single write connection (rusqlite)
-//! owned by the group-commit [`Writer`] thread. The repositories hold every SQL statement
-//! the service runs. Reads are checked at compile time against the migrated schema
-//! (offline metadata in `sqlx-data/`); writes are plain rusqlite statements, each one
-//! prepared against the migrated schema by a test (`store::tests`). [`backup`] copies a
-//! file that a service may be using (`ti-scheduler backup`).
+//! owned by the group-commit [`Writer`] thread. [`open_postgres`] migrates a PostgreSQL
+//! database with sqlx's migrator (`migrations/postgres/`), then opens a read pool and the
+//! writer's own connection. The repositories hold every SQL statement the service runs,
+//! one per backend where the dialects differ; each matches on [`Reader`] or [`Tx`].
+//! Reads on both backends, and writes on PostgreSQL, are checked at compile time (offline
+//! metadata in `sqlx-data/`, `scripts/sqlx-prepare.sh`); SQLite writes are rusqlite
+//! statements, each one prepared against the migrated schema by a test (`store::tests`).
+//! [`backup`] copies an SQLite file that a service may be using (`ti-scheduler backup`).
 
 mod backup;
 mod decisions;
@@ -14,6 +18,7 @@ mod guard;
 mod history;
 mod learned;
 mod lookup;
+mod postgres;
 mod settings;
 mod stats;
 mod tasks;
@@ -39,12 +44,13 @@ pub use history::{
 };
 pub use learned::{LearnedRepo, StoredModel};
 pub use lookup::LookupRepo;
+pub use postgres::{open_postgres, PG_MIGRATIONS};
 pub use settings::SettingsRepo;
 pub use stats::{ExecutionStats, StatsRepo};
 pub use tasks::{Completed, Completion, Execution, NewTask, StoredTask, TaskRepo, UnfinishedTask};
 pub use tis::{StoredTi, TiRepo};
 pub use window::{CompletedTask, WindowRepo};
-pub use writer::Writer;
+pub use writer::{Fence, PgTx, Tx, Writer};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -103,9 +109,22 @@ pub enum StoreError {
     /// A stored value could not be read back (a JSON column, an id).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    /// The writer task has stopped (the service is shutting down).
+    /// The writer task has stopped (the service is shutting down), or lost its
+    /// PostgreSQL connection and could not reconnect.
     #[error("the database writer has stopped")]
     WriterClosed,
+    /// Migrating a PostgreSQL database failed.
+    #[error("database migration failed: {0}")]
+    PgMigrate(#[from] sqlx::migrate::MigrateError),
+    /// High availability: the lease has another epoch than this node's; this node is no
+    /// longer the leader and may not write.
+    #[error("this node lost the leader lease (epoch {epoch}, the lease is at {held:?})")]
+    Deposed {
+        /// The epoch this node led under.
+        epoch: i64,
+        /// The lease's epoch now.
+        held: Option<i64>,
+    },
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -124,7 +143,10 @@ impl StoreError {
         match self {
             Self::Full(_) | Self::BatchFull => true,
             Self::Batch(cause) => cause.is_full(),
-            Self::Sql(sqlx::Error::Database(e)) => e.code().as_deref() == Some("13"),
+            // SQLITE_FULL through sqlx; PostgreSQL's disk_full.
+            Self::Sql(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref(), Some("13" | "53100"))
+            }
             _ => false,
         }
     }
@@ -133,10 +155,29 @@ impl StoreError {
 /// The open database: a read pool and the writer.
 #[derive(Clone)]
 pub struct Db {
-    /// Connections for reads; WAL lets them run beside the writer.
-    pub read: SqlitePool,
+    /// Connections for reads; on SQLite, WAL lets them run beside the writer.
+    pub read: Reader,
     /// The only way to write.
     pub writer: Writer,
+}
+
+/// The read pool of either backend; every read of a repository matches on it.
+#[derive(Clone, Debug)]
+pub enum Reader {
+    /// Read-only connections to the SQLite file.
+    Sqlite(SqlitePool),
+    /// Connections to the PostgreSQL database.
+    Postgres(sqlx::PgPool),
+}
+
+impl Reader {
+    /// Closes every connection of the pool.
+    pub async fn close(&self) {
+        match self {
+            Self::Sqlite(pool) => pool.close().await,
+            Self::Postgres(pool) => pool.close().await,
+        }
+    }
 }
 
 /// Applies pending migrations to the file at `path` (creating it and its directory).
@@ -232,8 +273,14 @@ pub async fn open(
         .max_connections(read_connections.max(1))
         .connect_with(options)
         .await?;
-    let (writer, handle) = Writer::spawn(conn, max_batch, stop)?;
-    Ok((Db { read, writer }, handle))
+    let (writer, handle) = Writer::spawn(writer::Target::Sqlite(conn), max_batch, stop).await?;
+    Ok((
+        Db {
+            read: Reader::Sqlite(read),
+            writer,
+        },
+        handle,
+    ))
 }
 
 /// Caps the database at `max_mb` MiB (`PRAGMA max_page_count` on the write connection;
@@ -243,8 +290,15 @@ pub async fn limit_size(db: &Db, max_mb: u64) -> Result<u64, StoreError> {
     if max_mb == 0 {
         return Ok(0);
     }
+    if !matches!(db.read, Reader::Sqlite(_)) {
+        tracing::warn!("database.max_size_mb applies to SQLite only; PostgreSQL ignores it");
+        return Ok(0);
+    }
     db.writer
-        .run(move |conn| {
+        .run(move |tx| {
+            let Tx::Sqlite(conn) = tx else {
+                return Ok(0);
+            };
             let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
             let pages = (max_mb * 1024 * 1024 / page_size.max(1)).max(1);
             let cap: u64 =

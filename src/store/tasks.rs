@@ -1,10 +1,9 @@
 //! The `tasks` table: every accepted task from submit to completion.
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::OptionalExtension;
 use serde_json::Value;
-use sqlx::SqliteExecutor;
 
-use super::{DecisionRepo, DecisionRow, StoreError};
+use super::{DecisionRepo, DecisionRow, Reader, StoreError, Tx};
 use crate::domain::{Origin, Outcome, TaskId, TaskStatus, TiUuid, Usage};
 
 pub(super) const INSERT: &str =
@@ -123,6 +122,24 @@ pub struct UnfinishedTask {
     pub origin: Origin,
 }
 
+/// A task as read from the table by [`TaskRepo::find`].
+struct TaskRow {
+    task_id: String,
+    model_name: String,
+    status: String,
+    ti_uuid: Option<String>,
+    submit_time: f64,
+    completion_time: Option<f64>,
+    execution_time_ms: Option<f64>,
+    result: Option<String>,
+    outcome: Option<String>,
+    result_expired: bool,
+    result_ti: Option<String>,
+    prompt_tokens: Option<i64>,
+    completion_tokens: Option<i64>,
+    ttft_ms: Option<f64>,
+}
+
 /// An unfinished task as read from the table.
 struct UnfinishedRow {
     task_id: String,
@@ -218,28 +235,54 @@ pub(super) fn parse_status(raw: &str) -> Result<TaskStatus, StoreError> {
 
 impl TaskRepo {
     /// Reads from the table: proves the database is open and migrated.
-    pub async fn probe(exec: impl SqliteExecutor<'_>) -> Result<(), StoreError> {
-        sqlx::query_scalar!("SELECT COUNT(*) FROM (SELECT 1 FROM tasks LIMIT 1)")
-            .fetch_one(exec)
-            .await?;
+    pub async fn probe(read: &Reader) -> Result<(), StoreError> {
+        match read {
+            Reader::Sqlite(pool) => {
+                sqlx::query_scalar!("SELECT COUNT(*) FROM (SELECT 1 FROM tasks LIMIT 1)")
+                    .fetch_one(pool)
+                    .await?;
+            }
+            Reader::Postgres(pool) => {
+                sqlx::query_scalar!(
+                    "/* pg */ SELECT COUNT(*) FROM (SELECT 1 FROM tasks LIMIT 1) AS one"
+                )
+                .fetch_one(pool)
+                .await?;
+            }
+        }
         Ok(())
     }
 
     /// The task with this id, if it exists.
-    pub async fn find(
-        exec: impl SqliteExecutor<'_>,
-        task_id: &TaskId,
-    ) -> Result<Option<StoredTask>, StoreError> {
+    pub async fn find(read: &Reader, task_id: &TaskId) -> Result<Option<StoredTask>, StoreError> {
         let id = task_id.as_str();
-        let row = sqlx::query!(
-            r#"SELECT task_id, model_name, status, ti_uuid, submit_time, completion_time,
-                      execution_time_ms, result, outcome, result_expired AS "result_expired: bool",
-                      result_ti, prompt_tokens, completion_tokens, ttft_ms
-               FROM tasks WHERE task_id = ?"#,
-            id
-        )
-        .fetch_optional(exec)
-        .await?;
+        let row = match read {
+            Reader::Sqlite(pool) => {
+                sqlx::query_as!(
+                    TaskRow,
+                    r#"SELECT task_id, model_name, status, ti_uuid, submit_time, completion_time,
+                              execution_time_ms, result, outcome,
+                              result_expired AS "result_expired: bool",
+                              result_ti, prompt_tokens, completion_tokens, ttft_ms
+                       FROM tasks WHERE task_id = ?"#,
+                    id
+                )
+                .fetch_optional(pool)
+                .await?
+            }
+            Reader::Postgres(pool) => {
+                sqlx::query_as!(
+                    TaskRow,
+                    r#"/* pg */ SELECT task_id, model_name, status, ti_uuid, submit_time, completion_time,
+                              execution_time_ms, result, outcome, result_expired,
+                              result_ti, prompt_tokens, completion_tokens, ttft_ms
+                       FROM tasks WHERE task_id = $1"#,
+                    id
+                )
+                .fetch_optional(pool)
+                .await?
+            }
+        };
         let Some(row) = row else { return Ok(None) };
         let result = row
             .result
@@ -273,43 +316,90 @@ impl TaskRepo {
     /// Inserts the tasks of one submit with their decisions (if a TI was chosen). Says,
     /// per task, whether it was inserted (false: the id existed, and nothing was written).
     pub fn insert_submit(
-        conn: &Connection,
+        tx: &mut Tx<'_>,
         rows: &[(NewTask, Option<DecisionRow>)],
     ) -> Result<Vec<bool>, StoreError> {
-        let mut insert = conn.prepare_cached(INSERT)?;
         rows.iter()
             .map(|(t, d)| {
-                let new = insert.execute(rusqlite::params![
-                    t.task_id.as_str(),
-                    t.model_name,
-                    t.task_input,
-                    t.metadata,
-                    t.ti_uuid.map(|u| u.to_string()),
-                    t.predicted_ms,
-                    t.predicted_error_ms,
-                    t.submit_time,
-                    t.status.as_str(),
-                    t.origin.as_str(),
-                ])? == 1;
+                let new = Self::insert(tx, t)?;
                 if let (true, Some(d)) = (new, d) {
-                    DecisionRepo::insert(conn, d)?;
+                    DecisionRepo::insert(tx, d)?;
                 }
                 Ok(new)
             })
             .collect()
     }
 
+    /// Inserts one task; false if its id existed (nothing was written).
+    fn insert(tx: &mut Tx<'_>, t: &NewTask) -> Result<bool, StoreError> {
+        let ti_uuid = t.ti_uuid.map(|u| u.to_string());
+        let inserted = match tx {
+            Tx::Sqlite(conn) => conn.prepare_cached(INSERT)?.execute(rusqlite::params![
+                t.task_id.as_str(),
+                t.model_name,
+                t.task_input,
+                t.metadata,
+                ti_uuid,
+                t.predicted_ms,
+                t.predicted_error_ms,
+                t.submit_time,
+                t.status.as_str(),
+                t.origin.as_str(),
+            ])? as u64,
+            Tx::Postgres(pg) => pg
+                .rt
+                .block_on(
+                    sqlx::query!(
+                        "/* pg */ INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
+                                            predicted_ms, predicted_error_ms, submit_time, origin)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                         ON CONFLICT (task_id) DO NOTHING",
+                        t.task_id.as_str(),
+                        t.model_name,
+                        t.task_input,
+                        t.metadata,
+                        t.status.as_str(),
+                        ti_uuid,
+                        t.predicted_ms,
+                        t.predicted_error_ms,
+                        t.submit_time,
+                        t.origin.as_str()
+                    )
+                    .execute(&mut *pg.conn),
+                )?
+                .rows_affected(),
+        };
+        Ok(inserted == 1)
+    }
+
     /// Marks a task `scheduled` at `at`, once `ti` accepted it. Returns false if it was
     /// no longer queued for that TI (completed or re-routed meanwhile).
     pub fn mark_scheduled(
-        conn: &Connection,
+        tx: &mut Tx<'_>,
         task_id: &TaskId,
         ti: TiUuid,
         at: f64,
     ) -> Result<bool, StoreError> {
-        let changed =
-            conn.prepare_cached(MARK_SCHEDULED)?
-                .execute((at, task_id.as_str(), ti.to_string()))?;
+        let changed = match tx {
+            Tx::Sqlite(conn) => conn.prepare_cached(MARK_SCHEDULED)?.execute((
+                at,
+                task_id.as_str(),
+                ti.to_string(),
+            ))? as u64,
+            Tx::Postgres(pg) => pg
+                .rt
+                .block_on(
+                    sqlx::query!(
+                        "/* pg */ UPDATE tasks SET status = 'scheduled', dispatch_time = $1
+                         WHERE task_id = $2 AND status = 'queued' AND ti_uuid = $3",
+                        at,
+                        task_id.as_str(),
+                        ti.to_string()
+                    )
+                    .execute(&mut *pg.conn),
+                )?
+                .rows_affected(),
+        };
         Ok(changed == 1)
     }
 
@@ -317,10 +407,36 @@ impl TaskRepo {
     /// was stored, `None` if the task is unknown or already completed (the first result
     /// wins).
     pub fn complete(
-        conn: &Connection,
+        tx: &mut Tx<'_>,
         task_id: &TaskId,
         c: &Completion,
     ) -> Result<Option<Completed>, StoreError> {
+        let conn = match tx {
+            Tx::Sqlite(conn) => conn,
+            Tx::Postgres(pg) => {
+                return Ok(pg.rt.block_on(
+                    sqlx::query_as!(
+                        Completed,
+                        "/* pg */ UPDATE tasks SET status = 'completed', result = $1, outcome = $2,
+                                          execution_time_ms = $3, completion_time = $4,
+                                          result_ti = $6, prompt_tokens = $7,
+                                          completion_tokens = $8, ttft_ms = $9
+                         WHERE task_id = $5 AND status <> 'completed'
+                         RETURNING model_name, metadata, submit_time, predicted_ms",
+                        c.result,
+                        c.outcome.as_str(),
+                        c.execution_time_ms,
+                        c.completion_time,
+                        task_id.as_str(),
+                        c.result_ti.map(|t| t.to_string()),
+                        c.usage.and_then(|u| u.prompt_tokens),
+                        c.usage.and_then(|u| u.completion_tokens),
+                        c.ttft_ms
+                    )
+                    .fetch_optional(&mut *pg.conn),
+                )?);
+            }
+        };
         let stored = conn
             .prepare_cached(COMPLETE)?
             .query_row(
@@ -352,60 +468,117 @@ impl TaskRepo {
     /// or `scheduled` for an OpenAI-compatible TI). Returns false if it had completed
     /// meanwhile.
     pub fn reassign(
-        conn: &Connection,
+        tx: &mut Tx<'_>,
         task_id: &TaskId,
         ti: Option<TiUuid>,
         status: TaskStatus,
         predicted_ms: f64,
         predicted_error_ms: f64,
     ) -> Result<bool, StoreError> {
-        let changed = conn.prepare_cached(REASSIGN)?.execute((
-            ti.map(|t| t.to_string()),
-            predicted_ms,
-            predicted_error_ms,
-            task_id.as_str(),
-            status.as_str(),
-        ))?;
+        let ti = ti.map(|t| t.to_string());
+        let changed = match tx {
+            Tx::Sqlite(conn) => conn.prepare_cached(REASSIGN)?.execute((
+                ti,
+                predicted_ms,
+                predicted_error_ms,
+                task_id.as_str(),
+                status.as_str(),
+            ))? as u64,
+            Tx::Postgres(pg) => pg
+                .rt
+                .block_on(
+                    sqlx::query!(
+                        "/* pg */ UPDATE tasks SET status = $5, ti_uuid = $1, dispatch_time = NULL,
+                                          predicted_ms = $2, predicted_error_ms = $3
+                         WHERE task_id = $4 AND status <> 'completed'",
+                        ti,
+                        predicted_ms,
+                        predicted_error_ms,
+                        task_id.as_str(),
+                        status.as_str()
+                    )
+                    .execute(&mut *pg.conn),
+                )?
+                .rows_affected(),
+        };
         Ok(changed == 1)
     }
 
     /// Every successful execution, oldest first, with the hardware it ran on: the
     /// training data of `ti-scheduler retrain`.
-    pub async fn executions(exec: impl SqliteExecutor<'_>) -> Result<Vec<Execution>, StoreError> {
-        let rows = sqlx::query_as!(
-            Execution,
-            r#"SELECT t.model_name, ti.hardware, t.metadata,
-                      t.execution_time_ms AS "execution_time_ms!: f64"
-               FROM tasks t LEFT JOIN task_instances ti ON ti.ti_uuid = t.ti_uuid
-               WHERE t.outcome = 'succeeded' AND t.execution_time_ms IS NOT NULL
-               ORDER BY t.completion_time"#
-        )
-        .fetch_all(exec)
-        .await?;
-        Ok(rows)
+    pub async fn executions(read: &Reader) -> Result<Vec<Execution>, StoreError> {
+        Ok(match read {
+            Reader::Sqlite(pool) => {
+                sqlx::query_as!(
+                    Execution,
+                    r#"SELECT t.model_name, ti.hardware, t.metadata,
+                              t.execution_time_ms AS "execution_time_ms!: f64"
+                       FROM tasks t LEFT JOIN task_instances ti ON ti.ti_uuid = t.ti_uuid
+                       WHERE t.outcome = 'succeeded' AND t.execution_time_ms IS NOT NULL
+                       ORDER BY t.completion_time"#
+                )
+                .fetch_all(pool)
+                .await?
+            }
+            Reader::Postgres(pool) => {
+                sqlx::query_as!(
+                    Execution,
+                    r#"/* pg */ SELECT t.model_name, ti.hardware AS "hardware?", t.metadata,
+                              t.execution_time_ms AS "execution_time_ms!"
+                       FROM tasks t LEFT JOIN task_instances ti ON ti.ti_uuid = t.ti_uuid
+                       WHERE t.outcome = 'succeeded' AND t.execution_time_ms IS NOT NULL
+                       ORDER BY t.completion_time"#
+                )
+                .fetch_all(pool)
+                .await?
+            }
+        })
     }
 
     /// How many tasks are not yet completed.
-    pub async fn count_unfinished(exec: impl SqliteExecutor<'_>) -> Result<u64, StoreError> {
+    pub async fn count_unfinished(read: &Reader) -> Result<u64, StoreError> {
         // The partial index tasks_unfinished holds exactly these rows.
-        let n = sqlx::query_scalar!("SELECT COUNT(*) FROM tasks WHERE status <> 'completed'")
-            .fetch_one(exec)
-            .await?;
+        let n = match read {
+            Reader::Sqlite(pool) => {
+                sqlx::query_scalar!("SELECT COUNT(*) FROM tasks WHERE status <> 'completed'")
+                    .fetch_one(pool)
+                    .await?
+            }
+            Reader::Postgres(pool) => {
+                sqlx::query_scalar!(
+                    r#"/* pg */ SELECT COUNT(*) AS "n!" FROM tasks WHERE status <> 'completed'"#
+                )
+                .fetch_one(pool)
+                .await?
+            }
+        };
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Every task not yet completed, oldest first.
-    pub async fn unfinished(
-        exec: impl SqliteExecutor<'_>,
-    ) -> Result<Vec<UnfinishedTask>, StoreError> {
-        sqlx::query_as!(
-            UnfinishedRow,
-            "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
-                    predicted_ms, predicted_error_ms, dispatch_time, origin
-             FROM tasks WHERE status <> 'completed' ORDER BY submit_time"
-        )
-        .fetch_all(exec)
-        .await?
+    pub async fn unfinished(read: &Reader) -> Result<Vec<UnfinishedTask>, StoreError> {
+        match read {
+            Reader::Sqlite(pool) => {
+                sqlx::query_as!(
+                    UnfinishedRow,
+                    "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
+                            predicted_ms, predicted_error_ms, dispatch_time, origin
+                     FROM tasks WHERE status <> 'completed' ORDER BY submit_time"
+                )
+                .fetch_all(pool)
+                .await?
+            }
+            Reader::Postgres(pool) => {
+                sqlx::query_as!(
+                    UnfinishedRow,
+                    "/* pg */ SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
+                            predicted_ms, predicted_error_ms, dispatch_time, origin
+                     FROM tasks WHERE status <> 'completed' ORDER BY submit_time"
+                )
+                .fetch_all(pool)
+                .await?
+            }
+        }
         .into_iter()
         .map(UnfinishedTask::try_from)
         .collect()
@@ -413,54 +586,109 @@ impl TaskRepo {
 
     /// Per model, the unfinished tasks with no TI: none of their model's TIs was usable
     /// when they were placed (they wait for the sweep to place them).
-    pub async fn waiting_for_ti(
-        exec: impl SqliteExecutor<'_>,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query!(
-            r#"SELECT model_name, COUNT(*) AS "waiting!: i64"
-               FROM tasks WHERE status <> 'completed' AND ti_uuid IS NULL
-               GROUP BY model_name"#
-        )
-        .fetch_all(exec)
-        .await?;
-        Ok(rows
+    pub async fn waiting_for_ti(read: &Reader) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(match read {
+            Reader::Sqlite(pool) => sqlx::query!(
+                r#"SELECT model_name, COUNT(*) AS "waiting!: i64"
+                   FROM tasks WHERE status <> 'completed' AND ti_uuid IS NULL
+                   GROUP BY model_name"#
+            )
+            .fetch_all(pool)
+            .await?
             .into_iter()
             .map(|r| (r.model_name, r.waiting))
-            .collect())
+            .collect(),
+            Reader::Postgres(pool) => sqlx::query!(
+                r#"/* pg */ SELECT model_name, COUNT(*) AS "waiting!"
+                   FROM tasks WHERE status <> 'completed' AND ti_uuid IS NULL
+                   GROUP BY model_name"#
+            )
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|r| (r.model_name, r.waiting))
+            .collect(),
+        })
     }
 
     /// One unfinished task, to dispatch it again.
     pub async fn find_unfinished(
-        exec: impl SqliteExecutor<'_>,
+        read: &Reader,
         task_id: &TaskId,
     ) -> Result<Option<UnfinishedTask>, StoreError> {
         let id = task_id.as_str();
-        sqlx::query_as!(
-            UnfinishedRow,
-            "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
-                    predicted_ms, predicted_error_ms, dispatch_time, origin
-             FROM tasks WHERE task_id = ? AND status <> 'completed'",
-            id
-        )
-        .fetch_optional(exec)
-        .await?
+        match read {
+            Reader::Sqlite(pool) => {
+                sqlx::query_as!(
+                    UnfinishedRow,
+                    "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
+                            predicted_ms, predicted_error_ms, dispatch_time, origin
+                     FROM tasks WHERE task_id = ? AND status <> 'completed'",
+                    id
+                )
+                .fetch_optional(pool)
+                .await?
+            }
+            Reader::Postgres(pool) => {
+                sqlx::query_as!(
+                    UnfinishedRow,
+                    "/* pg */ SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
+                            predicted_ms, predicted_error_ms, dispatch_time, origin
+                     FROM tasks WHERE task_id = $1 AND status <> 'completed'",
+                    id
+                )
+                .fetch_optional(pool)
+                .await?
+            }
+        }
         .map(UnfinishedTask::try_from)
         .transpose()
     }
 
     /// Clears the results of up to `limit` tasks completed before `before` (Unix seconds).
-    pub fn expire_results(conn: &Connection, before: f64, limit: i64) -> Result<u64, StoreError> {
-        let changed = conn
-            .prepare_cached(EXPIRE_RESULTS)?
-            .execute((before, limit))?;
-        Ok(changed as u64)
+    pub fn expire_results(tx: &mut Tx<'_>, before: f64, limit: i64) -> Result<u64, StoreError> {
+        Ok(match tx {
+            Tx::Sqlite(conn) => conn
+                .prepare_cached(EXPIRE_RESULTS)?
+                .execute((before, limit))? as u64,
+            Tx::Postgres(pg) => pg
+                .rt
+                .block_on(
+                    sqlx::query!(
+                        "/* pg */ UPDATE tasks SET result = NULL, result_expired = TRUE
+                         WHERE task_id IN (SELECT task_id FROM tasks
+                                           WHERE status = 'completed' AND completion_time < $1
+                                             AND NOT result_expired
+                                           LIMIT $2)",
+                        before,
+                        limit
+                    )
+                    .execute(&mut *pg.conn),
+                )?
+                .rows_affected(),
+        })
     }
 
     /// Deletes up to `limit` tasks completed before `before` (their decisions go with them).
-    pub fn purge_completed(conn: &Connection, before: f64, limit: i64) -> Result<u64, StoreError> {
-        let changed = conn
-            .prepare_cached(PURGE_COMPLETED)?
-            .execute((before, limit))?;
-        Ok(changed as u64)
+    pub fn purge_completed(tx: &mut Tx<'_>, before: f64, limit: i64) -> Result<u64, StoreError> {
+        Ok(match tx {
+            Tx::Sqlite(conn) => conn
+                .prepare_cached(PURGE_COMPLETED)?
+                .execute((before, limit))? as u64,
+            Tx::Postgres(pg) => pg
+                .rt
+                .block_on(
+                    sqlx::query!(
+                        "/* pg */ DELETE FROM tasks
+                         WHERE task_id IN (SELECT task_id FROM tasks
+                                           WHERE status = 'completed' AND completion_time < $1
+                                           LIMIT $2)",
+                        before,
+                        limit
+                    )
+                    .execute(&mut *pg.conn),
+                )?
+                .rows_affected(),
+        })
     }
 }

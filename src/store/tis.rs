@@ -1,9 +1,6 @@
 //! The `task_instances` table: every TI ever registered, removed ones included.
 
-use rusqlite::Connection;
-use sqlx::SqliteExecutor;
-
-use super::StoreError;
+use super::{Reader, StoreError, Tx};
 use crate::domain::{TiKind, TiUuid};
 
 pub(super) const UPSERT_REGISTERED: &str =
@@ -96,21 +93,71 @@ impl TryFrom<TiRow> for StoredTi {
 
 impl TiRepo {
     /// Every TI, in registration order.
-    pub async fn all(exec: impl SqliteExecutor<'_>) -> Result<Vec<StoredTi>, StoreError> {
-        let rows = sqlx::query_as!(
-            TiRow,
-            "SELECT ti_uuid, host, port, model_name, hardware, callback_token,
-                    registered_at, removed_at, kind, max_concurrency
-             FROM task_instances ORDER BY registered_at, ti_uuid"
-        )
-        .fetch_all(exec)
-        .await?;
+    pub async fn all(read: &Reader) -> Result<Vec<StoredTi>, StoreError> {
+        let rows = match read {
+            Reader::Sqlite(pool) => {
+                sqlx::query_as!(
+                    TiRow,
+                    "SELECT ti_uuid, host, port, model_name, hardware, callback_token,
+                            registered_at, removed_at, kind, max_concurrency
+                     FROM task_instances ORDER BY registered_at, ti_uuid"
+                )
+                .fetch_all(pool)
+                .await?
+            }
+            Reader::Postgres(pool) => {
+                sqlx::query_as!(
+                    TiRow,
+                    "/* pg */ SELECT ti_uuid, host, port, model_name, hardware, callback_token,
+                            registered_at, removed_at, kind, max_concurrency
+                     FROM task_instances ORDER BY registered_at, ti_uuid"
+                )
+                .fetch_all(pool)
+                .await?
+            }
+        };
         rows.into_iter().map(StoredTi::try_from).collect()
     }
 
     /// Registers a TI, or revives the row of the same host:port (keeping its ti_uuid and
     /// token, taking the new model and hardware). Returns the stored row.
-    pub fn upsert_registered(conn: &Connection, ti: &StoredTi) -> Result<StoredTi, StoreError> {
+    pub fn upsert_registered(tx: &mut Tx<'_>, ti: &StoredTi) -> Result<StoredTi, StoreError> {
+        let conn = match tx {
+            Tx::Sqlite(conn) => conn,
+            Tx::Postgres(pg) => {
+                let row = pg.rt.block_on(
+                    sqlx::query_as!(
+                        TiRow,
+                        "/* pg */ INSERT INTO task_instances (ti_uuid, host, port, model_name, hardware,
+                                                     callback_token, registered_at, removed_at, kind,
+                                                     max_concurrency)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, $8, $9)
+                         ON CONFLICT (host, port) DO UPDATE SET
+                             model_name = excluded.model_name,
+                             hardware = excluded.hardware,
+                             kind = excluded.kind,
+                             max_concurrency = excluded.max_concurrency,
+                             registered_at = CASE WHEN task_instances.removed_at IS NULL
+                                                  THEN task_instances.registered_at
+                                                  ELSE excluded.registered_at END,
+                             removed_at = NULL
+                         RETURNING ti_uuid, host, port, model_name, hardware, callback_token,
+                                   registered_at, removed_at, kind, max_concurrency",
+                        ti.ti_uuid.to_string(),
+                        ti.host,
+                        i64::from(ti.port),
+                        ti.model_name,
+                        ti.hardware,
+                        ti.callback_token,
+                        ti.registered_at,
+                        ti.kind.as_str(),
+                        ti.max_concurrency.map(i64::from)
+                    )
+                    .fetch_one(&mut *pg.conn),
+                )?;
+                return row.try_into();
+            }
+        };
         let row = conn.prepare_cached(UPSERT_REGISTERED)?.query_row(
             (
                 ti.ti_uuid.to_string(),
@@ -142,10 +189,24 @@ impl TiRepo {
     }
 
     /// Marks a registered TI removed. Returns false if it is unknown or already removed.
-    pub fn mark_removed(conn: &Connection, ti: TiUuid, at: f64) -> Result<bool, StoreError> {
-        let changed = conn
-            .prepare_cached(MARK_REMOVED)?
-            .execute((at, ti.to_string()))?;
+    pub fn mark_removed(tx: &mut Tx<'_>, ti: TiUuid, at: f64) -> Result<bool, StoreError> {
+        let changed = match tx {
+            Tx::Sqlite(conn) => conn
+                .prepare_cached(MARK_REMOVED)?
+                .execute((at, ti.to_string()))? as u64,
+            Tx::Postgres(pg) => pg
+                .rt
+                .block_on(
+                    sqlx::query!(
+                        "/* pg */ UPDATE task_instances SET removed_at = $1
+                         WHERE ti_uuid = $2 AND removed_at IS NULL",
+                        at,
+                        ti.to_string()
+                    )
+                    .execute(&mut *pg.conn),
+                )?
+                .rows_affected(),
+        };
         Ok(changed == 1)
     }
 }

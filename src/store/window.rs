@@ -2,9 +2,7 @@
 //! submitted per model, and the tasks completed with their times. Both read the indexes
 //! by time (`tasks_completed_at`, and the history index on submit time).
 
-use sqlx::SqliteExecutor;
-
-use super::StoreError;
+use super::{Reader, StoreError};
 
 /// Repository of the recent-window figures.
 pub struct WindowRepo;
@@ -29,43 +27,63 @@ pub struct CompletedTask {
 impl WindowRepo {
     /// Tasks submitted since `since` (Unix seconds), per model.
     pub async fn submitted_since(
-        exec: impl SqliteExecutor<'_>,
+        read: &Reader,
         since: f64,
     ) -> Result<Vec<(String, i64)>, StoreError> {
-        let rows = sqlx::query!(
-            r#"SELECT model_name, COUNT(*) AS "n!: i64" FROM tasks
-               WHERE submit_time >= ? GROUP BY model_name ORDER BY model_name"#,
-            since
-        )
-        .fetch_all(exec)
-        .await?;
-        Ok(rows.into_iter().map(|r| (r.model_name, r.n)).collect())
+        Ok(match read {
+            Reader::Sqlite(pool) => sqlx::query!(
+                r#"SELECT model_name, COUNT(*) AS "n!: i64" FROM tasks
+                   WHERE submit_time >= ? GROUP BY model_name ORDER BY model_name"#,
+                since
+            )
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|r| (r.model_name, r.n))
+            .collect(),
+            Reader::Postgres(pool) => sqlx::query!(
+                r#"/* pg */ SELECT model_name, COUNT(*) AS "n!" FROM tasks
+                   WHERE submit_time >= $1 GROUP BY model_name ORDER BY model_name"#,
+                since
+            )
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|r| (r.model_name, r.n))
+            .collect(),
+        })
     }
 
     /// Tasks completed since `since` (Unix seconds).
     pub async fn completed_since(
-        exec: impl SqliteExecutor<'_>,
+        read: &Reader,
         since: f64,
     ) -> Result<Vec<CompletedTask>, StoreError> {
-        let rows = sqlx::query!(
-            r#"SELECT model_name, outcome = 'failed' AS "failed!: bool", result_ti,
-                      completion_time - submit_time AS "jct_s!: f64", execution_time_ms,
-                      predicted_ms
-               FROM tasks WHERE status = 'completed' AND completion_time >= ?"#,
-            since
-        )
-        .fetch_all(exec)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| CompletedTask {
-                model_name: r.model_name,
-                failed: r.failed,
-                result_ti: r.result_ti,
-                jct_s: r.jct_s,
-                execution_time_ms: r.execution_time_ms,
-                predicted_ms: r.predicted_ms,
-            })
-            .collect())
+        Ok(match read {
+            Reader::Sqlite(pool) => {
+                sqlx::query_as!(
+                    CompletedTask,
+                    r#"SELECT model_name, outcome = 'failed' AS "failed!: bool", result_ti,
+                              completion_time - submit_time AS "jct_s!: f64", execution_time_ms,
+                              predicted_ms
+                       FROM tasks WHERE status = 'completed' AND completion_time >= ?"#,
+                    since
+                )
+                .fetch_all(pool)
+                .await?
+            }
+            Reader::Postgres(pool) => {
+                sqlx::query_as!(
+                    CompletedTask,
+                    r#"/* pg */ SELECT model_name, outcome = 'failed' AS "failed!", result_ti,
+                              completion_time - submit_time AS "jct_s!", execution_time_ms,
+                              predicted_ms
+                       FROM tasks WHERE status = 'completed' AND completion_time >= $1"#,
+                    since
+                )
+                .fetch_all(pool)
+                .await?
+            }
+        })
     }
 }

@@ -1,8 +1,9 @@
-//! The group-commit writer: the one owner of SQLite's write connection.
+//! The group-commit writer: the one owner of the database's write connection.
 //!
-//! The writer is a dedicated thread holding a rusqlite connection. Callers hand it a
-//! write (a closure over the connection) and wait for the answer. The thread takes every
-//! write that is waiting, up to `max_batch`, runs them one after the other in one
+//! The writer is a dedicated thread holding the write connection: rusqlite for SQLite, a
+//! sqlx connection driven by a small runtime of the thread's own for PostgreSQL. Callers
+//! hand it a write (a closure over a [`Tx`]) and wait for the answer. The thread takes
+//! every write that is waiting, up to `max_batch`, runs them one after the other in one
 //! transaction and commits once, so many writes share one commit (one fsync). While it
 //! commits, the next batch gathers in the channel. Every caller hears back only after the
 //! commit: a success answer means the write is durable. If any write of a batch fails, the
@@ -10,6 +11,10 @@
 //! half-written, and no write pays for a savepoint of its own. (Writes fail only on I/O
 //! errors or bugs: expected conflicts, such as an existing `task_id`, are handled inside
 //! the statements.)
+//!
+//! On PostgreSQL with high availability, every batch first reads the lease row `FOR
+//! SHARE` and checks its epoch ([`Fence`]): a leader that lost its lease cannot commit,
+//! and a take-over waits for the commit under way.
 //!
 //! A thread rather than an async task: a batch runs start to finish without giving way,
 //! so a commit never waits behind HTTP work in the runtime's queue, and each statement
@@ -21,6 +26,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rusqlite::{Connection, TransactionBehavior};
+use sqlx::{Connection as _, PgConnection};
+use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -42,14 +49,50 @@ enum Ran {
     Full,
 }
 
-/// One queued write: runs on the connection; says how it went and how to answer its
-/// caller.
-type Job = Box<dyn FnOnce(&Connection) -> (Ran, Reply) + Send>;
+/// One queued write: runs in the batch's transaction; says how it went and how to answer
+/// its caller.
+type Job = Box<dyn FnOnce(&mut Tx<'_>) -> (Ran, Reply) + Send>;
 
 enum Message {
     Write(Job),
     /// Refuse new writes, commit those already queued, then end.
     Stop,
+}
+
+/// The open transaction of a batch, as each write sees it.
+pub enum Tx<'a> {
+    /// SQLite: the write connection, inside its transaction.
+    Sqlite(&'a Connection),
+    /// PostgreSQL.
+    Postgres(PgTx<'a>),
+}
+
+/// A PostgreSQL transaction on the writer thread: statements run to completion on the
+/// thread's own runtime (`rt.block_on(query.execute(&mut *conn))`).
+pub struct PgTx<'a> {
+    pub(super) rt: &'a Runtime,
+    pub(super) conn: &'a mut PgConnection,
+}
+
+/// The lease epoch a leader writes under (PostgreSQL high availability).
+#[derive(Clone, Debug)]
+pub struct Fence {
+    /// The epoch this node's lease has.
+    pub epoch: i64,
+    /// Cancelled when a batch finds another epoch: this node is no longer the leader.
+    pub deposed: CancellationToken,
+}
+
+/// What the thread writes to.
+pub(super) enum Target {
+    Sqlite(Connection),
+    Postgres {
+        /// `postgres://...`, to reconnect after the connection is lost.
+        url: String,
+        /// `SET synchronous_commit = off` for `durability = "normal"`.
+        synchronous_commit: bool,
+        fence: Option<Fence>,
+    },
 }
 
 /// Handle to the writer thread; cheap to clone.
@@ -61,26 +104,38 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer thread on `conn`. It ends when `stop` is cancelled (or every
+    /// Starts the writer thread on `target`. It ends when `stop` is cancelled (or every
     /// handle is dropped), after committing what was already queued; later writes get
     /// [`StoreError::WriterClosed`]. The returned task finishes when the thread has ended
-    /// and the connection is closed.
-    pub fn spawn(
-        conn: Connection,
+    /// and the connection is closed. On PostgreSQL the thread connects first, and a
+    /// failure to connect is returned here.
+    pub(super) async fn spawn(
+        target: Target,
         max_batch: usize,
         stop: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
         let max_batch = max_batch.max(1);
         let (jobs, rx) = mpsc::channel(max_batch * 4);
         let (ended, mut ended_rx) = oneshot::channel::<()>();
+        let (opened, opened_rx) = oneshot::channel::<Result<(), StoreError>>();
         let full = Arc::new(AtomicBool::new(false));
         let flag = full.clone();
         std::thread::Builder::new()
             .name("db-writer".into())
             .spawn(move || {
-                run(conn, rx, max_batch, &flag);
+                match Connected::open(target) {
+                    Ok(mut conn) => {
+                        let _ = opened.send(Ok(()));
+                        run(&mut conn, rx, max_batch, &flag);
+                        conn.close();
+                    }
+                    Err(e) => {
+                        let _ = opened.send(Err(e));
+                    }
+                }
                 let _ = ended.send(());
             })?;
+        opened_rx.await.map_err(|_| StoreError::WriterClosed)??;
         // Only a weak handle, so that dropping every `Writer` still ends the thread.
         let weak = jobs.downgrade();
         let handle = tokio::spawn(async move {
@@ -110,7 +165,7 @@ impl Writer {
     pub async fn run<T, F>(&self, write: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |conn| {
@@ -141,8 +196,72 @@ impl Writer {
     }
 }
 
+/// The thread's open connection.
+enum Connected {
+    Sqlite(Connection),
+    Postgres {
+        rt: Runtime,
+        /// `None` after the connection was lost, until the next batch reconnects.
+        conn: Option<PgConnection>,
+        url: String,
+        synchronous_commit: bool,
+        fence: Option<Fence>,
+    },
+}
+
+impl Connected {
+    fn open(target: Target) -> Result<Self, StoreError> {
+        match target {
+            Target::Sqlite(conn) => Ok(Self::Sqlite(conn)),
+            Target::Postgres {
+                url,
+                synchronous_commit,
+                fence,
+            } => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let conn = rt.block_on(pg_connect(&url, synchronous_commit))?;
+                Ok(Self::Postgres {
+                    rt,
+                    conn: Some(conn),
+                    url,
+                    synchronous_commit,
+                    fence,
+                })
+            }
+        }
+    }
+
+    fn close(self) {
+        match self {
+            Self::Sqlite(conn) => {
+                if let Err((_, e)) = conn.close() {
+                    tracing::warn!(error = ?e, "closing the write connection failed");
+                }
+            }
+            Self::Postgres { rt, conn, .. } => {
+                if let Some(conn) = conn {
+                    let _ = rt.block_on(conn.close());
+                }
+            }
+        }
+    }
+}
+
+/// The PostgreSQL write connection.
+async fn pg_connect(url: &str, synchronous_commit: bool) -> Result<PgConnection, StoreError> {
+    let mut conn = PgConnection::connect(url).await?;
+    if !synchronous_commit {
+        sqlx::raw_sql(sqlx::AssertSqlSafe("SET synchronous_commit = off"))
+            .execute(&mut conn)
+            .await?;
+    }
+    Ok(conn)
+}
+
 /// The writer thread: one transaction per batch of waiting writes, until stopped.
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch: usize, full: &AtomicBool) {
+fn run(conn: &mut Connected, mut rx: mpsc::Receiver<Message>, max_batch: usize, full: &AtomicBool) {
     let mut batch = Vec::with_capacity(max_batch);
     // After `close`, the channel still yields what was queued, then `None`.
     while let Some(first) = rx.blocking_recv() {
@@ -160,54 +279,75 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, max_batch: usize, 
                 Err(_) => break,
             }
         }
-        write_batch(&mut conn, &mut batch, full);
-    }
-    if let Err((_, e)) = conn.close() {
-        tracing::warn!(error = ?e, "closing the write connection failed");
+        write_batch(conn, &mut batch, full);
     }
 }
 
-/// Runs every write of `batch` in one transaction and answers each caller.
-fn write_batch(conn: &mut Connection, batch: &mut Vec<Job>, full: &AtomicBool) {
-    let started = Instant::now();
-    let size = batch.len();
-    let mut replies = Vec::with_capacity(size);
-    let outcome = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-        Ok(txn) => {
-            let mut all_succeeded = true;
-            let mut any_full = false;
-            for job in batch.drain(..) {
-                // A write that panics fails its batch like one that returns an error (its
-                // caller hears that the writer dropped it); the thread lives on.
-                match std::panic::catch_unwind(AssertUnwindSafe(|| job(&txn))) {
-                    Ok((ran, reply)) => {
-                        all_succeeded &= ran == Ran::Succeeded;
-                        any_full |= ran == Ran::Full;
-                        replies.push(reply);
-                    }
-                    Err(_) => {
-                        tracing::error!("a write panicked; its batch is rolled back");
-                        all_succeeded = false;
-                    }
-                }
+/// What running the jobs of a batch gave.
+struct BatchRun {
+    replies: Vec<Reply>,
+    all_succeeded: bool,
+    any_full: bool,
+}
+
+/// Runs every job on `tx`; a write that panics fails its batch like one that returns an
+/// error (its caller hears that the writer dropped it), and the thread lives on.
+fn run_jobs(tx: &mut Tx<'_>, batch: &mut Vec<Job>) -> BatchRun {
+    let mut ran = BatchRun {
+        replies: Vec::with_capacity(batch.len()),
+        all_succeeded: true,
+        any_full: false,
+    };
+    for job in batch.drain(..) {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| job(tx))) {
+            Ok((how, reply)) => {
+                ran.all_succeeded &= how == Ran::Succeeded;
+                ran.any_full |= how == Ran::Full;
+                ran.replies.push(reply);
             }
-            if all_succeeded {
-                txn.commit().map_err(StoreError::from)
-            } else {
-                let rolled_back = txn.rollback();
-                Err(if any_full {
-                    // SQLite may have rolled the transaction back itself on SQLITE_FULL,
-                    // so the rollback's own error says nothing new.
-                    StoreError::BatchFull
-                } else {
-                    rolled_back.map_or_else(StoreError::from, |()| StoreError::BatchFailed)
-                })
+            Err(_) => {
+                tracing::error!("a write panicked; its batch is rolled back");
+                ran.all_succeeded = false;
             }
         }
-        Err(e) => {
-            // Nothing ran; dropping the jobs answers each caller with an error.
-            batch.clear();
-            Err(StoreError::from(e))
+    }
+    ran
+}
+
+/// Runs every write of `batch` in one transaction and answers each caller.
+fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
+    let started = Instant::now();
+    let size = batch.len();
+    let (outcome, replies) = match conn {
+        Connected::Sqlite(conn) => sqlite_batch(conn, batch),
+        Connected::Postgres {
+            rt,
+            conn,
+            url,
+            synchronous_commit,
+            fence,
+        } => {
+            if conn.is_none() {
+                match rt.block_on(pg_connect(url, *synchronous_commit)) {
+                    Ok(c) => *conn = Some(c),
+                    Err(e) => tracing::error!(error = ?e, "reconnecting the writer failed"),
+                }
+            }
+            match conn.as_mut() {
+                Some(c) => {
+                    let (outcome, replies) = pg_batch(rt, c, fence.as_ref(), batch);
+                    if let Err(e) = &outcome {
+                        if connection_lost(e) {
+                            *conn = None;
+                        }
+                    }
+                    (outcome, replies)
+                }
+                None => {
+                    batch.clear();
+                    (Err(StoreError::WriterClosed), Vec::new())
+                }
+            }
         }
     };
     let elapsed = started.elapsed();
@@ -231,6 +371,93 @@ fn write_batch(conn: &mut Connection, batch: &mut Vec<Job>, full: &AtomicBool) {
     for reply in replies {
         reply(outcome.clone());
     }
+}
+
+/// True if the error means the PostgreSQL connection is gone (reconnect before the next
+/// batch).
+fn connection_lost(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Sql(sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
+    )
+}
+
+fn sqlite_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Job>,
+) -> (Result<(), StoreError>, Vec<Reply>) {
+    match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(txn) => {
+            let ran = run_jobs(&mut Tx::Sqlite(&txn), batch);
+            let outcome = if ran.all_succeeded {
+                txn.commit().map_err(StoreError::from)
+            } else {
+                let rolled_back = txn.rollback();
+                Err(if ran.any_full {
+                    // SQLite may have rolled the transaction back itself on SQLITE_FULL,
+                    // so the rollback's own error says nothing new.
+                    StoreError::BatchFull
+                } else {
+                    rolled_back.map_or_else(StoreError::from, |()| StoreError::BatchFailed)
+                })
+            };
+            (outcome, ran.replies)
+        }
+        Err(e) => {
+            // Nothing ran; dropping the jobs answers each caller with an error.
+            batch.clear();
+            (Err(StoreError::from(e)), Vec::new())
+        }
+    }
+}
+
+fn pg_batch(
+    rt: &Runtime,
+    conn: &mut PgConnection,
+    fence: Option<&Fence>,
+    batch: &mut Vec<Job>,
+) -> (Result<(), StoreError>, Vec<Reply>) {
+    let mut txn = match rt.block_on(conn.begin()) {
+        Ok(txn) => txn,
+        Err(e) => {
+            batch.clear();
+            return (Err(e.into()), Vec::new());
+        }
+    };
+    if let Some(fence) = fence {
+        let held = rt.block_on(
+            sqlx::query_scalar!("/* pg */ SELECT epoch FROM ha_lease WHERE id = 1 FOR SHARE")
+                .fetch_optional(&mut *txn),
+        );
+        let refused = match held {
+            Ok(Some(epoch)) if epoch == fence.epoch => None,
+            Ok(held) => {
+                fence.deposed.cancel();
+                Some(StoreError::Deposed {
+                    epoch: fence.epoch,
+                    held,
+                })
+            }
+            Err(e) => Some(e.into()),
+        };
+        if let Some(e) = refused {
+            let _ = rt.block_on(txn.rollback());
+            batch.clear();
+            return (Err(e), Vec::new());
+        }
+    }
+    let ran = run_jobs(&mut Tx::Postgres(PgTx { rt, conn: &mut txn }), batch);
+    let outcome = if ran.all_succeeded {
+        rt.block_on(txn.commit()).map_err(StoreError::from)
+    } else {
+        let rolled_back = rt.block_on(txn.rollback());
+        Err(if ran.any_full {
+            StoreError::BatchFull
+        } else {
+            rolled_back.map_or_else(StoreError::from, |()| StoreError::BatchFailed)
+        })
+    };
+    (outcome, ran.replies)
 }
 
 #[cfg(test)]

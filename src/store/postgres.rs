@@ -1,0 +1,102 @@
+//! Opening a PostgreSQL database: migrations, the read pool, the writer's connection.
+
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::ConnectOptions;
+use tokio_util::sync::CancellationToken;
+
+use super::writer::{Fence, Target};
+use super::{Db, Reader, StoreError, Writer};
+use crate::domain::Durability;
+
+/// The PostgreSQL migrations (`migrations/postgres/`), embedded.
+pub static PG_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// How long a connection may take to open, or a pool to hand one out.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Applies pending migrations to the database at `url` (the migrator holds an advisory
+/// lock meanwhile, so nodes starting together migrate once). Refuses a database migrated
+/// by a newer version. Returns how many were applied.
+pub(super) async fn migrate_postgres(url: &str) -> Result<usize, StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options(url)?)
+        .await?;
+    let known = PG_MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
+    let applied_before: Vec<i64> = applied_versions(&pool).await?;
+    if let Some(&found) = applied_before.iter().max().filter(|&&v| v > known) {
+        pool.close().await;
+        return Err(StoreError::NewerSchema {
+            path: super::super::config::DatabaseLocation::Postgres(url.to_string()).display(),
+            found,
+            known,
+        });
+    }
+    PG_MIGRATIONS.run(&pool).await?;
+    let applied = applied_versions(&pool).await?.len() - applied_before.len();
+    pool.close().await;
+    Ok(applied)
+}
+
+/// Versions in sqlx's history table; none if it does not exist yet.
+async fn applied_versions(pool: &sqlx::PgPool) -> Result<Vec<i64>, StoreError> {
+    let exists: bool = sqlx::query_scalar!(
+        r#"/* pg */ SELECT to_regclass('_sqlx_migrations') IS NOT NULL AS "exists!""#
+    )
+    .fetch_one(pool)
+    .await?;
+    if !exists {
+        return Ok(Vec::new());
+    }
+    // The table is created by the migrator, not by a migration: not checked at compile time.
+    Ok(
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?,
+    )
+}
+
+fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    Ok(url
+        .parse::<PgConnectOptions>()?
+        .application_name("ti-scheduler")
+        .log_statements(log::LevelFilter::Trace))
+}
+
+/// Migrates the database at `url`, then opens the read pool and starts the writer, whose
+/// batches check `fence` when given (high availability).
+pub async fn open_postgres(
+    url: &str,
+    durability: Durability,
+    read_connections: u32,
+    max_batch: usize,
+    fence: Option<Fence>,
+    stop: CancellationToken,
+) -> Result<(Db, tokio::task::JoinHandle<()>), StoreError> {
+    let applied = migrate_postgres(url).await?;
+    if applied > 0 {
+        tracing::info!(applied, "database migrated");
+    }
+    let read = PgPoolOptions::new()
+        .max_connections(read_connections.max(1))
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options(url)?)
+        .await?;
+    let target = Target::Postgres {
+        url: url.to_string(),
+        synchronous_commit: durability == Durability::Full,
+        fence,
+    };
+    let (writer, handle) = Writer::spawn(target, max_batch, stop).await?;
+    Ok((
+        Db {
+            read: Reader::Postgres(read),
+            writer,
+        },
+        handle,
+    ))
+}
