@@ -115,8 +115,8 @@ async fn a_submit_whose_predicted_wait_exceeds_max_wait_ms_is_429_with_retry_aft
     assert_eq!(refused.2["scheduled_ti"], "", "{}", refused.2);
 
     assert_no_task(&app, "over-wait").await;
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 1);
-    assert_eq!(app.count("SELECT COUNT(*) FROM decisions"), 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM decisions").await, 1);
     let queue = app.queue_of(&ti_uuid).await;
     assert_eq!(
         queue["queue_length"], 1,
@@ -164,7 +164,7 @@ async fn a_batch_with_a_refused_task_is_429_naming_its_index_and_stores_none_of_
     .await;
     assert_refused(&refused, "tasks[3]: model 'm-batch' is overloaded");
 
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
     for i in 0..5 {
         assert_no_task(&app, &format!("batch-{i}")).await;
     }
@@ -236,7 +236,7 @@ async fn a_deadline_that_is_not_a_positive_number_is_400_naming_the_field() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_message(&body, "tasks[1]: metadata.deadline_ms");
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
 }
 
 #[tokio::test]

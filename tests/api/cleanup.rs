@@ -1,12 +1,10 @@
 use serde_json::json;
 use ti_scheduler::config::CleanupSettings;
-use ti_scheduler::domain::Durability;
 use ti_scheduler::jobs::{run_cleanup_once, CleanupReport};
-use ti_scheduler::store;
 use ti_scheduler::ti::sim::Faults;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{spawn_app_with, spawn_ti};
+use crate::helpers::{open_store, spawn_app_with, spawn_ti};
 
 #[tokio::test]
 async fn cleanup_expires_results_then_purges_old_tasks_but_never_unfinished_ones() {
@@ -29,9 +27,7 @@ async fn cleanup_expires_results_then_purges_old_tasks_but_never_unfinished_ones
 
     // A second connection to the same file, as the cron job's would be.
     let stop = CancellationToken::new();
-    let (db, writer) = store::open(&app.db_path(), Durability::Full, 1, 16, stop.clone())
-        .await
-        .unwrap();
+    let (db, writer) = open_store(&app.settings, stop.clone()).await;
     let settings = CleanupSettings {
         result_ttl_secs: 60,
         retention_secs: 3600,
@@ -75,13 +71,14 @@ async fn cleanup_expires_results_then_purges_old_tasks_but_never_unfinished_ones
         app.count(&format!(
             "SELECT COUNT(*) FROM decisions WHERE task_id = '{}'",
             done[1]
-        )),
+        ))
+        .await,
         0,
         "decisions go with their task"
     );
     let kept = app.query(&unfinished).await;
     assert_ne!(kept["task_status"], "completed");
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 1);
 
     stop.cancel();
     writer.await.unwrap();

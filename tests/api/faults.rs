@@ -1,4 +1,4 @@
-use serde_json::json;
+use serde_json::{json, Value};
 use ti_scheduler::ti::sim::Faults;
 
 use crate::helpers::{spawn_app, spawn_ti, wait_for};
@@ -35,7 +35,9 @@ async fn the_tasks_of_a_ti_that_dies_are_rerouted_and_complete() {
         assert_eq!(done["scheduled_ti"], survivor_id.as_str(), "{done}");
     }
     assert!(!app.healthy(&doomed_id).await);
-    let reroutes = app.count("SELECT COUNT(*) FROM decisions WHERE reason = 'reroute'");
+    let reroutes = app
+        .count("SELECT COUNT(*) FROM decisions WHERE reason = 'reroute'")
+        .await;
     assert_eq!(reroutes, 3);
 }
 
@@ -60,9 +62,16 @@ async fn a_ti_refusing_dispatches_is_retried_then_its_tasks_go_elsewhere() {
         assert_eq!(done["scheduled_ti"], working_id.as_str());
     }
     assert_eq!(refusing.stats().accepted, 0);
-    let retries: i64 = app.count(&format!(
-        "SELECT COUNT(*) FROM decisions WHERE reason = 'reroute' AND json_extract(candidates, '$[0].ti_uuid') = '{working_id}'"
-    ));
+    let rerouted = app
+        .sql_rows("SELECT candidates FROM decisions WHERE reason = 'reroute'")
+        .await;
+    let retries = rerouted
+        .iter()
+        .filter(|row| {
+            let candidates: Value = serde_json::from_str(row[0].as_str().unwrap()).unwrap();
+            candidates[0]["ti_uuid"] == working_id.as_str()
+        })
+        .count();
     assert!(
         retries >= 1,
         "the refused tasks were re-routed with a decision row"
@@ -160,9 +169,11 @@ async fn a_ti_that_hangs_on_dispatch_times_out_and_the_task_goes_elsewhere() {
     let done = app.wait_completed(&task).await;
     assert_eq!(done["scheduled_ti"], working_id.as_str());
     assert!(!app.healthy(&hanging_id).await || hanging.stats().accepted == 0);
-    let attempts = app.count(&format!(
-        "SELECT COUNT(*) FROM decisions WHERE task_id = '{task}'"
-    ));
+    let attempts = app
+        .count(&format!(
+            "SELECT COUNT(*) FROM decisions WHERE task_id = '{task}'"
+        ))
+        .await;
     assert_eq!(attempts, 2, "one decision at submit, one for the re-route");
 }
 

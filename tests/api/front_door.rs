@@ -62,11 +62,11 @@ async fn app_with_backend(config: OpenAiSimConfig) -> (TestApp, OpenAiSim, Strin
 }
 
 /// The one front-door task of the database (the tests send one request at a time).
-fn only_task(app: &TestApp) -> String {
-    app.sql(
+async fn only_task(app: &TestApp) -> String {
+    app.sql_text(
         "SELECT task_id FROM tasks WHERE origin = 'openai' ORDER BY submit_time DESC LIMIT 1",
-        |r| r.get(0),
     )
+    .await
 }
 
 async fn completed(app: &TestApp, task_id: &str) -> Value {
@@ -102,7 +102,7 @@ async fn an_openai_client_gets_chat_and_legacy_completions_and_each_is_a_task() 
     let usage = answer.usage.expect("usage");
     assert_eq!(server.stats().completed, 1);
 
-    let task_id = only_task(&app);
+    let task_id = only_task(&app).await;
     let task = completed(&app, &task_id).await;
     assert_eq!(task["outcome"], "succeeded");
     assert_eq!(task["scheduled_ti"], ti);
@@ -116,7 +116,8 @@ async fn an_openai_client_gets_chat_and_legacy_completions_and_each_is_a_task() 
     assert_eq!(
         app.count(&format!(
             "SELECT COUNT(*) FROM decisions WHERE task_id = '{task_id}' AND chosen_ti = '{ti}'"
-        )),
+        ))
+        .await,
         1,
         "the routing decision is recorded"
     );
@@ -136,7 +137,7 @@ async fn an_openai_client_gets_chat_and_legacy_completions_and_each_is_a_task() 
     // The answer leaves before its row is stored (one commit less on the client's path).
     wait_for("both requests to be stored as succeeded", || async {
         let sql = "SELECT COUNT(*) FROM tasks WHERE origin = 'openai' AND outcome = 'succeeded'";
-        (app.count(sql) == 2).then_some(())
+        (app.count(sql).await == 2).then_some(())
     })
     .await;
 }
@@ -161,7 +162,7 @@ async fn a_stream_reaches_the_client_chunk_by_chunk_and_is_stored_whole() {
     assert!(chunks >= 2, "one event per token, got {chunks}");
     assert!(!text.is_empty());
 
-    let task = completed(&app, &only_task(&app)).await;
+    let task = completed(&app, &only_task(&app).await).await;
     assert_eq!(task["outcome"], "succeeded", "{task}");
     assert_eq!(task["result"]["streamed"], true);
     assert_eq!(
@@ -208,7 +209,7 @@ async fn the_answer_carries_its_task_id_and_backend_errors_pass_through_unchange
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let task_id = resp.headers()["x-task-id"].to_str().unwrap().to_string();
-    assert_eq!(task_id, only_task(&app));
+    assert_eq!(task_id, only_task(&app).await);
     assert_eq!(completed(&app, &task_id).await["outcome"], "succeeded");
 
     // The backend refuses an empty list of messages: its 400 and body reach the client.
@@ -300,7 +301,7 @@ async fn the_front_door_answers_its_own_errors_in_the_openai_shape() {
         assert_eq!(answer["error"]["param"], param, "{body}");
     }
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM tasks"),
+        app.count("SELECT COUNT(*) FROM tasks").await,
         0,
         "no task for a bad request"
     );
@@ -354,7 +355,10 @@ async fn a_failure_before_the_first_byte_is_retried_on_another_ti() {
     }
     assert!(broken.stats().faulted >= 1, "the broken TI was tried");
     wait_for("every request to be stored as succeeded", || async {
-        (app.count("SELECT COUNT(*) FROM tasks WHERE outcome = 'succeeded'") == 4).then_some(())
+        (app.count("SELECT COUNT(*) FROM tasks WHERE outcome = 'succeeded'")
+            .await
+            == 4)
+            .then_some(())
     })
     .await;
     assert_eq!(
@@ -365,7 +369,9 @@ async fn a_failure_before_the_first_byte_is_retried_on_another_ti() {
     assert!(
         app.count(&format!(
             "SELECT COUNT(*) FROM decisions WHERE reason = 'reroute' AND chosen_ti <> '{broken_ti}'"
-        )) >= 1,
+        ))
+        .await
+            >= 1,
         "the move is a recorded decision"
     );
 }
@@ -386,7 +392,7 @@ async fn a_client_that_leaves_cancels_its_request_upstream() {
         .send()
         .await;
     assert!(gave_up.is_err(), "the client timed out");
-    let task = completed(&app, &only_task(&app)).await;
+    let task = completed(&app, &only_task(&app).await).await;
     assert_eq!(task["outcome"], "failed");
     assert_eq!(task["result"]["error"], "client disconnected");
     wait_for("the backend to drop the request", || async {
@@ -439,7 +445,7 @@ async fn a_request_left_unanswered_by_a_restart_is_completed_as_failed() {
         (server.stats().running == 1).then_some(())
     })
     .await;
-    let task_id = only_task(&app);
+    let task_id = only_task(&app).await;
 
     let app = app.restart().await;
     let answered = pending.await.unwrap();
@@ -533,7 +539,7 @@ async fn the_front_door_is_refused_by_admission_control_and_by_a_drain() {
         "the drain lets it finish"
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM tasks"),
+        app.count("SELECT COUNT(*) FROM tasks").await,
         1,
         "refused requests leave no task"
     );
@@ -567,6 +573,6 @@ async fn oversized_and_overdeep_bodies_are_refused_in_the_openai_shape() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("server.max_json_depth"), "{body}");
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
     assert_eq!(server.stats().requests, 0, "nothing reached the TI");
 }

@@ -9,7 +9,8 @@ use ti_scheduler::ti::sim::Faults;
 use ti_scheduler::App;
 
 use crate::helpers::{
-    assert_message, restart_from, spawn_app, spawn_app_with, spawn_ti, wait_for, TestApp,
+    assert_message, execute, restart_from, skip_on_postgres, spawn_app, spawn_app_with, spawn_ti,
+    wait_for, TestApp,
 };
 
 /// `task_input` nested `levels` deep (`{}` is 1).
@@ -68,14 +69,17 @@ async fn a_task_its_ti_rejects_fails_with_the_tis_answer_and_the_other_tasks_and
         failed["result_ti"], failed["scheduled_ti"],
         "the rejecting TI's answer is the stored outcome"
     );
-    let outcome: String = app.sql(
-        &format!("SELECT outcome FROM tasks WHERE task_id = '{poison}'"),
-        |r| r.get(0),
-    );
+    let outcome: String = app
+        .sql_text(&format!(
+            "SELECT outcome FROM tasks WHERE task_id = '{poison}'"
+        ))
+        .await;
     assert_eq!(outcome, "failed");
-    let decisions = app.count(&format!(
-        "SELECT COUNT(*) FROM decisions WHERE task_id = '{poison}'"
-    ));
+    let decisions = app
+        .count(&format!(
+            "SELECT COUNT(*) FROM decisions WHERE task_id = '{poison}'"
+        ))
+        .await;
     assert_eq!(decisions, 1, "no re-route");
 
     let mut used = HashSet::new();
@@ -110,7 +114,7 @@ async fn a_task_input_nested_deeper_than_the_limit_is_400_naming_it_and_creates_
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_message(&body, "tasks[1]: task_input nests 11 levels");
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
     let (status, body) = submit_input(&app, nested_input(10)).await;
     assert_eq!(
         status,
@@ -165,7 +169,7 @@ async fn a_ti_answering_with_a_redirect_is_not_followed_and_not_registered() {
     assert_eq!(body["ti_uuid"], "");
     let (_, list) = app.get("/ti/list").await;
     assert_eq!(list["tis"], json!([]), "nothing is registered");
-    assert_eq!(app.count("SELECT COUNT(*) FROM task_instances"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM task_instances").await, 0);
 }
 
 // Point 8: small ones.
@@ -240,10 +244,11 @@ async fn after_a_reroute_the_old_tis_result_can_win_and_the_task_says_which_ti_i
     })
     .await;
 
-    let token: String = app.sql(
-        &format!("SELECT callback_token FROM task_instances WHERE ti_uuid = '{old_id}'"),
-        |r| r.get(0),
-    );
+    let token: String = app
+        .sql_text(&format!(
+            "SELECT callback_token FROM task_instances WHERE ti_uuid = '{old_id}'"
+        ))
+        .await;
     let (status, body) = app
         .post(
             "/result/submit",
@@ -257,10 +262,11 @@ async fn after_a_reroute_the_old_tis_result_can_win_and_the_task_says_which_ti_i
     assert_eq!(done["result"], json!({"from": "old"}));
     assert_eq!(done["scheduled_ti"], new_id.as_str());
     assert_eq!(done["result_ti"], old_id.as_str(), "{done}");
-    let stored: String = app.sql(
-        &format!("SELECT result_ti FROM tasks WHERE task_id = '{task}'"),
-        |r| r.get(0),
-    );
+    let stored: String = app
+        .sql_text(&format!(
+            "SELECT result_ti FROM tasks WHERE task_id = '{task}'"
+        ))
+        .await;
     assert_eq!(stored, old_id);
 }
 
@@ -276,16 +282,19 @@ async fn a_batch_over_the_cap_is_400_naming_count_and_limit_and_creates_nothing(
     let (status, body) = app.post("/queue/submit_batch", batch(4)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_message(&body, "tasks has 4 entries; the limit is 3 per batch");
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
     let (status, body) = app.post("/queue/submit_batch", batch(3)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 3);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 3);
 }
 
 // Point 5: two services on one file.
 
 #[tokio::test]
 async fn a_second_service_on_the_same_database_file_refuses_naming_the_holders_pid() {
+    if skip_on_postgres("the lock of the SQLite file") {
+        return;
+    }
     let app = spawn_app().await;
     let refused = match App::build(app.settings.clone()).await {
         Ok(_) => panic!("a second service started on the same file"),
@@ -311,6 +320,9 @@ async fn a_second_service_on_the_same_database_file_refuses_naming_the_holders_p
 #[tokio::test]
 async fn a_full_database_answers_507_turns_ready_503_keeps_reads_and_recovers_once_space_is_freed()
 {
+    if skip_on_postgres("database.max_size_mb caps the SQLite file") {
+        return;
+    }
     let app = spawn_app_with(|s| s.database.max_size_mb = 1).await;
     let ti = spawn_ti("llama-7b", "A100", 5.0).await;
     let ti_id = app.register(&ti).await;
@@ -364,12 +376,7 @@ async fn a_full_database_answers_507_turns_ready_503_keeps_reads_and_recovers_on
 
     // Space is freed (here: rows deleted by another connection, as an operator or the
     // cleanup job would); the service recovers by itself, without a restart.
-    {
-        let conn = rusqlite::Connection::open(app.db_path()).unwrap();
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .unwrap();
-        conn.execute("DELETE FROM decisions", []).unwrap();
-    }
+    execute(&app.settings, "DELETE FROM decisions").await;
     let (status, body) = submit_input(&app, json!({"small": true})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, ready) = app.get("/ready").await;
@@ -380,6 +387,9 @@ async fn a_full_database_answers_507_turns_ready_503_keeps_reads_and_recovers_on
 
 #[tokio::test]
 async fn a_database_file_with_a_corrupt_page_is_refused_at_start_with_the_command_to_inspect_it() {
+    if skip_on_postgres("a corrupt page of the SQLite file, PRAGMA quick_check") {
+        return;
+    }
     let app = spawn_app().await;
     let ti = spawn_ti("llama-7b", "A100", 5.0).await;
     app.register(&ti).await;

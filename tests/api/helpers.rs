@@ -1,17 +1,25 @@
-//! Test harness: the real app on an ephemeral port with a fresh SQLite file in a temp
-//! dir, real simulated TIs, and HTTP helpers.
+//! Test harness: the real app on an ephemeral port with a fresh database, real simulated
+//! TIs, and HTTP helpers.
+//!
+//! The database is an SQLite file in a temp dir, or, when `TI_TEST_POSTGRES` names a
+//! PostgreSQL server (the URL of its admin database, as `scripts/pg-cluster.sh start`
+//! prints), a fresh database of its own on that server. [`TestApp::sql_rows`] and its
+//! kin read it beside the running service on either backend.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use sqlx::{Column, Connection, Row, TypeInfo};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
-use ti_scheduler::config::Settings;
+use ti_scheduler::config::{DatabaseLocation, Settings};
+use ti_scheduler::domain::Durability;
+use ti_scheduler::store;
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
 use ti_scheduler::App;
@@ -56,6 +64,9 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
     let mut settings = test_settings(&dir);
+    if let Some(server) = postgres_server() {
+        settings.database.url = create_database(&server).await;
+    }
     adjust(&mut settings);
     start(settings, dir).await
 }
@@ -80,10 +91,6 @@ async fn start(settings: Settings, dir: std::sync::Arc<TempDir>) -> TestApp {
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
-    }
-
-    pub fn db_path(&self) -> PathBuf {
-        self.settings.database.path.clone()
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (StatusCode, Value) {
@@ -190,22 +197,40 @@ impl TestApp {
         self.queue_of(ti_uuid).await["healthy"].as_bool().unwrap()
     }
 
-    /// Runs a query on the database file (read-only, beside the running service).
-    pub fn sql<T>(
-        &self,
-        query: &str,
-        read: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-    ) -> T {
-        let conn = rusqlite::Connection::open_with_flags(
-            self.db_path(),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        conn.query_row(query, [], read).unwrap()
+    /// The rows of a query on the app's database (beside the running service; read-only
+    /// on SQLite), each column as JSON: null, a number, a string, or (PostgreSQL's
+    /// BOOLEAN) a bool. The query must run on both backends.
+    pub async fn sql_rows(&self, query: &str) -> Vec<Vec<Value>> {
+        rows(&self.settings, query).await
     }
 
-    pub fn count(&self, query: &str) -> i64 {
-        self.sql(query, |r| r.get(0))
+    /// The first row of a query (which must find one).
+    pub async fn sql_row(&self, query: &str) -> Vec<Value> {
+        let rows = self.sql_rows(query).await;
+        rows.into_iter()
+            .next()
+            .unwrap_or_else(|| panic!("no row for {query}"))
+    }
+
+    /// The first column of the first row of a query.
+    pub async fn sql_value(&self, query: &str) -> Value {
+        self.sql_row(query).await.swap_remove(0)
+    }
+
+    /// The first column of the first row of a query, a string.
+    pub async fn sql_text(&self, query: &str) -> String {
+        match self.sql_value(query).await {
+            Value::String(s) => s,
+            other => panic!("{query} gave {other}, not a string"),
+        }
+    }
+
+    /// The first column of the first row of a query, an integer (`SELECT COUNT(*) ...`).
+    pub async fn count(&self, query: &str) -> i64 {
+        let value = self.sql_value(query).await;
+        value
+            .as_i64()
+            .unwrap_or_else(|| panic!("{query} gave {value}, not an integer"))
     }
 
     /// Stops the service gracefully and waits until the database is closed.
@@ -231,6 +256,168 @@ impl TestApp {
 /// Starts a service on the settings (and database) of a stopped one.
 pub async fn restart_from(settings: Settings, dir: std::sync::Arc<TempDir>) -> TestApp {
     start(settings, dir).await
+}
+
+/// The database backend of the tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// A file in the test's temp dir (the default).
+    Sqlite,
+    /// A database of its own on the server `TI_TEST_POSTGRES` names.
+    Postgres,
+}
+
+/// The backend of this test run: PostgreSQL when `TI_TEST_POSTGRES` is set.
+pub fn backend() -> Backend {
+    match postgres_server() {
+        Some(_) => Backend::Postgres,
+        None => Backend::Sqlite,
+    }
+}
+
+/// For the tests of SQLite itself (its file, its lock, its pragmas): true, after saying
+/// so on stderr, when the run is on PostgreSQL; the test then returns.
+pub fn skip_on_postgres(why: &str) -> bool {
+    let skip = backend() == Backend::Postgres;
+    if skip {
+        eprintln!("skipped on PostgreSQL: {why}");
+    }
+    skip
+}
+
+/// The URL of the PostgreSQL server's admin database, from `TI_TEST_POSTGRES`.
+fn postgres_server() -> Option<String> {
+    std::env::var("TI_TEST_POSTGRES")
+        .ok()
+        .filter(|url| !url.is_empty())
+}
+
+/// Creates a fresh database on the server; returns its URL (the server's, with the new
+/// database's name). The cluster is a throw-away one: the databases stay until it goes.
+async fn create_database(server: &str) -> String {
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = sqlx::PgConnection::connect(server)
+        .await
+        .unwrap_or_else(|e| panic!("TI_TEST_POSTGRES={server}: {e}"));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .expect("CREATE DATABASE");
+    admin.close().await.ok();
+    let mut url = reqwest::Url::parse(server).expect("TI_TEST_POSTGRES is a URL");
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+/// The rows of a query on the database the settings name (see [`TestApp::sql_rows`]).
+pub async fn rows(settings: &Settings, query: &str) -> Vec<Vec<Value>> {
+    match settings.database.location().expect("database location") {
+        DatabaseLocation::Sqlite(path) => {
+            let query = query.to_string();
+            tokio::task::spawn_blocking(move || sqlite_rows(&path, &query))
+                .await
+                .unwrap()
+        }
+        DatabaseLocation::Postgres(url) => {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(query.to_string()))
+                .fetch_all(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{query}: {e}"));
+            conn.close().await.ok();
+            rows.iter().map(postgres_row).collect()
+        }
+    }
+}
+
+fn sqlite_rows(path: &std::path::Path, query: &str) -> Vec<Vec<Value>> {
+    use rusqlite::types::ValueRef;
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut statement = conn
+        .prepare(query)
+        .unwrap_or_else(|e| panic!("{query}: {e}"));
+    let columns = statement.column_count();
+    let rows = statement.query_map([], |row| {
+        (0..columns)
+            .map(|i| {
+                Ok(match row.get_ref(i)? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(n) => json!(n),
+                    ValueRef::Real(x) => json!(x),
+                    ValueRef::Text(t) => json!(String::from_utf8_lossy(t)),
+                    ValueRef::Blob(_) => panic!("{query}: a BLOB column"),
+                })
+            })
+            .collect::<rusqlite::Result<Vec<Value>>>()
+    });
+    rows.and_then(|rows| rows.collect())
+        .unwrap_or_else(|e| panic!("{query}: {e}"))
+}
+
+fn postgres_row(row: &sqlx::postgres::PgRow) -> Vec<Value> {
+    row.columns()
+        .iter()
+        .map(|column| {
+            let i = column.ordinal();
+            let value = match column.type_info().name() {
+                "BOOL" => row.try_get::<Option<bool>, _>(i).map(|v| json!(v)),
+                "INT2" => row.try_get::<Option<i16>, _>(i).map(|v| json!(v)),
+                "INT4" => row.try_get::<Option<i32>, _>(i).map(|v| json!(v)),
+                "INT8" => row.try_get::<Option<i64>, _>(i).map(|v| json!(v)),
+                "FLOAT4" => row.try_get::<Option<f32>, _>(i).map(|v| json!(v)),
+                "FLOAT8" => row.try_get::<Option<f64>, _>(i).map(|v| json!(v)),
+                "TEXT" | "VARCHAR" | "NAME" => {
+                    row.try_get::<Option<String>, _>(i).map(|v| json!(v))
+                }
+                other => panic!("column {} is {other}: not read by the tests", column.name()),
+            };
+            value.unwrap_or_else(|e| panic!("column {}: {e}", column.name()))
+        })
+        .collect()
+}
+
+/// Runs statements (`;`-separated) on the database the settings name, beside the
+/// service if it runs.
+pub async fn execute(settings: &Settings, statements: &str) {
+    match settings.database.location().expect("database location") {
+        DatabaseLocation::Sqlite(path) => {
+            let statements = statements.to_string();
+            tokio::task::spawn_blocking(move || {
+                let conn = rusqlite::Connection::open(path).unwrap();
+                conn.busy_timeout(Duration::from_secs(10)).unwrap();
+                conn.execute_batch(&statements)
+                    .unwrap_or_else(|e| panic!("{statements}: {e}"));
+            })
+            .await
+            .unwrap();
+        }
+        DatabaseLocation::Postgres(url) => {
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statements.to_string()))
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{statements}: {e}"));
+            conn.close().await.ok();
+        }
+    }
+}
+
+/// Opens the database the settings name a second time, as the cleanup job or a command
+/// would: a read pool and a writer of its own, until `stop` is cancelled (then await the
+/// handle).
+pub async fn open_store(
+    settings: &Settings,
+    stop: CancellationToken,
+) -> (store::Db, tokio::task::JoinHandle<()>) {
+    let opened = match settings.database.location().expect("database location") {
+        DatabaseLocation::Sqlite(path) => store::open(&path, Durability::Full, 1, 16, stop).await,
+        DatabaseLocation::Postgres(url) => {
+            store::open_postgres(&url, Durability::Full, 1, 16, None, stop).await
+        }
+    };
+    opened.expect("the database opens")
 }
 
 async fn read(resp: reqwest::Response) -> (StatusCode, Value) {

@@ -1,5 +1,6 @@
-//! Integration tests over real HTTP, real SQLite files in temp dirs and real simulated
-//! Task Instances on ephemeral loopback ports.
+//! Integration tests over real HTTP, a real database (an SQLite file in a temp dir, or a
+//! PostgreSQL database of its own when `TI_TEST_POSTGRES` names a server: see
+//! `helpers.rs`) and real simulated Task Instances on ephemeral loopback ports.
 
 mod helpers;
 

@@ -58,7 +58,8 @@ async fn an_openai_ti_takes_its_model_from_v1_models_and_is_listed_with_its_kind
     assert_eq!(
         app.count(
             "SELECT COUNT(*) FROM task_instances WHERE kind = 'openai' AND hardware = 'H100'"
-        ),
+        )
+        .await,
         1
     );
 
@@ -135,13 +136,14 @@ async fn a_task_is_sent_as_an_openai_request_and_its_answer_and_usage_are_stored
     assert_eq!(
         app.count(&format!(
             "SELECT prompt_tokens + completion_tokens FROM tasks WHERE task_id = '{task}' AND outcome = 'succeeded'"
-        )),
+        )).await,
         3 + completion
     );
-    let features = app.sql(
-        &format!("SELECT metadata FROM tasks WHERE task_id = '{task}'"),
-        |r| r.get::<_, String>(0),
-    );
+    let features = app
+        .sql_text(&format!(
+            "SELECT metadata FROM tasks WHERE task_id = '{task}'"
+        ))
+        .await;
     let features: Value = serde_json::from_str(&features).unwrap();
     assert_eq!(features, json!({"input_tokens": 3.0, "max_tokens": 8.0}));
 
@@ -174,7 +176,7 @@ async fn a_path_outside_v1_is_refused_at_submit() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_message(&body, "metadata.path must start with 'v1/'");
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
 }
 
 #[tokio::test]
@@ -236,7 +238,8 @@ async fn a_4xx_answer_fails_the_task_with_the_upstream_status_and_body_and_the_t
     assert_eq!(
         app.count(&format!(
             "SELECT COUNT(*) FROM tasks WHERE task_id = '{bad}' AND outcome = 'failed'"
-        )),
+        ))
+        .await,
         1
     );
     assert_eq!(
@@ -277,7 +280,9 @@ async fn a_429_pauses_the_ti_for_its_retry_after_and_the_task_is_decided_again()
     assert!(
         app.count(&format!(
             "SELECT COUNT(*) FROM decisions WHERE task_id = '{task}'"
-        )) >= 2,
+        ))
+        .await
+            >= 2,
         "decided again after the 429"
     );
 }

@@ -1,10 +1,9 @@
 use serde_json::{json, Value};
-use ti_scheduler::domain::Durability;
 use ti_scheduler::store;
 use ti_scheduler::ti::sim::SimConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{spawn_app, spawn_ti_with, wait_for, TestApp};
+use crate::helpers::{execute, open_store, spawn_app, spawn_ti_with, wait_for, TestApp};
 
 fn law(hardware: &str, factor: f64) -> SimConfig {
     SimConfig {
@@ -19,11 +18,10 @@ fn law(hardware: &str, factor: f64) -> SimConfig {
 }
 
 /// The candidates of the latest decision: (hardware order as registered) predicted_ms and source.
-fn last_candidates(app: &TestApp) -> Vec<Value> {
-    let text: String = app.sql(
-        "SELECT candidates FROM decisions ORDER BY id DESC LIMIT 1",
-        |r| r.get(0),
-    );
+async fn last_candidates(app: &TestApp) -> Vec<Value> {
+    let text: String = app
+        .sql_text("SELECT candidates FROM decisions ORDER BY id DESC LIMIT 1")
+        .await;
     serde_json::from_str::<Value>(&text)
         .unwrap()
         .as_array()
@@ -60,7 +58,7 @@ async fn the_learned_model_predicts_per_hardware_survives_a_restart_and_can_be_r
         chosen, fast_id,
         "both idle: the faster hardware completes first"
     );
-    let candidates = last_candidates(&app);
+    let candidates = last_candidates(&app).await;
     let predicted: Vec<f64> = candidates
         .iter()
         .map(|c| c["predicted_ms"].as_f64().unwrap())
@@ -74,7 +72,7 @@ async fn the_learned_model_predicts_per_hardware_survives_a_restart_and_can_be_r
     assert!((2.0..3.0).contains(&ratio), "{predicted:?}");
     // The learned state is saved every second.
     wait_for("the learned models to be saved", || async {
-        (app.count("SELECT COUNT(*) FROM learned_models") == 3).then_some(())
+        (app.count("SELECT COUNT(*) FROM learned_models").await == 3).then_some(())
     })
     .await;
 
@@ -87,6 +85,7 @@ async fn the_learned_model_predicts_per_hardware_survives_a_restart_and_can_be_r
         )
         .await;
     let after: Vec<f64> = last_candidates(&app)
+        .await
         .iter()
         .map(|c| c["predicted_ms"].as_f64().unwrap())
         .collect();
@@ -100,16 +99,14 @@ async fn the_learned_model_predicts_per_hardware_survives_a_restart_and_can_be_r
 
     // Retrain from history into a database whose learned state was lost.
     app.wait_completed(&probe).await;
-    let path = app.db_path();
-    let (_settings, _dir) = app.stop().await;
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .execute_batch("DELETE FROM learned_models; DELETE FROM execution_stats;")
-        .unwrap();
+    let (settings, _dir) = app.stop().await;
+    execute(
+        &settings,
+        "DELETE FROM learned_models; DELETE FROM execution_stats;",
+    )
+    .await;
     let stop = CancellationToken::new();
-    let (db, writer) = store::open(&path, Durability::Full, 1, 8, stop.clone())
-        .await
-        .unwrap();
+    let (db, writer) = open_store(&settings, stop.clone()).await;
     let report = ti_scheduler::predictor::retrain(&db).await.unwrap();
     assert_eq!((report.executions, report.models), (62, 3));
     let models: Vec<ti_scheduler::predictor::StoredModel> =

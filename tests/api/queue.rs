@@ -19,7 +19,7 @@ async fn submitting_with_no_instance_for_the_model_is_503_naming_it() {
     let (status, answer) = app.post("/queue/submit", body).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(answer["message"].as_str().unwrap().contains("'llama-7b'"));
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
 }
 
 #[tokio::test]
@@ -78,8 +78,8 @@ async fn invalid_submits_are_400_naming_the_field_and_store_nothing() {
         .post_raw("/queue/submit", "application/json", "{\"model_name\":")
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
-    assert_eq!(app.count("SELECT COUNT(*) FROM decisions"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM decisions").await, 0);
 }
 
 #[tokio::test]
@@ -97,7 +97,7 @@ async fn a_client_task_id_makes_submit_idempotent() {
     let (status, again) = app.post("/queue/submit", different).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(again, first);
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 1);
     assert_eq!(
         app.query("job-42").await["result"],
         done["result"],
@@ -136,7 +136,7 @@ async fn a_batch_is_committed_whole_with_one_answer_per_task() {
         results[6]["task_id"], "batch-x",
         "a repeated id inside a batch is the same task"
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 6);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 6);
     for r in results {
         app.wait_completed(r["task_id"].as_str().unwrap()).await;
     }
@@ -181,7 +181,7 @@ async fn an_invalid_batch_item_is_400_naming_its_index_and_nothing_is_stored() {
         )
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
 }
 
 #[tokio::test]
@@ -260,5 +260,5 @@ async fn a_body_over_the_limit_is_413() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(body["status"], "error");
     assert_message(&body, "1024");
-    assert_eq!(app.count("SELECT COUNT(*) FROM tasks"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM tasks").await, 0);
 }

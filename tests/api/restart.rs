@@ -85,13 +85,13 @@ async fn tasks_of_a_ti_unreachable_at_start_up_are_rerouted() {
         assert_eq!(done["scheduled_ti"], survivor_id.as_str());
     }
     assert_eq!(survivor.stats().accepted, 4);
-    let history: String = app.sql(
-        "SELECT group_concat(task_id || ' ' || reason || ' ' || chosen_ti, char(10)) FROM decisions",
-        |r| r.get(0),
-    );
+    let history = app
+        .sql_rows("SELECT task_id, reason, chosen_ti FROM decisions ORDER BY id")
+        .await;
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM decisions WHERE reason = 'reroute'"),
+        app.count("SELECT COUNT(*) FROM decisions WHERE reason = 'reroute'")
+            .await,
         2,
-        "{history}"
+        "{history:?}"
     );
 }

@@ -13,10 +13,11 @@ async fn silent_task(app: &TestApp) -> (SimTi, String, String, String) {
     });
     let ti_id = app.register(&ti).await;
     let (task_id, _) = app.submit("llama-7b", json!({})).await;
-    let token: String = app.sql(
-        &format!("SELECT callback_token FROM task_instances WHERE ti_uuid = '{ti_id}'"),
-        |r| r.get(0),
-    );
+    let token: String = app
+        .sql_text(&format!(
+            "SELECT callback_token FROM task_instances WHERE ti_uuid = '{ti_id}'"
+        ))
+        .await;
     (ti, task_id, ti_id, token)
 }
 
@@ -38,10 +39,11 @@ async fn a_callback_with_the_wrong_token_or_ti_is_403_and_stores_nothing() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     let other = spawn_ti("llama-7b", "H100", 5.0).await;
     let other_id = app.register(&other).await;
-    let other_token: String = app.sql(
-        &format!("SELECT callback_token FROM task_instances WHERE ti_uuid = '{other_id}'"),
-        |r| r.get(0),
-    );
+    let other_token: String = app
+        .sql_text(&format!(
+            "SELECT callback_token FROM task_instances WHERE ti_uuid = '{other_id}'"
+        ))
+        .await;
     let (status, _) = app
         .post(
             "/result/submit",
@@ -60,11 +62,12 @@ async fn a_callback_with_the_wrong_token_or_ti_is_403_and_stores_nothing() {
         )
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let stored: Option<String> = app.sql(
-        &format!("SELECT result FROM tasks WHERE task_id = '{task_id}'"),
-        |r| r.get(0),
-    );
-    assert_eq!(stored, None);
+    let stored = app
+        .sql_value(&format!(
+            "SELECT result FROM tasks WHERE task_id = '{task_id}'"
+        ))
+        .await;
+    assert_eq!(stored, Value::Null);
     assert_ne!(app.query(&task_id).await["task_status"], "completed");
 }
 

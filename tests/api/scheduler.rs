@@ -113,25 +113,21 @@ async fn an_imported_csv_table_drives_lookup_table_mode_and_decisions_record_it(
             json!({"input_tokens": 500, "output_tokens": 64}),
         )
         .await;
-    let (row, source, fallback): (f64, String, bool) = app.sql(
-        &format!("SELECT predicted_ms, prediction_source, lookup_fallback FROM decisions WHERE task_id = '{hit}'"),
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    );
-    assert_eq!(
-        (row, source.as_str(), fallback),
-        (1010.0, "lookup_table", false)
-    );
+    // lookup_fallback is INTEGER 0/1 on SQLite, BOOLEAN on PostgreSQL.
+    let decision = app
+        .sql_row(&format!("SELECT predicted_ms, prediction_source, CASE WHEN lookup_fallback THEN 1 ELSE 0 END FROM decisions WHERE task_id = '{hit}'"))
+        .await;
+    assert_eq!(decision, [json!(1010.0), json!("lookup_table"), json!(0)]);
 
     let other = spawn_ti("other-model", "A100", 10.0).await;
     app.register(&other).await;
     let (miss, _) = app.submit("other-model", json!({})).await;
-    let (source, fallback): (String, bool) = app.sql(
-        &format!(
-            "SELECT prediction_source, lookup_fallback FROM decisions WHERE task_id = '{miss}'"
-        ),
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    );
-    assert_eq!((source.as_str(), fallback), ("prior", true));
+    let decision = app
+        .sql_row(&format!(
+            "SELECT prediction_source, CASE WHEN lookup_fallback THEN 1 ELSE 0 END FROM decisions WHERE task_id = '{miss}'"
+        ))
+        .await;
+    assert_eq!(decision, [json!("prior"), json!(1)]);
 }
 
 #[tokio::test]
@@ -147,7 +143,7 @@ async fn a_swarmpilot_json_table_is_imported_and_appended() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["rows"], 6);
-    assert_eq!(app.count("SELECT COUNT(*) FROM lookup_rows"), 6);
+    assert_eq!(app.count("SELECT COUNT(*) FROM lookup_rows").await, 6);
 }
 
 #[tokio::test]
@@ -179,7 +175,7 @@ async fn a_malformed_table_is_400_naming_line_and_column_and_changes_nothing() {
         "{body}"
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM lookup_rows"),
+        app.count("SELECT COUNT(*) FROM lookup_rows").await,
         4,
         "the old table is intact"
     );
@@ -218,7 +214,7 @@ async fn the_admin_token_guards_admin_endpoints_when_configured() {
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM task_instances"),
+        app.count("SELECT COUNT(*) FROM task_instances").await,
         0,
         "nothing stored"
     );

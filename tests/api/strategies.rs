@@ -73,10 +73,9 @@ async fn shortest_queue_avoids_a_loaded_ti() {
     )
     .await;
     assert!(chosen.iter().all(|t| *t == idle_id), "{chosen:?}");
-    let decision: String = app.sql(
-        "SELECT candidates FROM decisions ORDER BY id DESC LIMIT 1",
-        |r| r.get(0),
-    );
+    let decision: String = app
+        .sql_text("SELECT candidates FROM decisions ORDER BY id DESC LIMIT 1")
+        .await;
     let candidates: Value = serde_json::from_str(&decision).unwrap();
     let loaded_wait = candidates
         .as_array()

@@ -57,14 +57,12 @@ async fn a_task_goes_from_submit_to_completed_with_the_tis_result() {
     assert!(done["completion_time"].as_f64().unwrap() >= submit_time);
     assert_eq!(done["result_expired"], false);
     assert_eq!(done["outcome"], "succeeded");
-    let (outcome, status): (String, String) = app.sql(
-        &format!("SELECT outcome, status FROM tasks WHERE task_id = '{task_id}'"),
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    );
-    assert_eq!(
-        (outcome.as_str(), status.as_str()),
-        ("succeeded", "completed")
-    );
+    let row = app
+        .sql_row(&format!(
+            "SELECT outcome, status FROM tasks WHERE task_id = '{task_id}'"
+        ))
+        .await;
+    assert_eq!(row, ["succeeded", "completed"]);
 }
 
 #[tokio::test]
@@ -88,10 +86,11 @@ async fn a_failed_execution_stores_the_error_as_the_result_and_shows_outcome_fai
         json!({"error": "simulated failure on llama-7b"})
     );
     assert_eq!(done["outcome"], "failed", "{done}");
-    let outcome: String = app.sql(
-        &format!("SELECT outcome FROM tasks WHERE task_id = '{task_id}'"),
-        |r| r.get(0),
-    );
+    let outcome: String = app
+        .sql_text(&format!(
+            "SELECT outcome FROM tasks WHERE task_id = '{task_id}'"
+        ))
+        .await;
     assert_eq!(outcome, "failed");
 }
 

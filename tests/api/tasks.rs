@@ -7,14 +7,13 @@ use std::sync::{Arc, Mutex};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use ti_scheduler::config::CleanupSettings;
-use ti_scheduler::domain::Durability;
 use ti_scheduler::jobs::run_cleanup_once;
-use ti_scheduler::store;
 use ti_scheduler::ti::sim::{Faults, SimConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{
-    assert_message, spawn_app, spawn_app_with, spawn_ti, spawn_ti_with, wait_for, TestApp,
+    assert_message, open_store, spawn_app, spawn_app_with, spawn_ti, spawn_ti_with, wait_for,
+    TestApp,
 };
 
 /// One page: its tasks and its `next_cursor`.
@@ -497,9 +496,7 @@ async fn paging_goes_on_after_the_cleanup_job_deleted_old_tasks() {
     );
 
     let stop = CancellationToken::new();
-    let (db, writer) = store::open(&app.db_path(), Durability::Full, 1, 16, stop.clone())
-        .await
-        .unwrap();
+    let (db, writer) = open_store(&app.settings, stop.clone()).await;
     let settings = CleanupSettings {
         result_ttl_secs: 60,
         retention_secs: 3600,

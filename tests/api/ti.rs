@@ -20,7 +20,7 @@ async fn registering_returns_a_uuid_and_the_same_one_for_the_same_address() {
     );
     let (_, second) = app.post("/ti/register", body).await;
     assert_eq!(second["ti_uuid"], id);
-    assert_eq!(app.count("SELECT COUNT(*) FROM task_instances"), 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM task_instances").await, 1);
     let (_, list) = app.get("/ti/list").await;
     let tis = list["tis"].as_array().unwrap();
     assert_eq!(tis.len(), 1);
@@ -48,7 +48,7 @@ async fn registering_an_address_where_nothing_listens_is_502_connection_refused(
         body,
         json!({"status": "error", "message": "Connection refused", "ti_uuid": ""})
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM task_instances"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM task_instances").await, 0);
 }
 
 #[tokio::test]
@@ -108,7 +108,7 @@ async fn bad_host_port_or_model_name_is_400_without_connecting() {
         );
         assert_eq!(answer["ti_uuid"], "");
     }
-    assert_eq!(app.count("SELECT COUNT(*) FROM task_instances"), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM task_instances").await, 0);
 }
 
 #[tokio::test]
@@ -187,7 +187,8 @@ async fn a_removed_ti_gets_no_new_tasks_but_its_in_flight_results_are_stored() {
     assert_eq!(
         app.count(&format!(
             "SELECT COUNT(*) FROM decisions WHERE chosen_ti = '{slow_id}'"
-        )),
+        ))
+        .await,
         1,
         "history naming it is kept"
     );
