@@ -251,7 +251,7 @@ impl Connected {
 
 /// The PostgreSQL write connection.
 async fn pg_connect(url: &str, synchronous_commit: bool) -> Result<PgConnection, StoreError> {
-    let mut conn = PgConnection::connect(url).await?;
+    let mut conn = PgConnection::connect_with(&super::pg_options(url)?).await?;
     if !synchronous_commit {
         sqlx::raw_sql(sqlx::AssertSqlSafe("SET synchronous_commit = off"))
             .execute(&mut conn)
