@@ -5,6 +5,10 @@
 #   scripts/pg-cluster.sh start DIR   starts it; prints the server's URL (postgres://...)
 #   scripts/pg-cluster.sh stop DIR    stops it and deletes DIR
 #
+# PG_DURABLE=1 keeps PostgreSQL's durability settings (fsync, synchronous commit, full
+# page writes) for benchmarks; by default a test cluster skips them (the tests kill
+# schedulers, never the server).
+#
 # Uses Debian's `postgresql` package (its binaries under /usr/lib/postgresql/*/bin, or
 # initdb on PATH). PostgreSQL refuses to run as root: as root the cluster belongs to the
 # `postgres` user the package creates.
@@ -51,11 +55,11 @@ start)
     as_owner "$bin/initdb" -D "$dir/data" -U postgres -A trust --no-sync -E UTF8 \
         >"$dir/initdb.log" 2>&1 || { cat "$dir/initdb.log" >&2; exit 1; }
     port=$(free_port)
-    # Throw-away: no fsync (the tests kill schedulers, never the server), enough
-    # connections for a parallel test run, its socket in DIR only.
+    # Enough connections for a parallel test run; its socket in DIR only.
+    fast="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    [ "${PG_DURABLE:-0}" = 1 ] && fast=""
     as_owner "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off \
-            -c synchronous_commit=off -c full_page_writes=off -c max_connections=500" \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 $fast -c max_connections=500" \
         start >/dev/null || { cat "$dir/server.log" >&2; exit 1; }
     echo "$port" >"$dir/port"
     echo "postgres://postgres@127.0.0.1:$port/postgres"

@@ -12,10 +12,11 @@
 //! - [`scheduling`]: the scheduling core, one file per step of a task's life (below), around
 //!   the hot-path [`scheduling::Cache`] (TIs, queue estimates, the predictor).
 //! - [`predictor`]: execution-time prediction (fallback chain, learned model, lookup table).
-//! - [`store`]: SQLite repositories and the group-commit writer.
+//! - [`store`]: the repositories (SQLite and PostgreSQL) and the group-commit writer.
 //! - [`ti`]: the TI protocol: the client, the wire types, the host allow-list and the
 //!   simulated TI.
 //! - [`domain`]: the nouns every layer shares (ids, states, strategies, decisions).
+//! - [`ha`]: high availability on PostgreSQL: the leader lease and the standby.
 //! - [`jobs`]: the periodic cleanup job.
 //! - [`config`]: typed settings (file, environment, flags).
 //! - [`cli`]: the client commands (`ti-scheduler tasks`).
@@ -49,6 +50,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod ha;
 pub mod jobs;
 pub mod predictor;
 pub mod scheduling;
@@ -66,7 +68,7 @@ use anyhow::Context;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Settings;
+use crate::config::{DatabaseLocation, Settings};
 use crate::scheduling::Scheduler;
 
 /// A built service, bound to its port and ready to run.
@@ -79,8 +81,10 @@ pub struct App {
     writer_stop: CancellationToken,
     writer: tokio::task::JoinHandle<()>,
     cron: tokio_cron_scheduler::JobScheduler,
-    /// Held until the database is closed: no second process may use the file.
-    lock: store::DbLock,
+    /// SQLite: held until the database is closed, so no second process uses the file.
+    lock: Option<store::DbLock>,
+    /// PostgreSQL: this node's leader lease, released when it stops.
+    leadership: Option<ha::Leadership>,
     limits: server::Limits,
     /// How long a shutdown waits for the unfinished tasks once drained.
     shutdown_grace: Duration,
@@ -88,34 +92,78 @@ pub struct App {
 
 impl App {
     /// Binds the port, opens (creating and migrating) the database, rebuilds the cache
-    /// from it and starts the background work.
+    /// from it and starts the background work. On PostgreSQL it first takes the leader
+    /// lease (waiting up to twice `ha.lease_ms` for a crashed previous holder's).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(settings.server.bind)
             .await
             .with_context(|| format!("binding {}", settings.server.bind))?;
-        let addr = listener.local_addr()?;
-        let limits = server::Limits {
+        Self::build_on(listener, settings, None).await
+    }
+
+    /// The connection limits of `settings`, for this server and a standby's.
+    pub fn limits(settings: &Settings) -> server::Limits {
+        server::Limits {
             header_read_timeout: Duration::from_millis(settings.server.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(settings.server.idle_timeout_ms),
             max_connections: server::raise_fd_limit(settings.server.max_connections),
-        };
-        let db_path = &settings.database.path;
-        let lock = store::DbLock::acquire(db_path)?;
-        if settings.database.quick_check {
-            let path = db_path.clone();
-            let ms = tokio::task::spawn_blocking(move || store::quick_check(&path)).await??;
-            tracing::info!(db = %db_path.display(), elapsed_ms = ms, "PRAGMA quick_check: ok");
         }
+    }
+
+    /// Builds the service on a bound `listener`. On PostgreSQL, `leadership` is the lease
+    /// a standby just took (`None`: take it now).
+    pub async fn build_on(
+        listener: TcpListener,
+        settings: Settings,
+        leadership: Option<ha::Leadership>,
+    ) -> anyhow::Result<Self> {
+        let addr = listener.local_addr()?;
+        let limits = Self::limits(&settings);
+        let location = settings.database.location().map_err(anyhow::Error::msg)?;
         let writer_stop = CancellationToken::new();
-        let (db, writer) = store::open(
-            &settings.database.path,
-            settings.database.durability,
-            settings.database.read_connections,
-            settings.database.max_batch,
-            writer_stop.clone(),
-        )
-        .await
-        .with_context(|| format!("opening database {}", settings.database.path.display()))?;
+        let (db, writer, lock, leadership) = match &location {
+            DatabaseLocation::Sqlite(db_path) => {
+                let lock = store::DbLock::acquire(db_path)?;
+                if settings.database.quick_check {
+                    let path = db_path.clone();
+                    let ms =
+                        tokio::task::spawn_blocking(move || store::quick_check(&path)).await??;
+                    tracing::info!(db = %db_path.display(), elapsed_ms = ms, "PRAGMA quick_check: ok");
+                }
+                let (db, writer) = store::open(
+                    db_path,
+                    settings.database.durability,
+                    settings.database.read_connections,
+                    settings.database.max_batch,
+                    writer_stop.clone(),
+                )
+                .await
+                .with_context(|| format!("opening database {}", db_path.display()))?;
+                (db, writer, Some(lock), None)
+            }
+            DatabaseLocation::Postgres(url) => {
+                let leadership = match leadership {
+                    Some(leadership) => leadership,
+                    None => {
+                        ha::Lease::connect(&settings, url, &settings.public_url(addr))
+                            .await?
+                            .acquire_within_two_leases()
+                            .await?
+                    }
+                };
+                let (db, writer) = store::open_postgres(
+                    url,
+                    settings.database.durability,
+                    settings.database.read_connections,
+                    settings.database.max_batch,
+                    Some(leadership.fence()),
+                    writer_stop.clone(),
+                )
+                .await
+                .with_context(|| format!("opening database {}", location.display()))?;
+                (db, writer, None, Some(leadership))
+            }
+        };
         let cap = store::limit_size(&db, settings.database.max_size_mb).await?;
         if cap > 0 {
             tracing::info!(pages = cap, "database size capped (database.max_size_mb)");
@@ -143,7 +191,7 @@ impl App {
                 .map(|k| Arc::from(k.as_str()))
                 .collect(),
         });
-        tracing::info!(%addr, db = %settings.database.path.display(), "ti-scheduler ready");
+        tracing::info!(%addr, db = %location.display(), "ti-scheduler ready");
         Ok(Self {
             listener,
             addr,
@@ -154,6 +202,7 @@ impl App {
             writer,
             cron,
             lock,
+            leadership,
             limits,
             shutdown_grace: Duration::from_millis(settings.server.shutdown_grace_ms),
         })
@@ -168,14 +217,32 @@ impl App {
     /// and goes on serving until no task is unfinished or `server.shutdown_grace_ms` has
     /// passed; then stops accepting, finishes the requests under way, stops the
     /// background work, commits what the writer holds and closes the database.
+    ///
+    /// On PostgreSQL, a node that loses the leader lease stops at once (no drain: it may
+    /// no longer write) and returns an error; otherwise it releases the lease at the end.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let scheduler = self.scheduler.clone();
         let grace = self.shutdown_grace;
+        let deposed = self.leadership.as_ref().map(ha::Leadership::deposed);
+        let lost = deposed.clone();
         let shutdown = async move {
-            shutdown.await;
+            let lost = async {
+                match lost {
+                    Some(token) => token.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown => {}
+                _ = lost => {
+                    tracing::error!("this node lost the leader lease: stopping at once");
+                    scheduler.stop_waiting();
+                    return;
+                }
+            }
             // Dispatches and result callbacks go on meanwhile: the server still serves.
             scheduler.drain_within(grace).await;
             // Long-polls and event streams end now, so the requests under way finish.
@@ -193,6 +260,12 @@ impl App {
         }
         self.db.read.close().await;
         drop(self.lock);
+        if let Some(leadership) = self.leadership {
+            leadership.release().await;
+        }
+        if deposed.is_some_and(|d| d.is_cancelled()) {
+            anyhow::bail!("this node lost the leader lease and stopped");
+        }
         tracing::info!("ti-scheduler stopped");
         Ok(())
     }

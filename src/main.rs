@@ -12,12 +12,12 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use ti_scheduler::config::{Loaded, Settings};
+use ti_scheduler::config::{DatabaseLocation, Loaded, Settings};
 use ti_scheduler::domain::{Durability, TiKind};
 use ti_scheduler::telemetry::{self, LogFormat};
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
-use ti_scheduler::{predictor, store, App};
+use ti_scheduler::{ha, predictor, store, App};
 
 #[derive(Parser)]
 #[command(
@@ -106,15 +106,33 @@ impl DbArgs {
             source,
         } = Settings::load_for_command(self.config.as_deref())?;
         if let Some(db) = &self.db {
+            settings.database.url.clear();
             settings.database.path = db.clone();
         }
+        let location = settings.database.location().map_err(anyhow::Error::msg)?;
         tracing::info!(
             version = env!("CARGO_PKG_VERSION"),
             config = %source,
-            db = %settings.database.path.display(),
+            db = %location.display(),
             "ti-scheduler {command}"
         );
         Ok(settings)
+    }
+
+    /// The SQLite file a maintenance command works on; on PostgreSQL, an error saying
+    /// what to use instead.
+    fn sqlite_file(&self, command: &str, instead: &str) -> anyhow::Result<PathBuf> {
+        match self
+            .settings(command)?
+            .database
+            .location()
+            .map_err(anyhow::Error::msg)?
+        {
+            DatabaseLocation::Sqlite(path) => Ok(path),
+            DatabaseLocation::Postgres(_) => {
+                anyhow::bail!("{command} works on an SQLite file; on PostgreSQL {instead}")
+            }
+        }
     }
 }
 
@@ -226,18 +244,42 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => {
-            let db = args.settings("migrate")?.database.path;
+            let location = args
+                .settings("migrate")?
+                .database
+                .location()
+                .map_err(anyhow::Error::msg)?;
+            let db = match location {
+                DatabaseLocation::Sqlite(path) => path,
+                DatabaseLocation::Postgres(ref url) => {
+                    let applied = store::migrate_postgres(url).await?;
+                    println!("{}: {applied} migration(s) applied", location.display());
+                    return Ok(());
+                }
+            };
             let _lock = store::DbLock::acquire(&db)?;
             let applied = store::migrate(&db)?;
             println!("{}: {applied} migration(s) applied", db.display());
             Ok(())
         }
         Command::ImportLookup { file, db, append } => {
-            let settings = db.settings("import-lookup")?;
-            import_lookup(&file, &settings.database.path, append).await
+            let path = db.sqlite_file(
+                "import-lookup",
+                "import through the running service: POST /predictor/lookup_table",
+            )?;
+            import_lookup(&file, &path, append).await
         }
-        Command::Retrain(args) => retrain(&args.settings("retrain")?.database.path).await,
-        Command::Backup { to, db } => backup(&db.settings("backup")?.database.path, to).await,
+        Command::Retrain(args) => {
+            retrain(&args.sqlite_file(
+                "retrain",
+                "the running service learns from every completion; retrain is not available",
+            )?)
+            .await
+        }
+        Command::Backup { to, db } => {
+            let path = db.sqlite_file("backup", "use pg_dump, or the server's own backups")?;
+            backup(&path, to).await
+        }
         Command::Tasks(args) => ti_scheduler::cli::run(&args, &mut std::io::stdout()).await,
         Command::Submit(args) => ti_scheduler::cli::run_submit(&args, &mut std::io::stdout()).await,
         Command::Wait(args) => ti_scheduler::cli::run_wait(&args, &mut std::io::stdout()).await,
@@ -252,8 +294,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(bind) = args.bind {
         settings.server.bind = bind;
     }
-    let app = App::build(settings).await?;
-    app.run_until(shutdown_signal()).await
+    let location = settings.database.location().map_err(anyhow::Error::msg)?;
+    let url = match location {
+        DatabaseLocation::Postgres(url) if settings.ha.enabled => url,
+        DatabaseLocation::Sqlite(_) if settings.ha.enabled => anyhow::bail!(
+            "ha.enabled needs PostgreSQL (database.url = \"postgres://...\"); an SQLite file serves one node"
+        ),
+        _ => {
+            let app = App::build(settings).await?;
+            return app.run_until(shutdown_signal()).await;
+        }
+    };
+    // High availability: a standby until this node takes the leader lease.
+    let listener = tokio::net::TcpListener::bind(settings.server.bind)
+        .await
+        .with_context(|| format!("binding {}", settings.server.bind))?;
+    let public_url = settings.public_url(listener.local_addr()?);
+    let lease = ha::Lease::connect(&settings, &url, &public_url).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+    let (listener, leadership) = ha::standby(
+        &lease,
+        listener,
+        App::limits(&settings),
+        stop.clone().cancelled_owned(),
+    )
+    .await?;
+    let Some(leadership) = leadership else {
+        tracing::info!("ti-scheduler stopped (standby)");
+        return Ok(());
+    };
+    let app = App::build_on(listener, settings, Some(leadership)).await?;
+    app.run_until(stop.cancelled_owned()).await
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use sqlx::Connection as _;
 
 use super::workload::MODEL;
 use super::SERVICE_BIN;
@@ -61,6 +62,11 @@ pub struct LoadArgs {
     /// Also measure the axum echo and SQLite group-commit ceilings.
     #[arg(long)]
     pub raw_ceiling: bool,
+    /// Keep the scheduler's state in PostgreSQL: the URL of a server's admin database
+    /// (`scripts/pg-cluster.sh start DIR` prints one); each run creates a database of its
+    /// own there. Without it, an SQLite file in a scratch directory.
+    #[arg(long)]
+    pub postgres: Option<String>,
     /// Drive a running scheduler at this URL instead of starting one (its TIs must be
     /// registered for `llama-7b`; CPU, RSS and end-to-end figures are then not available).
     #[arg(long)]
@@ -374,53 +380,133 @@ pub async fn drive(url: &str, args: &LoadArgs) -> anyhow::Result<Drive> {
     })
 }
 
+/// The database of a scheduler under load, as the bench reads it afterwards.
+pub(super) enum BenchDb {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (its URL), created for this run.
+    Postgres(String),
+}
+
+impl BenchDb {
+    /// A new database: a file in `dir`, or a fresh database on the server at `postgres`.
+    pub(super) async fn create(dir: &Path, postgres: Option<&str>) -> anyhow::Result<Self> {
+        let Some(admin) = postgres else {
+            return Ok(Self::Sqlite(dir.join("load.db")));
+        };
+        let name = format!(
+            "bench_{}_{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut conn = sqlx::PgConnection::connect(admin).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await?;
+        let base = admin.rsplit_once('/').map_or(admin, |(base, _)| base);
+        Ok(Self::Postgres(format!("{base}/{name}")))
+    }
+
+    /// The settings that make the service use it.
+    pub(super) fn env(&self) -> (&'static str, String) {
+        match self {
+            Self::Sqlite(path) => ("TI_SCHEDULER__DATABASE__PATH", path.display().to_string()),
+            Self::Postgres(url) => ("TI_SCHEDULER__DATABASE__URL", url.clone()),
+        }
+    }
+
+    /// The values of a one-column query with two bound times, as f64.
+    async fn column(&self, sql: &str, from: f64, to: f64) -> anyhow::Result<Vec<f64>> {
+        Ok(match self {
+            Self::Sqlite(path) => {
+                let conn = rusqlite::Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )?;
+                let mut rows = conn.prepare(sql)?;
+                let values = rows
+                    .query_map([from, to], |r| r.get::<_, f64>(0))?
+                    .collect::<Result<_, _>>()?;
+                values
+            }
+            Self::Postgres(url) => {
+                let mut conn = sqlx::PgConnection::connect(url).await?;
+                let sql = sql.replace("?1", "$1").replace("?2", "$2");
+                let values = sqlx::query_scalar::<_, f64>(sqlx::AssertSqlSafe(sql))
+                    .bind(from)
+                    .bind(to)
+                    .fetch_all(&mut conn)
+                    .await?;
+                conn.close().await?;
+                values
+            }
+        })
+    }
+}
+
 /// End-to-end figures of the tasks submitted within `[from, to]` (Unix seconds): the
 /// completion rate, the submit → result stored latency, and the scheduler's overhead (that
 /// latency less the execution time, which for an OpenAI-compatible TI the scheduler
 /// measures from sending the request to the end of the answer), µs. Timestamps have
 /// millisecond precision, so each figure is ± 1 ms.
-fn end_to_end(
-    db: &Path,
+async fn end_to_end(
+    db: &BenchDb,
     from: f64,
     to: f64,
 ) -> anyhow::Result<(f64, Histogram<u64>, Histogram<u64>)> {
-    let conn =
-        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let completed: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM tasks WHERE completion_time BETWEEN ?1 AND ?2",
-        [from, to],
-        |r| r.get(0),
-    )?;
+    let completed = db
+        .column(
+            "SELECT CAST(COUNT(*) AS DOUBLE PRECISION) FROM tasks
+             WHERE completion_time BETWEEN ?1 AND ?2",
+            from,
+            to,
+        )
+        .await?
+        .first()
+        .copied()
+        .unwrap_or(0.0);
     let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000, 3)?;
-    let mut rows = conn.prepare(
-        "SELECT (completion_time - submit_time) * 1000.0 FROM tasks
-         WHERE submit_time BETWEEN ?1 AND ?2 AND completion_time IS NOT NULL",
-    )?;
-    for ms in rows.query_map([from, to], |r| r.get::<_, f64>(0))? {
-        let _ = h.record(ms?.round().max(1.0) as u64);
+    for ms in db
+        .column(
+            "SELECT (completion_time - submit_time) * 1000.0 FROM tasks
+             WHERE submit_time BETWEEN ?1 AND ?2 AND completion_time IS NOT NULL",
+            from,
+            to,
+        )
+        .await?
+    {
+        let _ = h.record(ms.round().max(1.0) as u64);
     }
     let mut overhead = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
-    let mut rows = conn.prepare(
-        "SELECT (completion_time - submit_time) * 1000.0 - execution_time_ms FROM tasks
-         WHERE submit_time BETWEEN ?1 AND ?2 AND completion_time IS NOT NULL",
-    )?;
-    for ms in rows.query_map([from, to], |r| r.get::<_, f64>(0))? {
-        let _ = overhead.record((ms? * 1000.0).round().max(1.0) as u64);
+    for ms in db
+        .column(
+            "SELECT (completion_time - submit_time) * 1000.0 - execution_time_ms FROM tasks
+             WHERE submit_time BETWEEN ?1 AND ?2 AND completion_time IS NOT NULL",
+            from,
+            to,
+        )
+        .await?
+    {
+        let _ = overhead.record((ms * 1000.0).round().max(1.0) as u64);
     }
-    Ok((completed as f64 / (to - from), h, overhead))
+    Ok((completed / (to - from), h, overhead))
 }
 
-async fn wait_drained(db: &Path) -> anyhow::Result<()> {
+async fn wait_drained(db: &BenchDb) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let conn =
-            rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        let left: i64 = conn.query_row(
-            "SELECT COUNT(*) FROM tasks WHERE status <> 'completed'",
-            [],
-            |r| r.get(0),
-        )?;
-        if left == 0 {
+        let left = db
+            .column(
+                "SELECT CAST(COUNT(*) AS DOUBLE PRECISION) FROM tasks
+                 WHERE status <> 'completed' AND ?1 <= ?2",
+                0.0,
+                1.0,
+            )
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(0.0);
+        if left == 0.0 {
             return Ok(());
         }
         anyhow::ensure!(
@@ -531,24 +617,22 @@ pub(super) fn durability_name(d: Durability) -> &'static str {
 /// ready and registers the TIs; returns it with an HTTP client for it.
 pub(super) async fn start_scheduler(
     dir: &Path,
-    db: &Path,
+    db: &BenchDb,
     durability: Durability,
     registrations: &[Value],
 ) -> anyhow::Result<(ChildServer, reqwest::Client)> {
     let port = free_port()?;
+    let (db_key, db_value) = db.env();
     let server = ChildServer::spawn(
         Path::new(SERVICE_BIN),
+        &["serve", "--bind", &format!("127.0.0.1:{port}")],
         &[
-            "serve",
-            "--bind",
-            &format!("127.0.0.1:{port}"),
-            "--db",
-            &db.to_string_lossy(),
+            (
+                "TI_SCHEDULER__DATABASE__DURABILITY",
+                durability_name(durability).to_string(),
+            ),
+            (db_key, db_value),
         ],
-        &[(
-            "TI_SCHEDULER__DATABASE__DURABILITY",
-            durability_name(durability).to_string(),
-        )],
         port,
         &dir.join("scheduler.log"),
     )?;
@@ -571,7 +655,7 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
         return Ok((drive(url.trim_end_matches('/'), args).await?, None));
     }
     let dir = scratch_dir()?;
-    let db = dir.join("load.db");
+    let db = BenchDb::create(&dir, args.postgres.as_deref()).await?;
     let tis = InstantTis::spawn(args.protocol, args.tis).await?;
     let (server, http) = start_scheduler(&dir, &db, args.durability, &tis.registrations()).await?;
     // CPU time and the writer's totals are read at the edges of the measured window.
@@ -592,7 +676,7 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
     let (from, cpu_before, writer_before) = window.await?;
     wait_drained(&db).await?;
     let peak = peak_rss_mib(server.pid()).unwrap_or(f64::NAN);
-    let (completed_per_s, e2e, overhead) = end_to_end(&db, from, to)?;
+    let (completed_per_s, e2e, overhead) = end_to_end(&db, from, to).await?;
     server.stop();
     tis.stop().await;
     std::fs::remove_dir_all(&dir).ok();

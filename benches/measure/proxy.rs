@@ -20,7 +20,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::load::{durability_name, scratch_dir, start_scheduler};
+use super::load::{durability_name, scratch_dir, start_scheduler, BenchDb};
 use super::workload::MODEL;
 use ti_scheduler::domain::Durability;
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
@@ -290,7 +290,13 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
                    "max_concurrency": BACKEND_CONCURRENCY})
         })
         .collect();
-    let (server, _) = start_scheduler(&dir, &db, args.durability, &registrations).await?;
+    let (server, _) = start_scheduler(
+        &dir,
+        &BenchDb::Sqlite(db.clone()),
+        args.durability,
+        &registrations,
+    )
+    .await?;
     let bases = |range: std::ops::Range<usize>| -> Vec<String> {
         sims[range]
             .iter()

@@ -140,6 +140,15 @@ impl From<StoreError> for ApiError {
             tracing::warn!(error = ?e, "a write found the database full");
             return Self::InsufficientStorage;
         }
+        match e {
+            StoreError::Deposed { .. } => {
+                return Self::Unavailable("this node lost the leader lease; ask the leader".into())
+            }
+            StoreError::WriterClosed => {
+                return Self::Unavailable("the database writer has stopped".into())
+            }
+            _ => {}
+        }
         Self::Internal(e.into())
     }
 }

@@ -18,7 +18,7 @@ use utoipa::{Modify, OpenApi};
 use super::error::ApiError;
 use super::{AppState, SUCCESS};
 use crate::scheduling::TiSnapshot;
-use crate::store::TaskRepo;
+use crate::store::{Reader, TaskRepo};
 use crate::telemetry::{
     GaugeText, TASKS_WAITING_FOR_TI, TI_EXPECTED_WAIT, TI_HEALTHY, TI_QUEUE_LENGTH, TI_WAIT_ERROR,
 };
@@ -235,6 +235,12 @@ pub(super) async fn ready(State(app): State<AppState>) -> Result<Json<Value>, Ap
             tracing::warn!(error = ?e, "readiness check failed");
             ApiError::Unavailable("database not ready".into())
         })?;
+    // On PostgreSQL a serving node holds the leader lease (a standby answers 503).
+    if matches!(app.scheduler.db().read, Reader::Postgres(_)) {
+        return Ok(Json(
+            json!({"status": SUCCESS, "message": "ready", "role": "leader"}),
+        ));
+    }
     Ok(Json(json!({"status": SUCCESS, "message": "ready"})))
 }
 

@@ -17,6 +17,7 @@ mod decisions;
 mod guard;
 mod history;
 mod learned;
+mod lease;
 mod lookup;
 mod postgres;
 mod settings;
@@ -43,8 +44,9 @@ pub use history::{
     history_sql, HistoryBind, HistoryCursor, HistoryFilter, HistoryPage, HistoryRow, HistorySql,
 };
 pub use learned::{LearnedRepo, StoredModel};
+pub use lease::{LeaseRepo, LeaseView};
 pub use lookup::LookupRepo;
-pub use postgres::{open_postgres, PG_MIGRATIONS};
+pub use postgres::{migrate_postgres, open_postgres, pg_options, PG_MIGRATIONS};
 pub use settings::SettingsRepo;
 pub use stats::{ExecutionStats, StatsRepo};
 pub use tasks::{Completed, Completion, Execution, NewTask, StoredTask, TaskRepo, UnfinishedTask};

@@ -20,11 +20,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Applies pending migrations to the database at `url` (the migrator holds an advisory
 /// lock meanwhile, so nodes starting together migrate once). Refuses a database migrated
 /// by a newer version. Returns how many were applied.
-pub(super) async fn migrate_postgres(url: &str) -> Result<usize, StoreError> {
+pub async fn migrate_postgres(url: &str) -> Result<usize, StoreError> {
     let pool = PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_with(options(url)?)
+        .connect_with(pg_options(url)?)
         .await?;
     let known = PG_MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
     let applied_before: Vec<i64> = applied_versions(&pool).await?;
@@ -60,10 +60,13 @@ async fn applied_versions(pool: &sqlx::PgPool) -> Result<Vec<i64>, StoreError> {
     )
 }
 
-fn options(url: &str) -> Result<PgConnectOptions, StoreError> {
+/// How every connection of the service is opened: named in `pg_stat_activity`, its
+/// statements logged at trace level, the server's notices below warnings not sent.
+pub fn pg_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     Ok(url
         .parse::<PgConnectOptions>()?
         .application_name("ti-scheduler")
+        .options([("client_min_messages", "warning")])
         .log_statements(log::LevelFilter::Trace))
 }
 
@@ -84,7 +87,7 @@ pub async fn open_postgres(
     let read = PgPoolOptions::new()
         .max_connections(read_connections.max(1))
         .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_with(options(url)?)
+        .connect_with(pg_options(url)?)
         .await?;
     let target = Target::Postgres {
         url: url.to_string(),

@@ -251,7 +251,7 @@ impl Connected {
 
 /// The PostgreSQL write connection.
 async fn pg_connect(url: &str, synchronous_commit: bool) -> Result<PgConnection, StoreError> {
-    let mut conn = PgConnection::connect(url).await?;
+    let mut conn = PgConnection::connect_with(&super::pg_options(url)?).await?;
     if !synchronous_commit {
         sqlx::raw_sql(sqlx::AssertSqlSafe("SET synchronous_commit = off"))
             .execute(&mut conn)
@@ -486,6 +486,13 @@ mod tests {
         )
         .await
         .unwrap();
+        let busy = make_busy(&db).await;
+        (db, handle, busy)
+    }
+
+    /// Keeps the writer busy for 200 ms, so that the writes queued meanwhile share the
+    /// next batch.
+    async fn make_busy(db: &Db) -> tokio::task::JoinHandle<Result<(), StoreError>> {
         let writer = db.writer.clone();
         let busy = tokio::spawn(async move {
             writer
@@ -496,7 +503,35 @@ mod tests {
                 .await
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        (db, handle, busy)
+        busy
+    }
+
+    /// A fresh PostgreSQL database on the server `TI_TEST_POSTGRES` names (as
+    /// `scripts/pg-cluster.sh` prints it), written under `fence`; `None` when unset.
+    async fn postgres_db(
+        fence: impl FnOnce(&sqlx::PgPool) -> Option<super::Fence>,
+        stop: &CancellationToken,
+    ) -> Option<(Db, tokio::task::JoinHandle<()>, sqlx::PgPool)> {
+        use sqlx::Connection as _;
+        let Ok(admin) = std::env::var("TI_TEST_POSTGRES") else {
+            eprintln!("skipped: TI_TEST_POSTGRES is not set");
+            return None;
+        };
+        let name = format!("w_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
+        crate::store::migrate_postgres(&url).await.unwrap();
+        let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        let fence = fence(&pool);
+        let (db, handle) =
+            crate::store::open_postgres(&url, Durability::Full, 1, 64, fence, stop.clone())
+                .await
+                .unwrap();
+        Some((db, handle, pool))
     }
 
     #[tokio::test]
@@ -504,6 +539,82 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stop = CancellationToken::new();
         let (db, handle, busy) = busy_db(&dir, &stop).await;
+        rolls_back_the_whole_batch(db, busy).await;
+        stop.cancel();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn on_postgres_a_failed_write_rolls_back_its_whole_batch_too() {
+        let stop = CancellationToken::new();
+        let Some((db, handle, _)) = postgres_db(|_| None, &stop).await else {
+            return;
+        };
+        let busy = make_busy(&db).await;
+        rolls_back_the_whole_batch(db, busy).await;
+        stop.cancel();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn on_postgres_a_batch_under_a_lost_lease_commits_nothing_and_deposes_the_node() {
+        let stop = CancellationToken::new();
+        let deposed = CancellationToken::new();
+        let token = deposed.clone();
+        let Some((db, handle, pool)) = postgres_db(
+            move |_| {
+                Some(super::Fence {
+                    epoch: 1,
+                    deposed: token,
+                })
+            },
+            &stop,
+        )
+        .await
+        else {
+            return;
+        };
+        let epoch = crate::store::LeaseRepo::try_acquire(&pool, "me", "http://me", 60_000)
+            .await
+            .unwrap();
+        assert_eq!(epoch, Some(1));
+        let before = db
+            .writer
+            .run(|tx| SettingsRepo::set(tx, "strategy", "weighted"))
+            .await;
+        assert!(before.is_ok(), "{before:?}");
+
+        // Another node takes the lease (as after this one was paused past it).
+        let other = sqlx::query_scalar::<_, i64>(
+            "UPDATE ha_lease SET epoch = epoch + 1, holder = 'other',
+                 expires_at = now() + interval '1 hour' WHERE id = 1 RETURNING epoch",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(other, 2);
+        let after = db
+            .writer
+            .run(|tx| SettingsRepo::set(tx, "strategy", "round_robin"))
+            .await;
+        assert!(after.is_err(), "a deposed leader committed: {after:?}");
+        assert!(deposed.is_cancelled(), "the node learns it was deposed");
+        assert_eq!(
+            SettingsRepo::get(&db.read, "strategy")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("weighted"),
+            "nothing of the refused batch was written"
+        );
+        stop.cancel();
+        handle.await.unwrap();
+    }
+
+    async fn rolls_back_the_whole_batch(
+        db: Db,
+        busy: tokio::task::JoinHandle<Result<(), StoreError>>,
+    ) {
         let good = db
             .writer
             .run(|conn| SettingsRepo::set(conn, "strategy", "weighted"));
@@ -532,8 +643,6 @@ mod tests {
                 .as_deref(),
             Some("weighted")
         );
-        stop.cancel();
-        handle.await.unwrap();
     }
 
     #[tokio::test]
