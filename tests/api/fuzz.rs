@@ -6,9 +6,10 @@
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
-use serde_json::{Map, Value};
+use reqwest::StatusCode;
+use serde_json::{json, Map, Value};
 
-use crate::helpers::{spawn_app_with, spawn_ti, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with, spawn_ti, TestApp};
 
 const POSTS: &[&str] = &[
     "/scheduler/set",
@@ -206,4 +207,26 @@ async fn bad_input_never_gets_a_5xx_and_a_rejected_request_stores_nothing() {
     assert!(statuses.contains_key(&413), "{statuses:?}");
     assert!(statuses.contains_key(&200), "{statuses:?}");
     println!("fuzz statuses: {statuses:?}");
+}
+
+/// A NUL character in a task id or a filter names nothing (SQLite's TEXT could hold one,
+/// PostgreSQL's cannot, so no stored id has one): not found or an empty page, never a 5xx.
+#[tokio::test]
+async fn a_nul_character_in_a_task_id_or_a_filter_finds_nothing_and_is_never_a_5xx() {
+    let app = spawn_app().await;
+    let ti = spawn_ti("llama-7b", "A100", 1.0).await;
+    let ti_id = app.register(&ti).await;
+    for path in ["/task/query?task_id=a%00b", "/task/decisions?task_id=a%00b"] {
+        let (status, body) = app.get(path).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+    let (status, body) = app.post("/task/query", json!({"task_id": "a\u{0}b"})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let callback = json!({"task_id": "a\u{0}b", "ti_uuid": ti_id, "callback_token": "x",
+                          "execution_time": 1.0, "result": {}});
+    let (status, body) = app.post("/result/submit", callback).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = app.get("/tasks?model_name=a%00b").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["tasks"], json!([]), "{body}");
 }
