@@ -93,7 +93,7 @@ pub struct DatabaseSettings {
     pub quick_check: bool,
 }
 
-/// High availability (PostgreSQL only, SPEC.md §12).
+/// High availability (PostgreSQL only; docs/API.md, "Standby nodes").
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct HaSettings {

@@ -1,4 +1,4 @@
-//! High availability on PostgreSQL (SPEC.md §12): the leader lease.
+//! High availability on PostgreSQL: the leader lease (docs/API.md, "Standby nodes").
 //!
 //! Every node that uses PostgreSQL holds the lease while it serves ([`Leadership`]): the
 //! row `ha_lease` names the leader, its epoch and when the lease expires (the database's

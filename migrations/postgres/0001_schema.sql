@@ -98,7 +98,7 @@ CREATE TABLE learned_models (
     PRIMARY KEY (model_name, hardware)
 );
 
--- High availability (ha.enabled): the one leader lease. A node becomes leader by raising
+-- High availability (ha.enabled; docs/API.md, "Standby nodes"): the one leader lease. A node becomes leader by raising
 -- epoch on an expired lease; it renews expires_at every third of ha.lease_ms. Every write
 -- transaction of the leader first reads this row FOR SHARE and checks its epoch (fencing):
 -- a leader that lost the lease cannot commit, and a take-over waits for a commit under

@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorResponse};
 use super::{AppState, SUCCESS};
-use crate::domain::{TaskId, TiKind};
+use crate::domain::{check_name, TaskId, TiKind};
 use crate::scheduling::{self, deadline_of, SubmitItem, Submitted};
 use crate::ti::openai::request_path;
 
@@ -151,6 +151,7 @@ fn check_model(model: &str) -> Result<&str, ApiError> {
     if model.is_empty() {
         return Err(ApiError::BadRequest("model_name must not be empty".into()));
     }
+    check_name("model_name", model).map_err(ApiError::BadRequest)?;
     Ok(model)
 }
 

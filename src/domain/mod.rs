@@ -192,6 +192,27 @@ pub struct Usage {
     pub completion_tokens: Option<i64>,
 }
 
+/// Checks a name (a model, a host, a hardware label): no control characters, which no
+/// model or host has and PostgreSQL's TEXT could not store (NUL).
+///
+/// ```
+/// use ti_scheduler::domain::check_name;
+/// assert!(check_name("model_name", "llama-7b").is_ok());
+/// assert_eq!(
+///     check_name("model_name", "a\u{0}b").unwrap_err(),
+///     "model_name must not contain control characters, found '\\0'"
+/// );
+/// ```
+pub fn check_name(field: &str, value: &str) -> Result<(), String> {
+    match value.chars().find(|c| c.is_control()) {
+        Some(c) => Err(format!(
+            "{field} must not contain control characters, found {:?}",
+            c
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Current Unix time in seconds, rounded to milliseconds (like Python's `round(time.time(), 3)`).
 pub fn unix_now() -> f64 {
     let now = std::time::SystemTime::now()

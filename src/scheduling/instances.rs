@@ -3,7 +3,7 @@
 //! moves the tasks the TI had not accepted yet.
 
 use super::{Error, Scheduler};
-use crate::domain::{unix_now, TiKind, TiUuid};
+use crate::domain::{check_name, unix_now, TiKind, TiUuid};
 use crate::store::{StoredTi, TiRepo};
 use crate::ti::TiError;
 
@@ -43,10 +43,25 @@ impl Scheduler {
                 "host '{host}' is not in the allowed TI hosts (ti.allowed_hosts)"
             )));
         }
+        let names = [
+            ("host", Some(host)),
+            ("model_name", model_name),
+            ("hardware", hardware),
+        ];
+        for (field, value) in names {
+            if let Some(value) = value {
+                check_name(field, value).map_err(Error::Invalid)?;
+            }
+        }
         let (model, reported_hardware) = match kind {
             TiKind::Callback => self.check_callback_ti(host, port, model_name).await?,
             TiKind::Openai => (self.check_openai_ti(host, port, model_name).await?, None),
         };
+        // What the TI reports is checked too.
+        check_name("the model the TI reports", &model).map_err(Error::Invalid)?;
+        if let Some(reported) = &reported_hardware {
+            check_name("the hardware the TI reports", reported).map_err(Error::Invalid)?;
+        }
         let candidate = StoredTi {
             ti_uuid: TiUuid::generate(),
             host: host.to_string(),

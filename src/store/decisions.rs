@@ -88,6 +88,9 @@ impl DecisionRepo {
         ti: TiUuid,
     ) -> Result<bool, StoreError> {
         let task_id = task_id.as_str();
+        if !super::storable(task_id) {
+            return Ok(false);
+        }
         let ti = ti.to_string();
         Ok(match read {
             Reader::Sqlite(pool) => sqlx::query_scalar!(
@@ -113,6 +116,9 @@ impl DecisionRepo {
         task_id: &TaskId,
     ) -> Result<Vec<StoredDecision>, StoreError> {
         let id = task_id.as_str();
+        if !super::storable(id) {
+            return Ok(Vec::new());
+        }
         let rows = match read {
             Reader::Sqlite(pool) => {
                 sqlx::query_as!(

@@ -346,6 +346,16 @@ impl TaskRepo {
                 next: None,
             });
         };
+        let names = [
+            filter.model_name.as_deref(),
+            filter.after.as_ref().map(|a| a.task_id.as_str()),
+        ];
+        if !names.into_iter().flatten().all(super::storable) {
+            return Ok(HistoryPage {
+                tasks: Vec::new(),
+                next: None,
+            });
+        }
         let rows = match read {
             Reader::Sqlite(pool) => query.query_as::<StoredRow>("").fetch_all(pool).await?,
             Reader::Postgres(pool) => query.postgres_query::<StoredRow>().fetch_all(pool).await?,

@@ -154,6 +154,13 @@ impl StoreError {
     }
 }
 
+/// True if `text` can be a stored value on both backends: PostgreSQL's TEXT cannot hold
+/// NUL, so a lookup by a string with one finds nothing there (and the API refuses names
+/// with control characters, so none is stored on SQLite either).
+pub(crate) fn storable(text: &str) -> bool {
+    !text.contains('\0')
+}
+
 /// The open database: a read pool and the writer.
 #[derive(Clone)]
 pub struct Db {

@@ -256,6 +256,9 @@ impl TaskRepo {
     /// The task with this id, if it exists.
     pub async fn find(read: &Reader, task_id: &TaskId) -> Result<Option<StoredTask>, StoreError> {
         let id = task_id.as_str();
+        if !super::storable(id) {
+            return Ok(None);
+        }
         let row = match read {
             Reader::Sqlite(pool) => {
                 sqlx::query_as!(
@@ -617,6 +620,9 @@ impl TaskRepo {
         task_id: &TaskId,
     ) -> Result<Option<UnfinishedTask>, StoreError> {
         let id = task_id.as_str();
+        if !super::storable(id) {
+            return Ok(None);
+        }
         match read {
             Reader::Sqlite(pool) => {
                 sqlx::query_as!(
