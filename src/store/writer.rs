@@ -357,10 +357,8 @@ fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
             match conn.as_mut() {
                 Some(c) => {
                     let (outcome, replies) = pg_batch(rt, c, fence.as_ref(), batch);
-                    if let Err(e) = &outcome {
-                        if connection_lost(e) {
-                            *conn = None;
-                        }
+                    if outcome.as_ref().is_err_and(StoreError::is_connection_lost) {
+                        *conn = None;
                     }
                     (outcome, replies)
                 }
@@ -391,19 +389,6 @@ fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
     });
     for reply in replies {
         reply(outcome.clone());
-    }
-}
-
-/// True if the error means the PostgreSQL connection is gone (reconnect before the next
-/// batch): an I/O or protocol error, or the server ending the session (57P01
-/// admin_shutdown; 25P03 idle_in_transaction_session_timeout, see [`Fence::idle_limit`]).
-fn connection_lost(e: &StoreError) -> bool {
-    match e {
-        StoreError::Sql(sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) => true,
-        StoreError::Sql(sqlx::Error::Database(e)) => {
-            matches!(e.code().as_deref(), Some("57P01" | "25P03"))
-        }
-        _ => false,
     }
 }
 
