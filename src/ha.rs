@@ -4,7 +4,9 @@
 //! row `ha_lease` names the leader, its epoch and when the lease expires (the database's
 //! clock). The leader renews it every third of `ha.lease_ms`; its writer checks the epoch
 //! in every transaction ([`crate::store::Fence`]), so a leader that was paused past its
-//! lease and lost it cannot commit. A leader that learns it was deposed stops at once,
+//! lease and lost it cannot commit; nor can a leader paused inside a transaction hold a
+//! take-over up (the server ends its writer's session once a transaction sits idle for
+//! half a lease). A leader that learns it was deposed stops at once,
 //! without draining (the process exits; its supervisor starts it again as a standby).
 //!
 //! With `ha.enabled`, a node that does not hold the lease is a standby ([`standby`]): it
@@ -151,11 +153,20 @@ impl Leadership {
         self.epoch
     }
 
-    /// The writer's fence: the epoch, and the token to cancel if a write finds another.
+    /// The writer's fence: the epoch, the token to cancel if a write finds another, and
+    /// how long its transaction may sit idle: half a lease. A leader paused inside a batch
+    /// then loses its session (and its lock on the lease row) before its lease can expire
+    /// (it renewed at most a third of a lease before the pause), and a standby, which
+    /// only tries to take an expired lease, never waits for it. (A take-over that waited
+    /// would also get a short lease: PostgreSQL computes the new `expires_at` before
+    /// waiting for a `FOR SHARE` lock, so after a long wait the lease it took was
+    /// expired already, and the next standby took it at once.) A live writer runs its
+    /// statements back to back.
     pub fn fence(&self) -> Fence {
         Fence {
             epoch: self.epoch,
             deposed: self.deposed.clone(),
+            idle_limit: self.lease.lease() / 2,
         }
     }
 

@@ -5,6 +5,8 @@
 //! `CRASH_KILLS` sets the number of kill points (default 5; `scripts/crash-loop.sh` runs
 //! more) and `CRASH_SEED` the seed of the kill moments (default: random, printed).
 
+mod common;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,10 +14,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::{json, Value};
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
+
+use common::{client, free_port, spawn_tis};
 
 /// The service under test, as a child process on a fixed port and database file.
 struct Service {
@@ -41,11 +45,7 @@ impl Service {
             .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
             .arg("--db")
             .arg(db)
-            .env("TI_SCHEDULER__TI__HEALTH_INTERVAL_MS", "200")
-            .env("TI_SCHEDULER__TI__RECONCILE_AFTER_MS", "1000")
-            .env("TI_SCHEDULER__CLEANUP__SCHEDULE", "* * * * * *")
-            .env("TI_SCHEDULER__CLEANUP__RESULT_TTL_SECS", "1")
-            .env("RUST_LOG", "info")
+            .envs(common::FAST_BACKGROUND)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
@@ -97,10 +97,7 @@ impl Service {
 
     /// Sends SIGTERM, without waiting.
     fn send_sigterm(&self) {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: kill(2) with a valid signal on our own child's pid has no memory effects.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(sent, 0);
+        common::signal(&self.child, libc::SIGTERM);
     }
 
     /// Waits (10 s at most) for the process to exit; returns its exit code. Without
@@ -119,43 +116,6 @@ impl Service {
             self.log_tail()
         );
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
-}
-
-async fn spawn_tis(n: usize, base_ms: f64) -> Vec<SimTi> {
-    let mut tis = Vec::new();
-    for i in 0..n {
-        let config = SimConfig {
-            model: "llama-7b".into(),
-            hardware: Some(if i % 2 == 0 { "A100" } else { "H100" }.into()),
-            parallelism: 4,
-            base_ms,
-            noise: 0.3,
-            seed: i as u64 + 1,
-            ..SimConfig::default()
-        };
-        tis.push(
-            SimTi::spawn(config, "127.0.0.1:0".parse().unwrap())
-                .await
-                .unwrap(),
-        );
-    }
-    tis
 }
 
 async fn register(client: &reqwest::Client, service: &Service, ti: &SimTi) {
@@ -413,16 +373,12 @@ async fn no_acknowledged_task_is_lost_on_openai_tis_when_the_service_is_killed()
 /// The kill points (`CRASH_KILLS`, default 5) and seed (`CRASH_SEED`, else random) of a
 /// crash test, announced with its name.
 fn crash_plan(name: &str) -> (usize, u64, rand::rngs::StdRng) {
-    let kills: usize = std::env::var("CRASH_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let seed: u64 = std::env::var("CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("crash test ({name}): {kills} kill points, CRASH_SEED={seed}");
-    (kills, seed, rand::rngs::StdRng::seed_from_u64(seed))
+    common::plan(
+        &format!("crash test ({name})"),
+        "CRASH_KILLS",
+        "CRASH_SEED",
+        5,
+    )
 }
 
 /// SIGKILLs the service at `kills` random moments 50–600 ms apart, restarting it on the
@@ -1115,15 +1071,13 @@ fn maintenance_commands_use_the_config_file_then_the_environment_then_db() {
     .unwrap();
     let (ok, stdout, stderr) = run_in(dir.path(), &["migrate", "--config", "s.toml"], &[]);
     assert!(ok, "{stderr}");
-    // The SQLite migrations: the .sql files of migrations/ (migrations/postgres/ aside).
+    // The SQLite migrations (V*.sql; migrations/postgres/ holds PostgreSQL's).
     let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
         .unwrap()
         .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "sql")
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_string_lossy();
+            name.starts_with('V') && name.ends_with(".sql")
         })
         .count();
     assert!(
@@ -1190,9 +1144,7 @@ async fn serve_logs_to_stderr_without_colour_and_its_first_line_names_version_co
         log: dir.path().join("none.log"),
     };
     service.wait_ready(&client()).await;
-    let pid = libc::pid_t::try_from(service.child.id()).unwrap();
-    // SAFETY: kill(2) with a valid signal on our own child's pid has no memory effects.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    common::signal(&service.child, libc::SIGTERM);
     let out = service.child.wait_with_output().unwrap();
     assert!(out.status.success());
     let (stdout, stderr) = (
@@ -1349,9 +1301,7 @@ async fn serve_with_log_format_json_logs_json_lines_and_with_verbose_an_access_l
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["x-request-id"], "process-json-1");
-    let pid = libc::pid_t::try_from(service.child.id()).unwrap();
-    // SAFETY: kill(2) with a valid signal on our own child's pid has no memory effects.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    common::signal(&service.child, libc::SIGTERM);
     let out = service.child.wait_with_output().unwrap();
     assert!(out.status.success());
     assert!(out.stdout.is_empty());

@@ -147,6 +147,10 @@ impl From<StoreError> for ApiError {
             StoreError::WriterClosed => {
                 return Self::Unavailable("the database writer has stopped".into())
             }
+            // Nothing was written and the writer reconnects: worth trying again.
+            ref e if e.is_connection_lost() => {
+                return Self::Unavailable("the connection to the database was lost".into())
+            }
             _ => {}
         }
         Self::Internal(e.into())

@@ -152,6 +152,22 @@ impl StoreError {
             _ => false,
         }
     }
+
+    /// True if this write failed, or was rolled back with its batch, because the
+    /// PostgreSQL connection is gone: an I/O or protocol error, or the server ending the
+    /// session (57P01 admin_shutdown; 25P03 idle_in_transaction_session_timeout, see
+    /// [`Fence::idle_limit`]). Nothing was written; the writer reconnects for its next
+    /// batch, so the write may be tried again.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            Self::Sql(sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) => true,
+            Self::Sql(sqlx::Error::Database(e)) => {
+                matches!(e.code().as_deref(), Some("57P01" | "25P03"))
+            }
+            Self::Batch(cause) => cause.is_connection_lost(),
+            _ => false,
+        }
+    }
 }
 
 /// True if `text` can be a stored value on both backends: PostgreSQL's TEXT cannot hold

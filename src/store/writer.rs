@@ -23,7 +23,7 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, TransactionBehavior};
 use sqlx::{Connection as _, PgConnection};
@@ -81,6 +81,12 @@ pub struct Fence {
     pub epoch: i64,
     /// Cancelled when a batch finds another epoch: this node is no longer the leader.
     pub deposed: CancellationToken,
+    /// The longest a batch's transaction may sit idle between two statements before the
+    /// server ends the session (`idle_in_transaction_session_timeout`). The transaction
+    /// holds the lease row `FOR SHARE` until it ends, and a take-over waits for that lock:
+    /// without a limit, a leader paused (SIGSTOP, a stalled VM) inside a batch would keep
+    /// every standby from taking over until it resumed.
+    pub idle_limit: Duration,
 }
 
 /// What the thread writes to.
@@ -221,7 +227,8 @@ impl Connected {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                let conn = rt.block_on(pg_connect(&url, synchronous_commit))?;
+                let idle_limit = fence.as_ref().map(|f| f.idle_limit);
+                let conn = rt.block_on(pg_connect(&url, synchronous_commit, idle_limit))?;
                 Ok(Self::Postgres {
                     rt,
                     conn: Some(conn),
@@ -249,13 +256,26 @@ impl Connected {
     }
 }
 
-/// The PostgreSQL write connection.
-async fn pg_connect(url: &str, synchronous_commit: bool) -> Result<PgConnection, StoreError> {
+/// The PostgreSQL write connection; with `idle_limit` (a fenced writer), the server ends
+/// the session when a transaction sits idle that long ([`Fence::idle_limit`]).
+async fn pg_connect(
+    url: &str,
+    synchronous_commit: bool,
+    idle_limit: Option<Duration>,
+) -> Result<PgConnection, StoreError> {
     let mut conn = PgConnection::connect_with(&super::pg_options(url)?).await?;
     if !synchronous_commit {
         sqlx::raw_sql(sqlx::AssertSqlSafe("SET synchronous_commit = off"))
             .execute(&mut conn)
             .await?;
+    }
+    if let Some(limit) = idle_limit {
+        let ms = limit.as_millis().max(1);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET idle_in_transaction_session_timeout = {ms}"
+        )))
+        .execute(&mut conn)
+        .await?;
     }
     Ok(conn)
 }
@@ -328,7 +348,8 @@ fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
             fence,
         } => {
             if conn.is_none() {
-                match rt.block_on(pg_connect(url, *synchronous_commit)) {
+                let idle_limit = fence.as_ref().map(|f| f.idle_limit);
+                match rt.block_on(pg_connect(url, *synchronous_commit, idle_limit)) {
                     Ok(c) => *conn = Some(c),
                     Err(e) => tracing::error!(error = ?e, "reconnecting the writer failed"),
                 }
@@ -336,10 +357,8 @@ fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
             match conn.as_mut() {
                 Some(c) => {
                     let (outcome, replies) = pg_batch(rt, c, fence.as_ref(), batch);
-                    if let Err(e) = &outcome {
-                        if connection_lost(e) {
-                            *conn = None;
-                        }
+                    if outcome.as_ref().is_err_and(StoreError::is_connection_lost) {
+                        *conn = None;
                     }
                     (outcome, replies)
                 }
@@ -371,15 +390,6 @@ fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
     for reply in replies {
         reply(outcome.clone());
     }
-}
-
-/// True if the error means the PostgreSQL connection is gone (reconnect before the next
-/// batch).
-fn connection_lost(e: &StoreError) -> bool {
-    matches!(
-        e,
-        StoreError::Sql(sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
-    )
 }
 
 fn sqlite_batch(
@@ -566,6 +576,7 @@ mod tests {
                 Some(super::Fence {
                     epoch: 1,
                     deposed: token,
+                    idle_limit: Duration::from_secs(30),
                 })
             },
             &stop,
