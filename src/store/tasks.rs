@@ -323,14 +323,67 @@ impl TaskRepo {
         rows: &[(NewTask, Option<DecisionRow>)],
     ) -> Result<Vec<bool>, StoreError> {
         rows.iter()
-            .map(|(t, d)| {
-                let new = Self::insert(tx, t)?;
-                if let (true, Some(d)) = (new, d) {
-                    DecisionRepo::insert(tx, d)?;
+            .map(|(t, d)| match (&mut *tx, d) {
+                // One round trip for both rows instead of two.
+                (Tx::Postgres(pg), Some(d)) => Self::insert_with_decision(pg, t, d),
+                (tx, d) => {
+                    let new = Self::insert(tx, t)?;
+                    if let (true, Some(d)) = (new, d) {
+                        DecisionRepo::insert(tx, d)?;
+                    }
+                    Ok(new)
                 }
-                Ok(new)
             })
             .collect()
+    }
+
+    /// PostgreSQL: inserts a task and, if it was new, its decision, in one statement.
+    fn insert_with_decision(
+        pg: &mut super::PgTx<'_>,
+        t: &NewTask,
+        row: &DecisionRow,
+    ) -> Result<bool, StoreError> {
+        let d = &row.decision;
+        let inserted = pg
+            .rt
+            .block_on(
+                sqlx::query!(
+                    "/* pg */ WITH task AS (
+                         INSERT INTO tasks (task_id, model_name, task_input, metadata, status,
+                                            ti_uuid, predicted_ms, predicted_error_ms,
+                                            submit_time, origin)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                         ON CONFLICT (task_id) DO NOTHING
+                         RETURNING task_id)
+                     INSERT INTO decisions (task_id, decided_at, reason, strategy, predict_mode,
+                                            predicted_ms, predicted_error_ms, prediction_source,
+                                            lookup_fallback, chosen_ti, candidates)
+                     SELECT task_id, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20 FROM task",
+                    t.task_id.as_str(),
+                    t.model_name,
+                    t.task_input,
+                    t.metadata,
+                    t.status.as_str(),
+                    t.ti_uuid.map(|u| u.to_string()),
+                    t.predicted_ms,
+                    t.predicted_error_ms,
+                    t.submit_time,
+                    t.origin.as_str(),
+                    d.decided_at,
+                    d.reason.as_str(),
+                    d.strategy,
+                    d.predict_mode,
+                    d.predicted_ms,
+                    d.predicted_error_ms,
+                    d.prediction_source,
+                    d.lookup_fallback,
+                    d.chosen_ti.to_string(),
+                    row.candidates
+                )
+                .execute(&mut *pg.conn),
+            )?
+            .rows_affected();
+        Ok(inserted == 1)
     }
 
     /// Inserts one task; false if its id existed (nothing was written).
