@@ -1,4 +1,4 @@
-//! High availability on PostgreSQL (SPEC.md §12) with the real binary.
+//! High availability on PostgreSQL (docs/API.md, "Standby nodes") with the real binary.
 //!
 //! - Failover: three nodes with `ha.enabled` on one database, three simulated TIs, four
 //!   clients that know every node and follow the `leader` a standby names, each
