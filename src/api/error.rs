@@ -147,7 +147,8 @@ impl From<StoreError> for ApiError {
             StoreError::WriterClosed => {
                 return Self::Unavailable("the database writer has stopped".into())
             }
-            // Nothing was written and the writer reconnects: worth trying again.
+            // The writer reconnects: worth trying again (a submit with its task_id is
+            // idempotent, should the commit have gone through before the connection broke).
             ref e if e.is_connection_lost() => {
                 return Self::Unavailable("the connection to the database was lost".into())
             }

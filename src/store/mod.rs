@@ -156,8 +156,9 @@ impl StoreError {
     /// True if this write failed, or was rolled back with its batch, because the
     /// PostgreSQL connection is gone: an I/O or protocol error, or the server ending the
     /// session (57P01 admin_shutdown; 25P03 idle_in_transaction_session_timeout, see
-    /// [`Fence::idle_limit`]). Nothing was written; the writer reconnects for its next
-    /// batch, so the write may be tried again.
+    /// [`Fence::idle_limit`]). The writer reconnects for its next batch, so the write may
+    /// be tried again. (If the connection broke during the COMMIT, the server may have
+    /// committed it: a retry must be idempotent, as a submit with its `task_id` is.)
     pub fn is_connection_lost(&self) -> bool {
         match self {
             Self::Sql(sqlx::Error::Io(_) | sqlx::Error::Protocol(_)) => true,
