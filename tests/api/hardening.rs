@@ -9,8 +9,8 @@ use ti_scheduler::ti::sim::Faults;
 use ti_scheduler::App;
 
 use crate::helpers::{
-    assert_message, execute, restart_from, skip_on_postgres, spawn_app, spawn_app_with, spawn_ti,
-    wait_for, TestApp,
+    assert_message, backend, execute, restart_from, skip_on_postgres, spawn_app, spawn_app_with,
+    spawn_ti, wait_for, Backend, TestApp,
 };
 
 /// `task_input` nested `levels` deep (`{}` is 1).
@@ -309,6 +309,45 @@ async fn a_second_service_on_the_same_database_file_refuses_naming_the_holders_p
     let (status, _) = app.get("/ready").await;
     assert_eq!(status, StatusCode::OK, "the first one is unharmed");
 
+    let (settings, dir) = app.stop().await;
+    let again = restart_from(settings, dir).await;
+    let (status, body) = again.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn a_second_service_on_the_same_postgres_database_refuses_naming_the_leader() {
+    if backend() == Backend::Sqlite {
+        eprintln!("skipped on SQLite: the leader lease of PostgreSQL (SQLite's file lock is the test above)");
+        return;
+    }
+    let app = spawn_app_with(|s| s.ha.lease_ms = 300).await;
+    let mut second = app.settings.clone();
+    second.server.bind = "127.0.0.1:0".parse().unwrap();
+    // Another process would have another pid, hence another default node id.
+    second.ha.node_id = "second-node".into();
+    let started = std::time::Instant::now();
+    let refused = match App::build(second).await {
+        Ok(_) => panic!("a second service started on the same database"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(600),
+        "it waits two leases for a crashed holder's to expire first: {:?}",
+        started.elapsed()
+    );
+    assert!(refused.contains("another ti-scheduler"), "{refused}");
+    assert!(
+        refused.contains(&app.url("")),
+        "names the holder's URL: {refused}"
+    );
+    assert!(refused.contains("ha.enabled"), "{refused}");
+    assert!(!refused.contains('\n'), "one line: {refused}");
+    let (status, body) = app.get("/ready").await;
+    assert_eq!(status, StatusCode::OK, "the first one is unharmed: {body}");
+    assert_eq!(body["role"], "leader", "{body}");
+
+    // Stopped, it releases the lease: the next service takes it at once.
     let (settings, dir) = app.stop().await;
     let again = restart_from(settings, dir).await;
     let (status, body) = again.get("/ready").await;
