@@ -1044,6 +1044,52 @@ fn serve_refuses_a_config_file_that_does_not_exist_in_one_line_even_with_rust_ba
 }
 
 #[test]
+fn serve_refuses_an_unreachable_postgres_in_one_line_naming_it_without_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 1 on loopback: nothing listens there, the connection is refused at once.
+    let (ok, _, stderr) = run_in(
+        dir.path(),
+        &["serve", "--bind", "127.0.0.1:0"],
+        &[(
+            "TI_SCHEDULER__DATABASE__URL",
+            "postgres://scheduler:s3cret@127.0.0.1:1/sched",
+        )],
+    );
+    assert!(!ok, "it must not start");
+    let lines = non_log_lines(&stderr);
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with(
+            "error: cannot connect to PostgreSQL at postgres://scheduler:***@127.0.0.1:1/sched: "
+        ),
+        "{stderr}"
+    );
+    assert!(lines[0].contains("refused"), "{stderr}");
+    assert!(
+        !stderr.contains("s3cret"),
+        "the password is never printed: {stderr}"
+    );
+}
+
+#[test]
+fn serve_refuses_ha_on_sqlite_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = run_in(
+        dir.path(),
+        &["serve", "--bind", "127.0.0.1:0"],
+        &[("TI_SCHEDULER__HA__ENABLED", "true")],
+    );
+    assert!(!ok, "it must not start");
+    assert_eq!(
+        non_log_lines(&stderr),
+        [
+            "error: ha.enabled needs PostgreSQL (database.url = \"postgres://...\"); an SQLite file serves one node"
+        ],
+        "{stderr}"
+    );
+}
+
+#[test]
 fn an_error_is_one_line_and_its_chain_and_backtrace_come_only_with_verbose() {
     let dir = tempfile::tempdir().unwrap();
     // A directory where the database file should be: opening it fails deep in SQLite.

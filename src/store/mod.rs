@@ -115,6 +115,9 @@ pub enum StoreError {
     /// PostgreSQL connection and could not reconnect.
     #[error("the database writer has stopped")]
     WriterClosed,
+    /// The PostgreSQL server could not be reached, or refused this user or database.
+    #[error("cannot connect to PostgreSQL at {0}")]
+    PgConnect(String, #[source] sqlx::Error),
     /// Migrating a PostgreSQL database failed.
     #[error("database migration failed: {0}")]
     PgMigrate(#[from] sqlx::migrate::MigrateError),

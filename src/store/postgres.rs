@@ -4,11 +4,12 @@ use std::time::Duration;
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::ConnectOptions;
+use sqlx::{ConnectOptions, Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use super::writer::{Fence, Target};
 use super::{Db, Reader, StoreError, Writer};
+use crate::config::DatabaseLocation;
 use crate::domain::Durability;
 
 /// The PostgreSQL migrations (`migrations/postgres/`), embedded.
@@ -21,33 +22,34 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// lock meanwhile, so nodes starting together migrate once). Refuses a database migrated
 /// by a newer version. Returns how many were applied.
 pub async fn migrate_postgres(url: &str) -> Result<usize, StoreError> {
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_with(pg_options(url)?)
-        .await?;
+    let named = DatabaseLocation::Postgres(url.to_string()).display();
+    let options = pg_options(url)?;
+    let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+        .await
+        .map_err(|_| sqlx::Error::PoolTimedOut)
+        .and_then(|connected| connected)
+        .map_err(|e| StoreError::PgConnect(named.clone(), e))?;
     let known = PG_MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
-    let applied_before: Vec<i64> = applied_versions(&pool).await?;
+    let applied_before: Vec<i64> = applied_versions(&mut conn).await?;
     if let Some(&found) = applied_before.iter().max().filter(|&&v| v > known) {
-        pool.close().await;
         return Err(StoreError::NewerSchema {
-            path: super::super::config::DatabaseLocation::Postgres(url.to_string()).display(),
+            path: named,
             found,
             known,
         });
     }
-    PG_MIGRATIONS.run(&pool).await?;
-    let applied = applied_versions(&pool).await?.len() - applied_before.len();
-    pool.close().await;
+    PG_MIGRATIONS.run(&mut conn).await?;
+    let applied = applied_versions(&mut conn).await?.len() - applied_before.len();
+    conn.close().await?;
     Ok(applied)
 }
 
 /// Versions in sqlx's history table; none if it does not exist yet.
-async fn applied_versions(pool: &sqlx::PgPool) -> Result<Vec<i64>, StoreError> {
+async fn applied_versions(conn: &mut PgConnection) -> Result<Vec<i64>, StoreError> {
     let exists: bool = sqlx::query_scalar!(
         r#"/* pg */ SELECT to_regclass('_sqlx_migrations') IS NOT NULL AS "exists!""#
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await?;
     if !exists {
         return Ok(Vec::new());
@@ -55,7 +57,7 @@ async fn applied_versions(pool: &sqlx::PgPool) -> Result<Vec<i64>, StoreError> {
     // The table is created by the migrator, not by a migration: not checked at compile time.
     Ok(
         sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?,
     )
 }
