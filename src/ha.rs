@@ -50,7 +50,10 @@ impl Lease {
         db_url: &str,
         public_url: &str,
     ) -> anyhow::Result<Self> {
-        store::migrate_postgres(db_url).await?;
+        let applied = store::migrate_postgres(db_url).await?;
+        if applied > 0 {
+            tracing::info!(applied, "database migrated");
+        }
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(Duration::from_secs(5))

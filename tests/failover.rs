@@ -64,26 +64,16 @@ fn lease_ms() -> u64 {
 /// Creates a database of its own on `server` for a test; returns its URL and a pool on
 /// it for the test's own queries.
 async fn fresh_database(server: &str, prefix: &str) -> (String, PgPool) {
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(server)
+    let url = ti_scheduler::store::create_postgres_database(server, prefix)
         .await
         .expect("TI_TEST_POSTGRES names a PostgreSQL server that accepts connections");
-    let name = format!("{prefix}_{:016x}", rand::random::<u64>());
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    let mut url = reqwest::Url::parse(server).unwrap();
-    url.set_path(&format!("/{name}"));
     let pool = PgPoolOptions::new()
         .max_connections(2)
-        .connect(url.as_str())
+        .connect(&url)
         .await
         .unwrap();
-    println!("database {name}");
-    (url.to_string(), pool)
+    println!("database {url}");
+    (url, pool)
 }
 
 /// How every node of a test is started.

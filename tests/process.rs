@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
 
-use common::{client, free_port, spawn_tis};
+use common::{client, client_with_timeout, free_port, spawn_tis};
 
 /// The service under test, as a child process on a fixed port and database file.
 struct Service {
@@ -450,11 +450,7 @@ async fn crash_test(kind: &str) {
             base_url.clone(),
             tis.clone(),
         );
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(3))
-            .build()
-            .unwrap();
+        let http = client_with_timeout(Duration::from_secs(3));
         clients.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -570,11 +566,7 @@ async fn no_front_door_request_is_lost_or_answered_twice_when_the_service_is_kil
     let mut clients = Vec::new();
     for c in 0..4 {
         let (seen, stop, base) = (seen.clone(), stop.clone(), base_url.clone());
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap();
+        let http = client_with_timeout(Duration::from_secs(5));
         clients.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {

@@ -394,17 +394,9 @@ impl BenchDb {
         let Some(admin) = postgres else {
             return Ok(Self::Sqlite(dir.join("load.db")));
         };
-        let name = format!(
-            "bench_{}_{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        );
-        let mut conn = sqlx::PgConnection::connect(admin).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await?;
-        let base = admin.rsplit_once('/').map_or(admin, |(base, _)| base);
-        Ok(Self::Postgres(format!("{base}/{name}")))
+        Ok(Self::Postgres(
+            ti_scheduler::store::create_postgres_database(admin, "bench").await?,
+        ))
     }
 
     /// The settings that make the service use it.
@@ -415,8 +407,8 @@ impl BenchDb {
         }
     }
 
-    /// The values of a one-column query with two bound times, as f64.
-    async fn column(&self, sql: &str, from: f64, to: f64) -> anyhow::Result<Vec<f64>> {
+    /// The values of a one-column query, as f64, with `binds` as its `?1`, `?2`, ...
+    async fn column(&self, sql: &str, binds: &[f64]) -> anyhow::Result<Vec<f64>> {
         Ok(match self {
             Self::Sqlite(path) => {
                 let conn = rusqlite::Connection::open_with_flags(
@@ -425,18 +417,18 @@ impl BenchDb {
                 )?;
                 let mut rows = conn.prepare(sql)?;
                 let values = rows
-                    .query_map([from, to], |r| r.get::<_, f64>(0))?
+                    .query_map(rusqlite::params_from_iter(binds), |r| r.get::<_, f64>(0))?
                     .collect::<Result<_, _>>()?;
                 values
             }
             Self::Postgres(url) => {
                 let mut conn = sqlx::PgConnection::connect(url).await?;
-                let sql = sql.replace("?1", "$1").replace("?2", "$2");
-                let values = sqlx::query_scalar::<_, f64>(sqlx::AssertSqlSafe(sql))
-                    .bind(from)
-                    .bind(to)
-                    .fetch_all(&mut conn)
-                    .await?;
+                let sql = sql.replace('?', "$");
+                let mut query = sqlx::query_scalar::<_, f64>(sqlx::AssertSqlSafe(sql));
+                for value in binds {
+                    query = query.bind(*value);
+                }
+                let values = query.fetch_all(&mut conn).await?;
                 conn.close().await?;
                 values
             }
@@ -458,8 +450,7 @@ async fn end_to_end(
         .column(
             "SELECT CAST(COUNT(*) AS DOUBLE PRECISION) FROM tasks
              WHERE completion_time BETWEEN ?1 AND ?2",
-            from,
-            to,
+            &[from, to],
         )
         .await?
         .first()
@@ -470,8 +461,7 @@ async fn end_to_end(
         .column(
             "SELECT (completion_time - submit_time) * 1000.0 FROM tasks
              WHERE submit_time BETWEEN ?1 AND ?2 AND completion_time IS NOT NULL",
-            from,
-            to,
+            &[from, to],
         )
         .await?
     {
@@ -482,8 +472,7 @@ async fn end_to_end(
         .column(
             "SELECT (completion_time - submit_time) * 1000.0 - execution_time_ms FROM tasks
              WHERE submit_time BETWEEN ?1 AND ?2 AND completion_time IS NOT NULL",
-            from,
-            to,
+            &[from, to],
         )
         .await?
     {
@@ -498,9 +487,8 @@ async fn wait_drained(db: &BenchDb) -> anyhow::Result<()> {
         let left = db
             .column(
                 "SELECT CAST(COUNT(*) AS DOUBLE PRECISION) FROM tasks
-                 WHERE status <> 'completed' AND ?1 <= ?2",
-                0.0,
-                1.0,
+                 WHERE status <> 'completed'",
+                &[],
             )
             .await?
             .first()

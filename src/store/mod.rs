@@ -46,7 +46,9 @@ pub use history::{
 pub use learned::{LearnedRepo, StoredModel};
 pub use lease::{LeaseRepo, LeaseView};
 pub use lookup::LookupRepo;
-pub use postgres::{migrate_postgres, open_postgres, pg_options, PG_MIGRATIONS};
+pub use postgres::{
+    create_postgres_database, migrate_postgres, open_postgres, pg_options, PG_MIGRATIONS,
+};
 pub use settings::SettingsRepo;
 pub use stats::{ExecutionStats, StatsRepo};
 pub use tasks::{Completed, Completion, Execution, NewTask, StoredTask, TaskRepo, UnfinishedTask};

@@ -26,7 +26,12 @@ pub async fn migrate_postgres(url: &str) -> Result<usize, StoreError> {
     let options = pg_options(url)?;
     let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
         .await
-        .map_err(|_| sqlx::Error::PoolTimedOut)
+        .map_err(|_| {
+            sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+            ))
+        })
         .and_then(|connected| connected)
         .map_err(|e| StoreError::PgConnect(named.clone(), e))?;
     let known = PG_MIGRATIONS.iter().map(|m| m.version).max().unwrap_or(0);
@@ -72,8 +77,30 @@ pub fn pg_options(url: &str) -> Result<PgConnectOptions, StoreError> {
         .log_statements(log::LevelFilter::Trace))
 }
 
-/// Migrates the database at `url`, then opens the read pool and starts the writer, whose
-/// batches check `fence` when given (high availability).
+/// Creates an empty database `{prefix}_{random}` on the server at `server` (a URL of
+/// any of its databases) and returns the URL of the new one: the tests and benchmarks
+/// give each run a database of its own this way.
+pub async fn create_postgres_database(server: &str, prefix: &str) -> Result<String, StoreError> {
+    let named = DatabaseLocation::Postgres(server.to_string()).display();
+    let mut url = reqwest::Url::parse(server)
+        .map_err(|e| StoreError::PgConnect(named.clone(), sqlx::Error::Configuration(e.into())))?;
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect_with(&pg_options(server)?)
+        .await
+        .map_err(|e| StoreError::PgConnect(named, e))?;
+    // The name is made of the caller's constant prefix and hex digits only.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await?;
+    admin.close().await?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
+}
+
+/// Opens the read pool on the database at `url` and starts the writer, whose batches
+/// check `fence` when given (high availability). The database must be migrated first
+/// ([`migrate_postgres`]: every node does so when it connects to the lease, before it
+/// can lead).
 pub async fn open_postgres(
     url: &str,
     durability: Durability,
@@ -82,10 +109,6 @@ pub async fn open_postgres(
     fence: Option<Fence>,
     stop: CancellationToken,
 ) -> Result<(Db, tokio::task::JoinHandle<()>), StoreError> {
-    let applied = migrate_postgres(url).await?;
-    if applied > 0 {
-        tracing::info!(applied, "database migrated");
-    }
     let read = PgPoolOptions::new()
         .max_connections(read_connections.max(1))
         .acquire_timeout(CONNECT_TIMEOUT)

@@ -522,18 +522,13 @@ mod tests {
         fence: impl FnOnce(&sqlx::PgPool) -> Option<super::Fence>,
         stop: &CancellationToken,
     ) -> Option<(Db, tokio::task::JoinHandle<()>, sqlx::PgPool)> {
-        use sqlx::Connection as _;
-        let Ok(admin) = std::env::var("TI_TEST_POSTGRES") else {
+        let Ok(server) = std::env::var("TI_TEST_POSTGRES") else {
             eprintln!("skipped: TI_TEST_POSTGRES is not set");
             return None;
         };
-        let name = format!("w_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(&admin).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
+        let url = crate::store::create_postgres_database(&server, "w")
             .await
             .unwrap();
-        let url = format!("{}/{name}", admin.rsplit_once('/').unwrap().0);
         crate::store::migrate_postgres(&url).await.unwrap();
         let pool = sqlx::PgPool::connect(&url).await.unwrap();
         let fence = fence(&pool);

@@ -295,18 +295,9 @@ fn postgres_server() -> Option<String> {
 /// Creates a fresh database on the server; returns its URL (the server's, with the new
 /// database's name). The cluster is a throw-away one: the databases stay until it goes.
 async fn create_database(server: &str) -> String {
-    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(server)
+    ti_scheduler::store::create_postgres_database(server, "t")
         .await
-        .unwrap_or_else(|e| panic!("TI_TEST_POSTGRES={server}: {e}"));
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await
-        .expect("CREATE DATABASE");
-    admin.close().await.ok();
-    let mut url = reqwest::Url::parse(server).expect("TI_TEST_POSTGRES is a URL");
-    url.set_path(&format!("/{name}"));
-    url.to_string()
+        .unwrap_or_else(|e| panic!("TI_TEST_POSTGRES={server}: {e:#}"))
 }
 
 /// The rows of a query on the database the settings name (see [`TestApp::sql_rows`]).
