@@ -13,6 +13,7 @@
 //! [`backup`] copies an SQLite file that a service may be using (`ti-scheduler backup`).
 
 mod backup;
+mod checkpoint;
 mod decisions;
 mod guard;
 mod history;

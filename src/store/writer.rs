@@ -16,6 +16,9 @@
 //! SHARE` and checks its epoch ([`Fence`]): a leader that lost its lease cannot commit,
 //! and a take-over waits for the commit under way.
 //!
+//! On SQLite a second thread checkpoints beside the writer (`checkpoint.rs`), so that a
+//! commit seldom has to copy the WAL into the database file itself.
+//!
 //! A thread rather than an async task: a batch runs start to finish without giving way,
 //! so a commit never waits behind HTTP work in the runtime's queue, and each statement
 //! runs where the connection lives instead of being handed to a connection thread.
@@ -31,6 +34,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::checkpoint::Checkpointer;
 use super::StoreError;
 use crate::telemetry;
 
@@ -204,7 +208,8 @@ impl Writer {
 
 /// The thread's open connection.
 enum Connected {
-    Sqlite(Connection),
+    /// With the thread that checkpoints beside it (`None` for a database in memory).
+    Sqlite(Connection, Option<Checkpointer>),
     Postgres {
         rt: Runtime,
         /// `None` after the connection was lost, until the next batch reconnects.
@@ -218,7 +223,13 @@ enum Connected {
 impl Connected {
     fn open(target: Target) -> Result<Self, StoreError> {
         match target {
-            Target::Sqlite(conn) => Ok(Self::Sqlite(conn)),
+            Target::Sqlite(conn) => {
+                let checkpoints = match conn.path().filter(|p| !p.is_empty()) {
+                    Some(path) => Some(Checkpointer::start(std::path::Path::new(path))?),
+                    None => None,
+                };
+                Ok(Self::Sqlite(conn, checkpoints))
+            }
             Target::Postgres {
                 url,
                 synchronous_commit,
@@ -242,7 +253,10 @@ impl Connected {
 
     fn close(self) {
         match self {
-            Self::Sqlite(conn) => {
+            Self::Sqlite(conn, checkpoints) => {
+                // Its connection closes first, so that the writer's is the last one and
+                // removes the WAL.
+                drop(checkpoints);
                 if let Err((_, e)) = conn.close() {
                     tracing::warn!(error = ?e, "closing the write connection failed");
                 }
@@ -339,7 +353,7 @@ fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
     let started = Instant::now();
     let size = batch.len();
     let (outcome, replies) = match conn {
-        Connected::Sqlite(conn) => sqlite_batch(conn, batch),
+        Connected::Sqlite(conn, _) => sqlite_batch(conn, batch),
         Connected::Postgres {
             rt,
             conn,

@@ -1,0 +1,154 @@
+//! Checkpoints beside the writer (SQLite).
+//!
+//! Commits go to the WAL; a checkpoint copies them into the database file and syncs it.
+//! SQLite's automatic checkpoint runs inside the commit that takes the WAL past 1 000
+//! pages: it copies them all and syncs the file there, on the writer's thread, and the
+//! callers of that batch and every write queued behind it wait (several ms; at
+//! `durability = "normal"` also the sync of every commit since the last one, up to tens of
+//! ms). This thread runs a PASSIVE checkpoint on its own connection every [`EVERY`], so
+//! each copies and syncs only what was committed since, and never blocks the writer.
+//!
+//! The writer keeps the automatic checkpoint. Under continuous writes a passive
+//! checkpoint from another connection never finds the whole WAL copied (a commit lands
+//! while it runs), and SQLite starts the WAL over only then: alone, this thread would
+//! let the WAL grow without bound (README, Performance: tried in round 1). The writer's
+//! checkpoint now finds only the last pages left to copy.
+
+use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+/// Time between two checkpoints.
+pub(super) const EVERY: Duration = Duration::from_millis(20);
+
+/// The checkpoint thread; dropping it stops the thread and closes its connection.
+pub(super) struct Checkpointer {
+    /// Dropped to stop the thread.
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Starts checkpointing the database file at `path`.
+    pub(super) fn start(path: &Path) -> std::io::Result<Self> {
+        let conn = Connection::open(path).map_err(std::io::Error::other)?;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("db-checkpoint".into())
+            .spawn(move || run(&conn, &stopped))?;
+        Ok(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(conn: &Connection, stopped: &mpsc::Receiver<()>) {
+    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(EVERY) {
+        // Busy (the writer's own checkpoint is under way) and failures are harmless: the
+        // writer's automatic checkpoint still bounds the WAL.
+        let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        });
+        match done {
+            Ok((wal_pages, copied)) => tracing::trace!(wal_pages, copied, "checkpoint"),
+            Err(e) => tracing::debug!(error = %e, "checkpoint failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Durability;
+    use crate::store::write_connection;
+
+    /// Commits `rows` rows of about 1 KiB (a quarter of a page each) in one transaction.
+    fn write_rows(conn: &mut Connection, rows: usize) {
+        let filler = "x".repeat(1000);
+        let tx = conn.transaction().unwrap();
+        for _ in 0..rows {
+            tx.execute("INSERT INTO t (v) VALUES (?1)", [&filler])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn commits_reach_the_database_file_without_waiting_for_the_automatic_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut writer = write_connection(&path, Durability::Full).unwrap();
+        writer.execute("CREATE TABLE t (v TEXT)", []).unwrap();
+        // Settle the schema into the file, then commit about 100 pages: far below the
+        // automatic checkpoint's 1 000, so only this thread can copy them.
+        writer
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        let checkpoints = Checkpointer::start(&path).unwrap();
+        write_rows(&mut writer, 400);
+        let grown = || std::fs::metadata(&path).unwrap().len() >= before + 90 * 4096;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !grown() && std::time::Instant::now() < deadline {
+            std::thread::sleep(EVERY);
+        }
+        assert!(
+            grown(),
+            "the file grew from {before} to {} bytes only",
+            std::fs::metadata(&path).unwrap().len()
+        );
+        drop(checkpoints);
+    }
+
+    #[test]
+    fn without_it_the_commits_stay_in_the_wal() {
+        // The control of the test above: the same writes, no checkpoint thread.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut writer = write_connection(&path, Durability::Full).unwrap();
+        writer.execute("CREATE TABLE t (v TEXT)", []).unwrap();
+        writer
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        write_rows(&mut writer, 400);
+        std::thread::sleep(EVERY * 5);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
+    }
+
+    #[test]
+    fn the_wal_stays_bounded_under_continuous_writes_and_goes_at_the_last_close() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let wal = dir.path().join("c.db-wal");
+        let mut writer = write_connection(&path, Durability::Normal).unwrap();
+        writer.execute("CREATE TABLE t (v TEXT)", []).unwrap();
+        let checkpoints = Checkpointer::start(&path).unwrap();
+        // About 5 000 pages, written without a pause: five times the WAL's usual size.
+        let mut largest = 0;
+        for _ in 0..100 {
+            write_rows(&mut writer, 200);
+            largest = largest.max(std::fs::metadata(&wal).unwrap().len());
+        }
+        assert!(largest < 3 * 1024 * 4096, "the WAL reached {largest} bytes");
+        drop(checkpoints);
+        writer.close().unwrap();
+        assert!(
+            !wal.exists(),
+            "the last connection to close removes the WAL"
+        );
+    }
+}
