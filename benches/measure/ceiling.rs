@@ -6,14 +6,24 @@
 //! - `sqlite`: one row per request inserted by a dedicated writer thread (rusqlite, WAL,
 //!   the given synchronous level), all waiting requests in one transaction (group
 //!   commit), each answered after the commit: the fastest durable submit possible here.
+//!
+//! And one the proxy benchmark measures the front door against:
+//!
+//! - `relay`: `POST /v1/chat/completions` passed on to the given servers in turn (reqwest,
+//!   the body as it is, the answer streamed back as it comes): a router that decides
+//!   nothing, in the scheduler's own stack. With `--db`, each request is first inserted
+//!   and committed as in `sqlite` (the least a router that records every request durably
+//!   before sending it must do); without, it records nothing.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
@@ -39,6 +49,85 @@ pub async fn serve(port: u16, db: Option<(&Path, Durability)>) -> anyhow::Result
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     axum::serve(ti_scheduler::nodelay(listener), app).await?;
     Ok(())
+}
+
+/// The `relay` ceiling: its upstreams and which one is next.
+struct Relay {
+    http: reqwest::Client,
+    writer: Option<mpsc::Sender<Insert>>,
+    upstreams: Vec<String>,
+    next: AtomicUsize,
+}
+
+/// Serves the `relay` ceiling in front of `upstreams` (base URLs), recording each request
+/// first when `db` is given.
+pub async fn relay(
+    port: u16,
+    upstreams: Vec<String>,
+    db: Option<(&Path, Durability)>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!upstreams.is_empty(), "--to needs at least one base URL");
+    let relay = Arc::new(Relay {
+        writer: match db {
+            Some((path, durability)) => Some(spawn_writer(path, durability)?),
+            None => None,
+        },
+        http: reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .build()?,
+        upstreams,
+        next: AtomicUsize::new(0),
+    });
+    let app = Router::new()
+        .route(
+            "/health",
+            get(|| async { Json(json!({"status": "success"})) }),
+        )
+        .route("/v1/chat/completions", post(forward))
+        .with_state(relay);
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    axum::serve(ti_scheduler::nodelay(listener), app).await?;
+    Ok(())
+}
+
+async fn forward(State(relay): State<Arc<Relay>>, body: Bytes) -> Result<Response, StatusCode> {
+    if let Some(writer) = &relay.writer {
+        let request: Value = serde_json::from_slice(&body).map_err(|_| StatusCode::BAD_REQUEST)?;
+        let model = request["model"].as_str().unwrap_or_default().to_string();
+        let input = String::from_utf8_lossy(&body).into_owned();
+        let task_id = format!("task-{}", uuid::Uuid::now_v7());
+        let (done, committed) = oneshot::channel();
+        let row = (
+            task_id,
+            model,
+            input,
+            ti_scheduler::domain::unix_now(),
+            done,
+        );
+        writer
+            .send(row)
+            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+        if !committed.await.unwrap_or(false) {
+            return Err(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+    }
+    let n = relay.next.fetch_add(1, Ordering::Relaxed) % relay.upstreams.len();
+    let upstream = relay
+        .http
+        .post(format!("{}/v1/chat/completions", relay.upstreams[n]))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|_| StatusCode::BAD_GATEWAY)?;
+    let mut response = Response::builder().status(upstream.status().as_u16());
+    if let Some(content_type) = upstream.headers().get(header::CONTENT_TYPE) {
+        response = response.header(header::CONTENT_TYPE, content_type.as_bytes());
+    }
+    response
+        .body(Body::from_stream(upstream.bytes_stream()))
+        .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
 }
 
 async fn submit(

@@ -688,6 +688,37 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
     ))
 }
 
+/// The `relay` ceiling server in front of `upstreams` (base URLs), as a child process;
+/// with `durability`, it commits each request to a database of its own before sending it.
+pub(super) async fn start_relay(
+    dir: &Path,
+    upstreams: &[String],
+    durability: Option<Durability>,
+) -> anyhow::Result<ChildServer> {
+    let port = free_port()?;
+    let (port_text, to) = (port.to_string(), upstreams.join(","));
+    let db = dir
+        .join(format!("relay-{port}.db"))
+        .to_string_lossy()
+        .to_string();
+    let mut argv = vec![
+        "ceiling-server",
+        "--mode",
+        "relay",
+        "--port",
+        &port_text,
+        "--to",
+        &to,
+    ];
+    if let Some(durability) = durability {
+        argv.extend(["--db", &db, "--durability", durability_name(durability)]);
+    }
+    let log = dir.join(format!("relay-{port}.log"));
+    let server = ChildServer::spawn(&std::env::current_exe()?, &argv, &[], port, &log)?;
+    server.wait_ready("/health").await?;
+    Ok(server)
+}
+
 /// A ceiling server under the same load.
 pub async fn run_ceiling(
     mode: &str,

@@ -55,13 +55,16 @@ enum Measure {
     /// A minimal server for the load benchmark's ceilings (started by `load`).
     #[command(hide = true)]
     CeilingServer {
-        /// echo or sqlite.
+        /// echo, sqlite or relay.
         #[arg(long)]
         mode: String,
+        /// Base URLs the relay passes requests on to (relay mode).
+        #[arg(long, value_delimiter = ',')]
+        to: Vec<String>,
         /// Port.
         #[arg(long)]
         port: u16,
-        /// Database file (sqlite mode).
+        /// Database file (sqlite mode; relay mode, to record each request).
         #[arg(long)]
         db: Option<PathBuf>,
         /// full or normal (sqlite mode).
@@ -98,10 +101,16 @@ async fn run(which: Measure) -> anyhow::Result<()> {
             port,
             db,
             durability,
+            to,
         } => match (mode.as_str(), db) {
             ("echo", _) => ceiling::serve(port, None).await,
             ("sqlite", Some(db)) => ceiling::serve(port, Some((&db, durability))).await,
-            _ => anyhow::bail!("--mode echo, or --mode sqlite with --db PATH"),
+            ("relay", db) => {
+                ceiling::relay(port, to, db.as_deref().map(|db| (db, durability))).await
+            }
+            _ => anyhow::bail!(
+                "--mode echo, --mode sqlite with --db PATH, or --mode relay with --to URL,..."
+            ),
         },
     }
 }

@@ -10,6 +10,12 @@
 //! 4. the same for streams (`stream: true`): time to first chunk on reused and on new
 //!    connections, and the time between chunks.
 //!
+//! Phases 1 and 2 also run through two relays that decide nothing (`measure ceiling-server
+//! --mode relay`, child processes in the same stack: axum and reqwest): one records
+//! nothing (what proxying alone costs on this machine), the other commits each request
+//! to SQLite at the same synchronous level before sending it (the least a router that
+//! records every request must do).
+//!
 //! Clients, servers and scheduler share the machine's cores, as the issue's targets say.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +26,7 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::load::{durability_name, scratch_dir, start_scheduler, BenchDb};
+use super::load::{durability_name, scratch_dir, start_relay, start_scheduler, BenchDb};
 use super::workload::MODEL;
 use ti_scheduler::domain::Durability;
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
@@ -249,11 +255,43 @@ async fn open_loop(target: &Target, rate: f64, seconds: f64, tokens: u64, stream
     phase
 }
 
+/// What the disk alone gives a commit at `synchronous=FULL`: a WAL frame (4 KiB and its
+/// header) appended to a file in the database's directory, then `fsync`, as SQLite does
+/// (its bundled build syncs with `fsync`), for `seconds`, µs. No request can be answered
+/// faster than this at FULL, since each is committed before it is sent.
+fn disk_commits(dir: &std::path::Path, seconds: f64) -> anyhow::Result<Histogram<u64>> {
+    use std::io::{Seek, Write};
+    const FRAME: usize = 4096 + 24;
+    const WAL_FRAMES: usize = 1000;
+    let mut file = std::fs::File::create(dir.join("disk-floor"))?;
+    let mut histogram = Histogram::new(3)?;
+    let frame = vec![7u8; FRAME];
+    let started = Instant::now();
+    let mut written = 0;
+    while started.elapsed().as_secs_f64() < seconds {
+        // Like a WAL that starts over after a checkpoint: it overwrites what it holds.
+        if written == WAL_FRAMES {
+            file.rewind()?;
+            written = 0;
+        }
+        let commit = Instant::now();
+        file.write_all(&frame)?;
+        file.sync_all()?;
+        histogram.record((commit.elapsed().as_micros() as u64).max(1))?;
+        written += 1;
+    }
+    std::fs::remove_file(dir.join("disk-floor"))?;
+    Ok(histogram)
+}
+
 /// A row of the comparison table: the same load, direct and through the scheduler.
 struct Row {
     what: String,
     direct: Phase,
     through: Phase,
+    /// Through the relay that records nothing, and through the one that commits each
+    /// request first (phases 1 and 2 only).
+    relays: Option<(Phase, Phase)>,
 }
 
 /// Runs the benchmark and prints its tables.
@@ -283,6 +321,7 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
     }
     let dir = scratch_dir()?;
     let db = dir.join("proxy.db");
+    let disk = disk_commits(&dir, 2.0)?;
     let registrations: Vec<Value> = sims
         .iter()
         .map(|sim| {
@@ -304,6 +343,13 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
             .collect()
     };
     let through = Target::new(vec![server.url()], false);
+    // [plain, stream] × [records nothing, commits each request].
+    let mut relays = Vec::new();
+    for range in [0..2, 2..4] {
+        for durability in [None, Some(args.durability)] {
+            relays.push(start_relay(&dir, &bases(range.clone()), durability).await?);
+        }
+    }
     let (d, tokens) = (args.duration, args.tokens);
 
     let mut rows = Vec::new();
@@ -311,20 +357,32 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
         let kind = if stream { "stream" } else { "plain" };
         let direct_bases = if stream { bases(2..4) } else { bases(0..2) };
         let direct = Target::new(direct_bases.clone(), false);
-        // Warm both paths (connections, the predictor's first estimates).
-        closed_loop(&direct, args.clients, 1.0, tokens, stream).await;
-        closed_loop(&through, args.clients, 1.0, tokens, stream).await;
+        let relay = |n: usize| Target::new(vec![relays[2 * usize::from(stream) + n].url()], false);
+        let (bare, recording) = (relay(0), relay(1));
+        // Warm every path (connections, the predictor's first estimates).
+        for target in [&direct, &bare, &recording, &through] {
+            closed_loop(target, args.clients, 1.0, tokens, stream).await;
+        }
         let max_direct = closed_loop(&direct, args.clients, d, tokens, stream).await;
+        let max_relays = (
+            closed_loop(&bare, args.clients, d, tokens, stream).await,
+            closed_loop(&recording, args.clients, d, tokens, stream).await,
+        );
         let max_through = closed_loop(&through, args.clients, d, tokens, stream).await;
         let top = max_through.rate();
         rows.push(Row {
             what: format!("{kind}, {} clients, closed loop", args.clients),
             direct: max_direct,
             through: max_through,
+            relays: Some(max_relays),
         });
         rows.push(Row {
             what: format!("{kind}, 1 client, reused connection"),
             direct: closed_loop(&direct, 1, d, tokens, stream).await,
+            relays: Some((
+                closed_loop(&bare, 1, d, tokens, stream).await,
+                closed_loop(&recording, 1, d, tokens, stream).await,
+            )),
             through: closed_loop(&through, 1, d, tokens, stream).await,
         });
         if stream {
@@ -334,6 +392,7 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
                 what: format!("{kind}, 1 client, new connection per request"),
                 direct: closed_loop(&fresh_direct, 1, d, tokens, stream).await,
                 through: closed_loop(&fresh_through, 1, d, tokens, stream).await,
+                relays: None,
             });
         }
         for share in [0.5, 0.9] {
@@ -345,12 +404,16 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
                 ),
                 direct: open_loop(&direct, rate, d, tokens, stream).await,
                 through: open_loop(&through, rate, d, tokens, stream).await,
+                relays: None,
             });
         }
     }
     // Every answered request left a task row; give the last completions time to commit.
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.stop();
+    for relay in relays {
+        relay.stop();
+    }
     let stored = {
         let conn = rusqlite::Connection::open(&db)?;
         conn.query_row(
@@ -364,11 +427,11 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
         sim.stop().await;
     }
     std::fs::remove_dir_all(&dir).ok();
-    print(args, &rows, stored);
+    print(args, &rows, stored, &disk);
     Ok(())
 }
 
-fn print(args: &ProxyArgs, rows: &[Row], (tasks, succeeded): (u64, u64)) {
+fn print(args: &ProxyArgs, rows: &[Row], (tasks, succeeded): (u64, u64), disk: &Histogram<u64>) {
     println!(
         "\n## measure proxy: {} s per phase, answers of {} tokens (plain: at once; streamed: {} ms apart), synchronous={}\n",
         args.duration,
@@ -400,6 +463,39 @@ fn print(args: &ProxyArgs, rows: &[Row], (tasks, succeeded): (u64, u64)) {
             t.failed,
         );
     }
+    println!(
+        "\nThe same loads through two relays that decide nothing (axum + reqwest, each its own process): \
+         one records nothing, one commits each request to SQLite first (synchronous={}). \
+         Rate (share of direct); added p50 / p99, ms (plain: whole request; streams: TTFC).\n",
+        durability_name(args.durability)
+    );
+    println!(
+        "| load | direct | relay, records nothing | relay, commits each request | scheduler |"
+    );
+    println!("|---|---:|---|---|---|");
+    for r in rows.iter() {
+        let Some((bare, recording)) = &r.relays else {
+            continue;
+        };
+        let d = &r.direct;
+        let cell = |p: &Phase| {
+            format!(
+                "{:.0}/s ({:.0} %); {:.2} / {:.2}",
+                p.rate(),
+                100.0 * p.rate() / d.rate(),
+                Phase::ms(&p.latency, 0.5) - Phase::ms(&d.latency, 0.5),
+                Phase::ms(&p.latency, 0.99) - Phase::ms(&d.latency, 0.99),
+            )
+        };
+        println!(
+            "| {} | {:.0}/s | {} | {} | {} |",
+            r.what,
+            d.rate(),
+            cell(bare),
+            cell(recording),
+            cell(&r.through),
+        );
+    }
     println!("\nStreams: time between chunks as the client reads them, ms.\n");
     println!("| load | direct p50 / p99 | through p50 / p99 | added p50 / p99 |");
     println!("|---|---|---|---|");
@@ -416,6 +512,14 @@ fn print(args: &ProxyArgs, rows: &[Row], (tasks, succeeded): (u64, u64)) {
             Phase::ms(t, 0.99) - Phase::ms(d, 0.99),
         );
     }
+    println!(
+        "\nThe disk alone, before the phases: a 4 KiB append + fsync in the database's directory \
+         (the floor of a commit at synchronous=full): p50 {:.2} / p99 {:.2} / p99.9 {:.2} ms, {} commits.",
+        Phase::ms(disk, 0.5),
+        Phase::ms(disk, 0.99),
+        Phase::ms(disk, 0.999),
+        disk.len()
+    );
     let through: u64 = rows.iter().map(|r| r.through.requests).sum();
     println!(
         "\nAnswered through the scheduler in the measured phases: {through}; front-door task rows \
