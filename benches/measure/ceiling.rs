@@ -39,13 +39,21 @@ pub async fn serve(port: u16, db: Option<(&Path, Durability)>) -> anyhow::Result
         Some((path, durability)) => Some(spawn_writer(path, durability)?),
         None => None,
     };
-    let app = Router::new()
-        .route(
-            "/health",
-            get(|| async { Json(json!({"status": "success"})) }),
-        )
-        .route("/queue/submit", post(submit))
-        .with_state(writer);
+    listen(
+        port,
+        Router::new()
+            .route("/queue/submit", post(submit))
+            .with_state(writer),
+    )
+    .await
+}
+
+/// Serves `app`, with `GET /health`, on the loopback `port`.
+async fn listen(port: u16, app: Router) -> anyhow::Result<()> {
+    let app = app.route(
+        "/health",
+        get(|| async { Json(json!({"status": "success"})) }),
+    );
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
     axum::serve(ti_scheduler::nodelay(listener), app).await?;
     Ok(())
@@ -80,15 +88,9 @@ pub async fn relay(
         next: AtomicUsize::new(0),
     });
     let app = Router::new()
-        .route(
-            "/health",
-            get(|| async { Json(json!({"status": "success"})) }),
-        )
         .route("/v1/chat/completions", post(forward))
         .with_state(relay);
-    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))).await?;
-    axum::serve(ti_scheduler::nodelay(listener), app).await?;
-    Ok(())
+    listen(port, app).await
 }
 
 async fn forward(State(relay): State<Arc<Relay>>, body: Bytes) -> Result<Response, StatusCode> {
@@ -97,20 +99,7 @@ async fn forward(State(relay): State<Arc<Relay>>, body: Bytes) -> Result<Respons
         let model = request["model"].as_str().unwrap_or_default().to_string();
         let input = String::from_utf8_lossy(&body).into_owned();
         let task_id = format!("task-{}", uuid::Uuid::now_v7());
-        let (done, committed) = oneshot::channel();
-        let row = (
-            task_id,
-            model,
-            input,
-            ti_scheduler::domain::unix_now(),
-            done,
-        );
-        writer
-            .send(row)
-            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-        if !committed.await.unwrap_or(false) {
-            return Err(StatusCode::INTERNAL_SERVER_ERROR);
-        }
+        record(writer, task_id, model, input).await?;
     }
     let n = relay.next.fetch_add(1, Ordering::Relaxed) % relay.upstreams.len();
     let upstream = relay
@@ -136,28 +125,39 @@ async fn submit(
 ) -> Result<Json<Value>, StatusCode> {
     let request: Value = serde_json::from_slice(&body).map_err(|_| StatusCode::BAD_REQUEST)?;
     let task_id = format!("task-{}", uuid::Uuid::new_v4());
-    if let Some(writer) = writer {
-        let (done, committed) = oneshot::channel();
-        let row = (
-            task_id.clone(),
-            request["model_name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            request["task_input"].to_string(),
-            ti_scheduler::domain::unix_now(),
-            done,
-        );
-        writer
-            .send(row)
-            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-        if !committed.await.unwrap_or(false) {
-            return Err(StatusCode::INTERNAL_SERVER_ERROR);
-        }
+    if let Some(writer) = &writer {
+        let model = request["model_name"].as_str().unwrap_or_default();
+        let input = request["task_input"].to_string();
+        record(writer, task_id.clone(), model.to_string(), input).await?;
     }
     Ok(Json(
         json!({"status": "success", "task_id": task_id, "scheduled_ti": ""}),
     ))
+}
+
+/// Hands one row to the writer thread and waits for its commit.
+async fn record(
+    writer: &mpsc::Sender<Insert>,
+    task_id: String,
+    model: String,
+    input: String,
+) -> Result<(), StatusCode> {
+    let (done, committed) = oneshot::channel();
+    let row = (
+        task_id,
+        model,
+        input,
+        ti_scheduler::domain::unix_now(),
+        done,
+    );
+    writer
+        .send(row)
+        .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+    if committed.await.unwrap_or(false) {
+        Ok(())
+    } else {
+        Err(StatusCode::INTERNAL_SERVER_ERROR)
+    }
 }
 
 fn spawn_writer(path: &Path, durability: Durability) -> anyhow::Result<mpsc::Sender<Insert>> {

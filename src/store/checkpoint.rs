@@ -86,18 +86,25 @@ mod tests {
         tx.commit().unwrap();
     }
 
-    #[test]
-    fn commits_reach_the_database_file_without_waiting_for_the_automatic_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A write connection to `c.db` in `dir` with a table `t` settled into the file (the
+    /// WAL empty), and the file's size then.
+    fn settled(dir: &tempfile::TempDir) -> (Connection, std::path::PathBuf, u64) {
         let path = dir.path().join("c.db");
-        let mut writer = write_connection(&path, Durability::Full).unwrap();
+        let writer = write_connection(&path, Durability::Full).unwrap();
         writer.execute("CREATE TABLE t (v TEXT)", []).unwrap();
-        // Settle the schema into the file, then commit about 100 pages: far below the
-        // automatic checkpoint's 1 000, so only this thread can copy them.
         writer
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .unwrap();
-        let before = std::fs::metadata(&path).unwrap().len();
+        let size = std::fs::metadata(&path).unwrap().len();
+        (writer, path, size)
+    }
+
+    #[test]
+    fn commits_reach_the_database_file_without_waiting_for_the_automatic_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        // About 100 pages are committed: far below the automatic checkpoint's 1 000, so
+        // only this thread can copy them.
+        let (mut writer, path, before) = settled(&dir);
         let checkpoints = Checkpointer::start(&path).unwrap();
         write_rows(&mut writer, 400);
         let grown = || std::fs::metadata(&path).unwrap().len() >= before + 90 * 4096;
@@ -117,13 +124,7 @@ mod tests {
     fn without_it_the_commits_stay_in_the_wal() {
         // The control of the test above: the same writes, no checkpoint thread.
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let mut writer = write_connection(&path, Durability::Full).unwrap();
-        writer.execute("CREATE TABLE t (v TEXT)", []).unwrap();
-        writer
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .unwrap();
-        let before = std::fs::metadata(&path).unwrap().len();
+        let (mut writer, path, before) = settled(&dir);
         write_rows(&mut writer, 400);
         std::thread::sleep(EVERY * 5);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
