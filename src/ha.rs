@@ -76,11 +76,6 @@ impl Lease {
         })
     }
 
-    /// This node's name in the lease.
-    pub fn node(&self) -> &str {
-        &self.node
-    }
-
     fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
     }
@@ -149,11 +144,6 @@ impl Leadership {
             stop,
             renewer,
         }
-    }
-
-    /// The epoch this node leads under.
-    pub fn epoch(&self) -> i64 {
-        self.epoch
     }
 
     /// The writer's fence: the epoch, the token to cancel if a write finds another, and

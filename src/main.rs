@@ -119,15 +119,16 @@ impl DbArgs {
         Ok(settings)
     }
 
+    /// The database a maintenance command works on.
+    fn location(&self, command: &str) -> anyhow::Result<DatabaseLocation> {
+        let settings = self.settings(command)?;
+        settings.database.location().map_err(anyhow::Error::msg)
+    }
+
     /// The SQLite file a maintenance command works on; on PostgreSQL, an error saying
     /// what to use instead.
     fn sqlite_file(&self, command: &str, instead: &str) -> anyhow::Result<PathBuf> {
-        match self
-            .settings(command)?
-            .database
-            .location()
-            .map_err(anyhow::Error::msg)?
-        {
+        match self.location(command)? {
             DatabaseLocation::Sqlite(path) => Ok(path),
             DatabaseLocation::Postgres(_) => {
                 anyhow::bail!("{command} works on an SQLite file; on PostgreSQL {instead}")
@@ -244,11 +245,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve(args).await,
         Command::Migrate(args) => {
-            let location = args
-                .settings("migrate")?
-                .database
-                .location()
-                .map_err(anyhow::Error::msg)?;
+            let location = args.location("migrate")?;
             let db = match location {
                 DatabaseLocation::Sqlite(path) => path,
                 DatabaseLocation::Postgres(ref url) => {

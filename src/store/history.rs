@@ -340,22 +340,20 @@ impl TaskRepo {
     /// A page of the tasks matching `filter`, newest first.
     #[tracing::instrument(skip_all, fields(index = filter.index(), limit = filter.limit))]
     pub async fn history(read: &Reader, filter: &HistoryFilter) -> Result<HistoryPage, StoreError> {
-        let Some(query) = history_sql(filter) else {
+        let names = [
+            filter.model_name.as_deref(),
+            filter.after.as_ref().map(|a| a.task_id.as_str()),
+        ];
+        let query =
+            history_sql(filter).filter(|_| names.into_iter().flatten().all(super::storable));
+        let Some(query) = query else {
+            // Nothing can match: an outcome with a status other than completed, or a name
+            // no row can hold.
             return Ok(HistoryPage {
                 tasks: Vec::new(),
                 next: None,
             });
         };
-        let names = [
-            filter.model_name.as_deref(),
-            filter.after.as_ref().map(|a| a.task_id.as_str()),
-        ];
-        if !names.into_iter().flatten().all(super::storable) {
-            return Ok(HistoryPage {
-                tasks: Vec::new(),
-                next: None,
-            });
-        }
         let rows = match read {
             Reader::Sqlite(pool) => query.query_as::<StoredRow>("").fetch_all(pool).await?,
             Reader::Postgres(pool) => query.postgres_query::<StoredRow>().fetch_all(pool).await?,

@@ -238,8 +238,7 @@ impl Connected {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                let idle_limit = fence.as_ref().map(|f| f.idle_limit);
-                let conn = rt.block_on(pg_connect(&url, synchronous_commit, idle_limit))?;
+                let conn = rt.block_on(pg_connect(&url, synchronous_commit, fence.as_ref()))?;
                 Ok(Self::Postgres {
                     rt,
                     conn: Some(conn),
@@ -270,12 +269,12 @@ impl Connected {
     }
 }
 
-/// The PostgreSQL write connection; with `idle_limit` (a fenced writer), the server ends
-/// the session when a transaction sits idle that long ([`Fence::idle_limit`]).
+/// The PostgreSQL write connection; under a `fence`, the server ends the session when a
+/// transaction sits idle for [`Fence::idle_limit`].
 async fn pg_connect(
     url: &str,
     synchronous_commit: bool,
-    idle_limit: Option<Duration>,
+    fence: Option<&Fence>,
 ) -> Result<PgConnection, StoreError> {
     let mut conn = PgConnection::connect_with(&super::pg_options(url)?).await?;
     if !synchronous_commit {
@@ -283,8 +282,8 @@ async fn pg_connect(
             .execute(&mut conn)
             .await?;
     }
-    if let Some(limit) = idle_limit {
-        let ms = limit.as_millis().max(1);
+    if let Some(fence) = fence {
+        let ms = fence.idle_limit.as_millis().max(1);
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "SET idle_in_transaction_session_timeout = {ms}"
         )))
@@ -362,8 +361,7 @@ fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
             fence,
         } => {
             if conn.is_none() {
-                let idle_limit = fence.as_ref().map(|f| f.idle_limit);
-                match rt.block_on(pg_connect(url, *synchronous_commit, idle_limit)) {
+                match rt.block_on(pg_connect(url, *synchronous_commit, fence.as_ref())) {
                     Ok(c) => *conn = Some(c),
                     Err(e) => tracing::error!(error = ?e, "reconnecting the writer failed"),
                 }
