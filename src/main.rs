@@ -19,6 +19,12 @@ use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
 use ti_scheduler::ti::sim::{SimConfig, SimTi};
 use ti_scheduler::{ha, predictor, store, App};
 
+/// mimalloc, not glibc's malloc: each request allocates a few hundred small objects
+/// across the runtime's threads (headers, JSON values, futures), and glibc's arenas spent
+/// about a sixth of the service's CPU on them under load (README.md, "What it costs").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ti-scheduler",
