@@ -593,12 +593,15 @@ impl TaskRepo {
 
     /// How many tasks are not yet completed.
     pub async fn count_unfinished(read: &Reader) -> Result<u64, StoreError> {
-        // The partial index tasks_unfinished holds exactly these rows.
+        // SQLite: the unfinished tasks are two ranges of tasks_by_state (migration V8).
         let n = match read {
             Reader::Sqlite(pool) => {
-                sqlx::query_scalar!("SELECT COUNT(*) FROM tasks WHERE status <> 'completed'")
-                    .fetch_one(pool)
-                    .await?
+                sqlx::query_scalar!(
+                    "SELECT COUNT(*) FROM tasks
+                     WHERE coalesce(outcome, status) IN ('queued', 'scheduled')"
+                )
+                .fetch_one(pool)
+                .await?
             }
             Reader::Postgres(pool) => {
                 sqlx::query_scalar!(
@@ -619,7 +622,8 @@ impl TaskRepo {
                     UnfinishedRow,
                     "SELECT task_id, model_name, task_input, metadata, status, ti_uuid,
                             predicted_ms, predicted_error_ms, dispatch_time, origin
-                     FROM tasks WHERE status <> 'completed' ORDER BY submit_time"
+                     FROM tasks WHERE coalesce(outcome, status) IN ('queued', 'scheduled')
+                     ORDER BY submit_time"
                 )
                 .fetch_all(pool)
                 .await?
@@ -646,7 +650,8 @@ impl TaskRepo {
         Ok(match read {
             Reader::Sqlite(pool) => sqlx::query!(
                 r#"SELECT model_name, COUNT(*) AS "waiting!: i64"
-                   FROM tasks WHERE status <> 'completed' AND ti_uuid IS NULL
+                   FROM tasks WHERE ti_uuid IS NULL
+                                AND coalesce(outcome, status) IN ('queued', 'scheduled')
                    GROUP BY model_name"#
             )
             .fetch_all(pool)
