@@ -13,6 +13,7 @@ use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid, Usage};
 use crate::store::{Completion, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo};
 use crate::telemetry;
 use crate::ti::protocol::ResultCallback;
+use crate::ti::upstream_body;
 
 /// Longest error message of a failed task in its log line, in characters.
 const LOGGED_ERROR_CHARS: usize = 300;
@@ -33,8 +34,10 @@ fn failure_message(result: &Value) -> String {
 #[derive(Debug, Clone)]
 pub(super) struct Finished {
     execution_ms: f64,
-    result: Value,
-    outcome: Outcome,
+    /// The stored result: JSON text.
+    result: String,
+    /// For a failed task, what went wrong (its log line); `None` when it succeeded.
+    failure: Option<String>,
     usage: Option<Usage>,
     ttft_ms: Option<f64>,
 }
@@ -46,27 +49,53 @@ impl Finished {
         result: Option<Value>,
         error: Option<String>,
     ) -> Self {
-        let (result, outcome) = match error {
-            Some(e) => (json!({ "error": e }), Outcome::Failed),
-            None => (result.unwrap_or(Value::Null), Outcome::Succeeded),
-        };
+        match error {
+            Some(e) => Self::failed(execution_ms, json!({ "error": e })),
+            None => Self {
+                usage: None,
+                ..Self::succeeded(execution_ms, result.unwrap_or(Value::Null))
+            },
+        }
+    }
+
+    /// An OpenAI response that succeeded, with the token usage it reports.
+    fn succeeded(execution_ms: f64, result: Value) -> Self {
         Self {
             execution_ms,
-            result,
-            outcome,
+            usage: crate::ti::openai::usage(&result),
+            result: result.to_string(),
+            failure: None,
+            ttft_ms: None,
+        }
+    }
+
+    fn failed(execution_ms: f64, result: Value) -> Self {
+        Self {
+            execution_ms,
+            failure: Some(failure_message(&result)),
+            result: result.to_string(),
             usage: None,
             ttft_ms: None,
         }
     }
 
-    /// An OpenAI-compatible TI's 2xx answer: the response JSON and its token usage.
-    pub(super) fn succeeded(execution_ms: f64, response: Value) -> Self {
-        Self {
-            execution_ms,
-            usage: crate::ti::openai::usage(&response),
-            result: response,
-            outcome: Outcome::Succeeded,
-            ttft_ms: None,
+    /// An OpenAI-compatible TI's 2xx answer, stored as the TI sent it when it is a JSON
+    /// object (checked, its `usage` read, the rest not parsed into a tree: see
+    /// [`crate::ti::openai::checked_answer`]), parsed when it is other JSON, and a
+    /// rejection when it is not JSON at all.
+    pub(super) fn answered(execution_ms: f64, status: u16, body: &[u8]) -> Self {
+        if let Some((text, usage)) = crate::ti::openai::checked_answer(body) {
+            return Self {
+                execution_ms,
+                result: text.to_string(),
+                failure: None,
+                usage,
+                ttft_ms: None,
+            };
+        }
+        match serde_json::from_slice(body) {
+            Ok(other) => Self::succeeded(execution_ms, other),
+            Err(_) => Self::rejected(execution_ms, status, upstream_body(body)),
         }
     }
 
@@ -84,7 +113,7 @@ impl Finished {
     pub(super) fn abandoned(execution_ms: f64, message: &str, ttft_ms: Option<f64>) -> Self {
         Self {
             ttft_ms,
-            ..Self::reported(execution_ms, None, Some(message.to_string()))
+            ..Self::failed(execution_ms, json!({ "error": message }))
         }
     }
 
@@ -99,17 +128,14 @@ impl Finished {
             .and_then(Value::as_str)
             .map(|m| format!(": {m}"))
             .unwrap_or_default();
-        Self {
+        Self::failed(
             execution_ms,
-            result: json!({
+            json!({
                 "error": format!("the TI rejected the task with HTTP {status}{detail}"),
                 "upstream_status": status,
                 "upstream_body": upstream,
             }),
-            outcome: Outcome::Failed,
-            usage: None,
-            ttft_ms: None,
-        }
+        )
     }
 }
 
@@ -186,14 +212,18 @@ impl Scheduler {
         let Finished {
             execution_ms,
             result,
-            outcome,
+            failure,
             usage,
             ttft_ms,
         } = finished;
-        let failure = (outcome == Outcome::Failed).then(|| failure_message(&result));
+        let outcome = if failure.is_some() {
+            Outcome::Failed
+        } else {
+            Outcome::Succeeded
+        };
         let completion_time = unix_now();
         let completion = Completion {
-            result: result.to_string(),
+            result,
             outcome,
             execution_time_ms: execution_ms,
             completion_time,

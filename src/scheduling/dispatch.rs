@@ -268,14 +268,11 @@ impl Scheduler {
         target: DispatchTarget,
         payload: &Payload,
     ) -> Sent {
-        let may_stream = payload.reply.is_some();
-        let request = build_request(
-            &payload.task_input,
-            &payload.metadata,
-            &target.model,
-            may_stream,
-        )
-        .and_then(|(path, body)| {
+        let request = match &payload.reply {
+            Some(reply) => Ok(reply.request(&payload.task_input)),
+            None => build_request(&payload.task_input, &payload.metadata, &target.model),
+        };
+        let request = request.and_then(|(path, body)| {
             TiClient::openai_url(&target.host, target.port, &path)
                 .map(|url| (url, body))
                 .ok_or_else(|| format!("the TI's address does not form a URL with '{path}'"))
@@ -370,10 +367,7 @@ impl Scheduler {
         match answer {
             Ok(r) if (200..300).contains(&r.status) => {
                 self.cache().answered(ti);
-                let finished = match serde_json::from_slice(&r.body) {
-                    Ok(response) => Finished::succeeded(execution_ms, response),
-                    Err(_) => Finished::rejected(execution_ms, r.status, upstream_body(&r.body)),
-                };
+                let finished = Finished::answered(execution_ms, r.status, &r.body);
                 self.store_outcome(task_id, ti, finished).await;
                 Exchange::Done
             }

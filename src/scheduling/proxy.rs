@@ -109,6 +109,8 @@ pub(super) struct Reply {
     stopping: CancellationToken,
     /// The client asked for a stream.
     stream: bool,
+    /// Where it goes on the TI: `v1/chat/completions` or `v1/completions`.
+    path: &'static str,
     /// When the request arrived.
     arrived: Instant,
 }
@@ -120,6 +122,17 @@ impl Reply {
             _ = self.gone.cancelled() => {}
             _ = self.stopping.cancelled() => {}
         }
+    }
+
+    /// What goes to the TI: the path, and the body as the client sent it. The handler
+    /// checked it (a JSON object whose `model` is a string) and it is stored, byte for
+    /// byte, as the task's `task_input`: what [`crate::ti::openai::build_request`] would
+    /// make of it is the same text, parsed and written again.
+    pub(super) fn request(&self, task_input: &RawValue) -> (String, Bytes) {
+        (
+            self.path.to_string(),
+            Bytes::copy_from_slice(task_input.get().as_bytes()),
+        )
     }
 
     fn take(&self) -> Option<oneshot::Sender<Answer>> {
@@ -218,6 +231,7 @@ impl Scheduler {
                 gone: gone.clone(),
                 stopping: self.inner.stop_waiting.clone(),
                 stream,
+                path,
                 arrived,
             }),
         };
@@ -331,10 +345,7 @@ impl Scheduler {
         let execution_ms = upstream.as_secs_f64() * 1000.0;
         let finished = if (200..300).contains(&status) {
             self.cache().answered(ti);
-            match serde_json::from_slice(&body) {
-                Ok(response) => Finished::succeeded(execution_ms, response),
-                Err(_) => Finished::rejected(execution_ms, status, upstream_body(&body)),
-            }
+            Finished::answered(execution_ms, status, &body)
         } else {
             metrics::counter!(telemetry::DISPATCH_REJECTIONS).increment(1);
             Finished::rejected(execution_ms, status, upstream_body(&body))

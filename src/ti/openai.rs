@@ -182,41 +182,56 @@ fn checked_path(path: &str) -> Result<&str, String> {
     Ok(trimmed)
 }
 
-/// The request of a task: its path ([`request_path`]) and its body ([`request_body`]).
+/// The request of a queued task: its path ([`request_path`]) and its body
+/// ([`request_body`]). A front-door request goes as its client sent it instead.
 pub fn build_request(
     task_input: &RawValue,
     metadata: &Map<String, Value>,
     model: &str,
-    may_stream: bool,
 ) -> Result<(String, Bytes), String> {
     let body: Map<String, Value> = serde_json::from_str(task_input.get())
         .map_err(|e| format!("task_input is not a JSON object: {e}"))?;
     let path = request_path(&body, metadata)?;
-    Ok((path, request_body(body, model, may_stream)?))
+    Ok((path, request_body(body, model)?))
 }
 
-/// The request body of a task: `task_input` with `model` set to the TI's model id when
-/// absent. `stream` is forced to `false` unless `may_stream` (a front-door request, whose
-/// client reads the stream itself).
-pub fn request_body(
-    mut body: Map<String, Value>,
-    model: &str,
-    may_stream: bool,
-) -> Result<Bytes, String> {
+/// The request body of a queued task: `task_input` with `model` set to the TI's model id
+/// when absent, and `stream` false (nobody would read a stream: the answer is stored).
+pub fn request_body(mut body: Map<String, Value>, model: &str) -> Result<Bytes, String> {
     if !body.get("model").is_some_and(Value::is_string) {
         body.insert("model".into(), Value::String(model.to_string()));
     }
-    if !may_stream {
-        body.insert("stream".into(), Value::Bool(false));
-    }
+    body.insert("stream".into(), Value::Bool(false));
     serde_json::to_vec(&body)
         .map(Bytes::from)
         .map_err(|e| format!("task_input: {e}"))
 }
 
+/// A JSON object answered by an OpenAI-compatible server, checked and its token counts
+/// read, without building the rest of it: the text, as the server sent it, is what gets
+/// stored. `None` when the body is not a JSON object.
+pub fn checked_answer(body: &[u8]) -> Option<(&str, Option<Usage>)> {
+    /// Every other field is checked and skipped, never built.
+    #[derive(Deserialize)]
+    struct Answer {
+        usage: Option<Value>,
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    // A struct would also read from an array.
+    if !text.trim_start().starts_with('{') {
+        return None;
+    }
+    let answer: Answer = serde_json::from_str(text).ok()?;
+    Some((text, answer.usage.as_ref().and_then(counts)))
+}
+
 /// The token counts of an OpenAI response's `usage`, when it has them.
 pub fn usage(response: &Value) -> Option<Usage> {
-    let usage = response.get("usage")?;
+    response.get("usage").and_then(counts)
+}
+
+/// The token counts of a `usage` object, when it has them.
+fn counts(usage: &Value) -> Option<Usage> {
     let count = |name: &str| usage.get(name).and_then(Value::as_i64);
     let found = Usage {
         prompt_tokens: count("prompt_tokens"),
@@ -380,19 +395,13 @@ mod tests {
     #[test]
     fn the_body_gets_the_model_when_absent_and_never_streams() {
         let raw = RawValue::from_string(r#"{"prompt":"hi","stream":true}"#.into()).unwrap();
-        let (path, body) = build_request(&raw, &Map::new(), "m", false).unwrap();
+        let (path, body) = build_request(&raw, &Map::new(), "m").unwrap();
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(path, "v1/completions");
         assert_eq!(body, json!({"prompt": "hi", "stream": false, "model": "m"}));
         let own = map(json!({"model": "mine"}));
-        let body: Value = serde_json::from_slice(&request_body(own, "m", false).unwrap()).unwrap();
+        let body: Value = serde_json::from_slice(&request_body(own, "m").unwrap()).unwrap();
         assert_eq!(body["model"], "mine");
-        let (_, body) = build_request(&raw, &Map::new(), "m", true).unwrap();
-        let body: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(
-            body["stream"], true,
-            "a front-door request keeps its stream flag"
-        );
     }
 
     #[test]
@@ -460,5 +469,27 @@ mod tests {
             })
         );
         assert_eq!(usage(&json!({"choices": []})), None);
+    }
+
+    #[test]
+    fn an_answer_is_checked_and_kept_as_sent() {
+        let body = b"{\"choices\": [], \"usage\": {\"prompt_tokens\": 12}}\n";
+        let (text, found) = checked_answer(body).unwrap();
+        assert_eq!(text.as_bytes(), body, "stored byte for byte");
+        assert_eq!(found.unwrap().prompt_tokens, Some(12));
+        assert_eq!(checked_answer(b"{\"choices\": []}").unwrap().1, None);
+        for bad in [
+            &b"[1]"[..],
+            b"\"text\"",
+            b"{\"a\": 1",
+            b"{} trailing",
+            b"{\"a\": \"\xff\"}",
+        ] {
+            assert!(
+                checked_answer(bad).is_none(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }
