@@ -51,22 +51,28 @@ impl Finished {
     ) -> Self {
         match error {
             Some(e) => Self::failed(execution_ms, json!({ "error": e })),
-            None => Self {
-                usage: None,
-                ..Self::succeeded(execution_ms, result.unwrap_or(Value::Null))
-            },
+            None => {
+                let result = result.unwrap_or(Value::Null).to_string();
+                Self::success(execution_ms, result, None)
+            }
+        }
+    }
+
+    /// A success: its result as JSON text and the token usage it reports.
+    fn success(execution_ms: f64, result: String, usage: Option<Usage>) -> Self {
+        Self {
+            execution_ms,
+            result,
+            failure: None,
+            usage,
+            ttft_ms: None,
         }
     }
 
     /// An OpenAI response that succeeded, with the token usage it reports.
-    fn succeeded(execution_ms: f64, result: Value) -> Self {
-        Self {
-            execution_ms,
-            usage: crate::ti::openai::usage(&result),
-            result: result.to_string(),
-            failure: None,
-            ttft_ms: None,
-        }
+    fn succeeded(execution_ms: f64, response: Value) -> Self {
+        let usage = crate::ti::openai::usage(&response);
+        Self::success(execution_ms, response.to_string(), usage)
     }
 
     fn failed(execution_ms: f64, result: Value) -> Self {
@@ -85,13 +91,7 @@ impl Finished {
     /// rejection when it is not JSON at all.
     pub(super) fn answered(execution_ms: f64, status: u16, body: &[u8]) -> Self {
         if let Some((text, usage)) = crate::ti::openai::checked_answer(body) {
-            return Self {
-                execution_ms,
-                result: text.to_string(),
-                failure: None,
-                usage,
-                ttft_ms: None,
-            };
+            return Self::success(execution_ms, text.to_string(), usage);
         }
         match serde_json::from_slice(body) {
             Ok(other) => Self::succeeded(execution_ms, other),
