@@ -49,6 +49,16 @@ pub struct ProxyArgs {
     /// Synchronous level of the scheduler's database: full or normal.
     #[arg(long, default_value = "full", value_parser = super::parse_durability)]
     pub durability: Durability,
+    /// Only the plain requests' phases, or only the streams'.
+    #[arg(long, value_enum)]
+    pub only: Option<Kind>,
+}
+
+/// The two kinds of request the phases send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    Plain,
+    Stream,
 }
 
 /// The model of the streamed requests: served by the servers whose tokens take time.
@@ -353,7 +363,12 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
     let (d, tokens) = (args.duration, args.tokens);
 
     let mut rows = Vec::new();
-    for stream in [false, true] {
+    let kinds: &[bool] = match args.only {
+        None => &[false, true],
+        Some(Kind::Plain) => &[false],
+        Some(Kind::Stream) => &[true],
+    };
+    for &stream in kinds {
         let kind = if stream { "stream" } else { "plain" };
         let direct_bases = if stream { bases(2..4) } else { bases(0..2) };
         let direct = Target::new(direct_bases.clone(), false);
