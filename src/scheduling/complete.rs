@@ -10,7 +10,7 @@ use super::cache::Execution;
 use super::events::Event;
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, Outcome, TaskId, TaskStatus, TiUuid, Usage};
-use crate::store::{Completion, DecisionRepo, LearnedRepo, StatsRepo, TaskRepo};
+use crate::store::{Completion, DecisionRepo, Flush, LearnedRepo, StatsRepo, TaskRepo};
 use crate::telemetry;
 use crate::ti::protocol::ResultCallback;
 use crate::ti::upstream_body;
@@ -198,16 +198,18 @@ impl Scheduler {
         ti: TiUuid,
         finished: Finished,
     ) -> Result<bool, Error> {
-        self.finish(task_id, Some(ti), finished).await
+        self.finish(task_id, Some(ti), finished, Flush::OnCommit)
+            .await
     }
 
     /// [`Self::complete`], for an outcome that may come from no TI at all (a front-door
-    /// request given up before any TI answered).
+    /// request given up before any TI answered), flushed to disk as `flush` says.
     pub(super) async fn finish(
         &self,
         task_id: &TaskId,
         ti: Option<TiUuid>,
         finished: Finished,
+        flush: Flush,
     ) -> Result<bool, Error> {
         let Finished {
             execution_ms,
@@ -237,7 +239,9 @@ impl Scheduler {
             .inner
             .db
             .writer
-            .run(move |conn| TaskRepo::complete(conn, &id, &completion))
+            .run_flushed(flush, move |conn| {
+                TaskRepo::complete(conn, &id, &completion)
+            })
             .await?;
         let Some(stored) = stored else {
             return Ok(false);

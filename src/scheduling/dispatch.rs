@@ -20,7 +20,7 @@ use super::events::Event;
 use super::proxy::Reply;
 use super::Scheduler;
 use crate::domain::{unix_now, TaskId, TaskStatus, TiKind, TiUuid};
-use crate::store::TaskRepo;
+use crate::store::{Flush, TaskRepo};
 use crate::telemetry;
 use crate::ti::openai::build_request;
 use crate::ti::protocol::DispatchRequest;
@@ -200,8 +200,13 @@ impl Scheduler {
                     drop(permit);
                     metrics::counter!(telemetry::DISPATCH_REJECTIONS).increment(1);
                     tracing::warn!(task_id = %task_id, ti = %ti, ti_address = %format_args!("{}:{}", target.host, target.port), status, "the TI rejected the task; it fails");
-                    self.store_outcome(task_id, ti, Finished::rejected(0.0, status, body))
-                        .await;
+                    self.store_outcome(
+                        task_id,
+                        ti,
+                        Finished::rejected(0.0, status, body),
+                        Flush::OnCommit,
+                    )
+                    .await;
                     return Sent::Done;
                 }
                 Err(e) => {
@@ -368,7 +373,8 @@ impl Scheduler {
             Ok(r) if (200..300).contains(&r.status) => {
                 self.cache().answered(ti);
                 let finished = Finished::answered(execution_ms, r.status, &r.body);
-                self.store_outcome(task_id, ti, finished).await;
+                self.store_outcome(task_id, ti, finished, Flush::OnCommit)
+                    .await;
                 Exchange::Done
             }
             Ok(r) if matches!(r.status, 408 | 429 | 503) => {
@@ -378,7 +384,8 @@ impl Scheduler {
             Ok(r) if (400..500).contains(&r.status) => {
                 metrics::counter!(telemetry::DISPATCH_REJECTIONS).increment(1);
                 let finished = Finished::rejected(execution_ms, r.status, upstream_body(&r.body));
-                self.store_outcome(task_id, ti, finished).await;
+                self.store_outcome(task_id, ti, finished, Flush::OnCommit)
+                    .await;
                 Exchange::Done
             }
             Ok(r) => Exchange::Failed(format!("HTTP {}", r.status)),
@@ -401,10 +408,16 @@ impl Scheduler {
         self.cache().pause(ti, retry_after, Instant::now());
     }
 
-    /// Stores an outcome; a failed write leaves the task unfinished for the sweep, which
-    /// sends it again.
-    pub(super) async fn store_outcome(&self, task_id: &TaskId, ti: TiUuid, finished: Finished) {
-        if let Err(e) = self.complete(task_id, ti, finished).await {
+    /// Stores an outcome, flushed to disk as `flush` says; a failed write leaves the task
+    /// unfinished for the sweep, which sends it again.
+    pub(super) async fn store_outcome(
+        &self,
+        task_id: &TaskId,
+        ti: TiUuid,
+        finished: Finished,
+        flush: Flush,
+    ) {
+        if let Err(e) = self.finish(task_id, Some(ti), finished, flush).await {
             tracing::error!(task_id = %task_id, error = ?e, "storing the answer failed; the sweep sends it again");
         }
     }

@@ -25,7 +25,7 @@ use super::events::Event;
 use super::submit::{refused, serialized_object};
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, DecisionReason, Origin, TaskId, TaskStatus, TiKind, TiUuid};
-use crate::store::NewTask;
+use crate::store::{Flush, NewTask};
 use crate::telemetry;
 use crate::ti::openai::{add_features, retry_after, StreamAssembly};
 use crate::ti::upstream_body;
@@ -268,7 +268,7 @@ impl Scheduler {
         };
         if !stopping {
             let finished = Finished::abandoned(0.0, &message, None);
-            if let Err(e) = self.finish(task_id, None, finished).await {
+            if let Err(e) = self.finish(task_id, None, finished, Flush::Deferred).await {
                 tracing::error!(task_id = %task_id, error = ?e, "storing the failure failed");
             }
         }
@@ -350,8 +350,20 @@ impl Scheduler {
             metrics::counter!(telemetry::DISPATCH_REJECTIONS).increment(1);
             Finished::rejected(execution_ms, status, upstream_body(&body))
         };
-        self.store_outcome(task_id, ti, finished).await;
+        self.store_answered(task_id, ti, finished).await;
         Exchange::Done
+    }
+
+    /// Stores the outcome of a front-door request once its client has the answer (or has
+    /// left). Nobody waits for this commit, so it does not wait for `fsync`
+    /// ([`Flush::Deferred`]): the next synced commit, or the checkpoint thread within
+    /// about 20 ms, takes it to disk, and the client's next request, arriving meanwhile,
+    /// does not wait behind that sync. A crash of the process loses nothing; a crash of
+    /// the machine before the sync leaves the task unfinished, and the restart records it
+    /// as failed, as for a crash between the answer and its commit.
+    async fn store_answered(&self, task_id: &TaskId, ti: TiUuid, finished: Finished) {
+        self.store_outcome(task_id, ti, finished, Flush::Deferred)
+            .await;
     }
 
     /// Relays a TI's stream to the client chunk by chunk as it arrives, puts its text
@@ -377,7 +389,7 @@ impl Scheduler {
         });
         if opened.is_err() {
             let finished = Finished::abandoned(0.0, CLIENT_GONE, None);
-            self.store_outcome(task_id, ti, finished).await;
+            self.store_answered(task_id, ti, finished).await;
             return Exchange::Done;
         }
         self.cache().answered(ti);
@@ -426,7 +438,7 @@ impl Scheduler {
                 Finished::abandoned(execution_ms, &reason, ttft_ms)
             }
         };
-        self.store_outcome(task_id, ti, finished).await;
+        self.store_answered(task_id, ti, finished).await;
         Exchange::Done
     }
 }

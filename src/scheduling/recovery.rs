@@ -12,7 +12,7 @@ use super::dispatch::{Payload, Step};
 use super::proxy::RESTARTED;
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, Origin, TaskStatus, TiKind, TiUuid};
-use crate::store::{TaskRepo, UnfinishedTask};
+use crate::store::{Flush, TaskRepo, UnfinishedTask};
 use crate::ti::protocol::TiTaskStatus;
 
 /// Reconciliations in flight at once during start-up recovery.
@@ -226,7 +226,10 @@ impl Scheduler {
             "the answer could not be stored"
         };
         let finished = Finished::abandoned(0.0, reason, None);
-        match self.finish(&task.task_id, None, finished).await {
+        match self
+            .finish(&task.task_id, None, finished, Flush::OnCommit)
+            .await
+        {
             Ok(_) => Settled::Unanswered,
             Err(e) => {
                 tracing::error!(task_id = %task.task_id, error = ?e, "storing the failure failed");

@@ -55,7 +55,7 @@ pub use stats::{ExecutionStats, StatsRepo};
 pub use tasks::{Completed, Completion, Execution, NewTask, StoredTask, TaskRepo, UnfinishedTask};
 pub use tis::{StoredTi, TiRepo};
 pub use window::{CompletedTask, WindowRepo};
-pub use writer::{Fence, PgTx, Tx, Writer};
+pub use writer::{Fence, Flush, PgTx, Tx, Writer};
 
 mod embedded {
     refinery::embed_migrations!("migrations");

@@ -6,7 +6,9 @@
 //! every write that is waiting, up to `max_batch`, runs them one after the other in one
 //! transaction and commits once, so many writes share one commit (one fsync). While it
 //! commits, the next batch gathers in the channel. Every caller hears back only after the
-//! commit: a success answer means the write is durable. If any write of a batch fails, the
+//! commit: a success answer means the write is durable (for a [`Flush::Deferred`] write,
+//! durable against a crash of the process, and of the machine once the next commit or
+//! checkpoint has synced the WAL). If any write of a batch fails, the
 //! whole batch is rolled back and every caller gets an error: nothing is ever
 //! half-written, and no write pays for a savepoint of its own. (Writes fail only on I/O
 //! errors or bugs: expected conflicts, such as an existing `task_id`, are handled inside
@@ -58,9 +60,25 @@ enum Ran {
 type Job = Box<dyn FnOnce(&mut Tx<'_>) -> (Ran, Reply) + Send>;
 
 enum Message {
-    Write(Job),
+    Write(Job, Flush),
     /// Refuse new writes, commit those already queued, then end.
     Stop,
+}
+
+/// When a write's commit must reach the disk. A batch is flushed as its most demanding
+/// write asks (`Deferred < OnCommit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Flush {
+    /// With the next commit that is flushed, or the next checkpoint: for a write whose
+    /// loss in a crash of the machine (not of the process: the commit is in the OS's
+    /// hands) the system recovers from, such as the outcome of a front-door request its
+    /// client already has. At `durability = "full"`, a batch of only such writes commits
+    /// without waiting for `fsync` (SQLite's `synchronous = NORMAL`, PostgreSQL's
+    /// `synchronous_commit = off`, for that transaction alone), so that the next write
+    /// someone waits for does not queue behind a sync nobody waits for.
+    Deferred,
+    /// Before its caller hears back, at the configured durability.
+    OnCommit,
 }
 
 /// The open transaction of a batch, as each write sees it.
@@ -177,6 +195,15 @@ impl Writer {
         T: Send + 'static,
         F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
+        self.run_flushed(Flush::OnCommit, write).await
+    }
+
+    /// [`Self::run`], with the commit flushed to disk as `flush` says.
+    pub async fn run_flushed<T, F>(&self, flush: Flush, write: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Tx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
         let job: Job = Box::new(move |conn| {
             let output = write(conn);
@@ -199,7 +226,7 @@ impl Writer {
             (ran, reply)
         });
         self.jobs
-            .send(Message::Write(job))
+            .send(Message::Write(job, flush))
             .await
             .map_err(|_| StoreError::WriterClosed)?;
         rx.await.map_err(|_| StoreError::WriterClosed)?
@@ -208,8 +235,15 @@ impl Writer {
 
 /// The thread's open connection.
 enum Connected {
-    /// With the thread that checkpoints beside it (`None` for a database in memory).
-    Sqlite(Connection, Option<Checkpointer>),
+    Sqlite {
+        conn: Connection,
+        /// The thread that checkpoints beside it (`None` for a database in memory).
+        checkpoints: Option<Checkpointer>,
+        /// True when the configured durability is `synchronous = FULL`.
+        synced: bool,
+        /// The level the connection is at now: FULL, or NORMAL for deferred batches.
+        at_full: bool,
+    },
     Postgres {
         rt: Runtime,
         /// `None` after the connection was lost, until the next batch reconnects.
@@ -228,7 +262,15 @@ impl Connected {
                     Some(path) => Some(Checkpointer::start(std::path::Path::new(path))?),
                     None => None,
                 };
-                Ok(Self::Sqlite(conn, checkpoints))
+                let synced = conn
+                    .pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0))?
+                    >= SYNCHRONOUS_FULL;
+                Ok(Self::Sqlite {
+                    conn,
+                    checkpoints,
+                    synced,
+                    at_full: synced,
+                })
             }
             Target::Postgres {
                 url,
@@ -252,7 +294,9 @@ impl Connected {
 
     fn close(self) {
         match self {
-            Self::Sqlite(conn, checkpoints) => {
+            Self::Sqlite {
+                conn, checkpoints, ..
+            } => {
                 // Its connection closes first, so that the writer's is the last one and
                 // removes the WAL.
                 drop(checkpoints);
@@ -298,8 +342,13 @@ fn run(conn: &mut Connected, mut rx: mpsc::Receiver<Message>, max_batch: usize, 
     let mut batch = Vec::with_capacity(max_batch);
     // After `close`, the channel still yields what was queued, then `None`.
     while let Some(first) = rx.blocking_recv() {
+        // Deferred only if every write of the batch is.
+        let mut flush = Flush::Deferred;
         match first {
-            Message::Write(job) => batch.push(job),
+            Message::Write(job, f) => {
+                batch.push(job);
+                flush = flush.max(f);
+            }
             Message::Stop => {
                 rx.close();
                 continue;
@@ -307,12 +356,15 @@ fn run(conn: &mut Connected, mut rx: mpsc::Receiver<Message>, max_batch: usize, 
         }
         while batch.len() < max_batch {
             match rx.try_recv() {
-                Ok(Message::Write(job)) => batch.push(job),
+                Ok(Message::Write(job, f)) => {
+                    batch.push(job);
+                    flush = flush.max(f);
+                }
                 Ok(Message::Stop) => rx.close(),
                 Err(_) => break,
             }
         }
-        write_batch(conn, &mut batch, full);
+        write_batch(conn, &mut batch, flush, full);
     }
 }
 
@@ -348,11 +400,19 @@ fn run_jobs(tx: &mut Tx<'_>, batch: &mut Vec<Job>) -> BatchRun {
 }
 
 /// Runs every write of `batch` in one transaction and answers each caller.
-fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
+fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, flush: Flush, full: &AtomicBool) {
     let started = Instant::now();
     let size = batch.len();
     let (outcome, replies) = match conn {
-        Connected::Sqlite(conn, _) => sqlite_batch(conn, batch),
+        Connected::Sqlite {
+            conn,
+            synced,
+            at_full,
+            ..
+        } => {
+            let fsync = *synced && flush == Flush::OnCommit;
+            sqlite_batch(conn, batch, fsync, at_full)
+        }
         Connected::Postgres {
             rt,
             conn,
@@ -368,7 +428,8 @@ fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
             }
             match conn.as_mut() {
                 Some(c) => {
-                    let (outcome, replies) = pg_batch(rt, c, fence.as_ref(), batch);
+                    let deferred = *synchronous_commit && flush == Flush::Deferred;
+                    let (outcome, replies) = pg_batch(rt, c, fence.as_ref(), batch, deferred);
                     if outcome.as_ref().is_err_and(StoreError::is_connection_lost) {
                         *conn = None;
                     }
@@ -404,7 +465,31 @@ fn write_batch(conn: &mut Connected, batch: &mut Vec<Job>, full: &AtomicBool) {
     }
 }
 
+/// `synchronous = FULL`, as `PRAGMA synchronous` reads it.
+const SYNCHRONOUS_FULL: i64 = 2;
+
+/// One batch in one SQLite transaction, committed at `synchronous = FULL` when `fsync`,
+/// else at NORMAL; `at_full` is the level the connection is at, switched only on a
+/// change (outside any transaction, as SQLite requires).
 fn sqlite_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<Job>,
+    fsync: bool,
+    at_full: &mut bool,
+) -> (Result<(), StoreError>, Vec<Reply>) {
+    if fsync != *at_full {
+        let level = if fsync { "FULL" } else { "NORMAL" };
+        if let Err(e) = conn.pragma_update(None, "synchronous", level) {
+            batch.clear();
+            return (Err(e.into()), Vec::new());
+        }
+        *at_full = fsync;
+    }
+    sqlite_transaction(conn, batch)
+}
+
+/// Runs the batch's writes in one transaction and commits them, or rolls all back.
+fn sqlite_transaction(
     conn: &mut Connection,
     batch: &mut Vec<Job>,
 ) -> (Result<(), StoreError>, Vec<Reply>) {
@@ -438,6 +523,7 @@ fn pg_batch(
     conn: &mut PgConnection,
     fence: Option<&Fence>,
     batch: &mut Vec<Job>,
+    deferred: bool,
 ) -> (Result<(), StoreError>, Vec<Reply>) {
     let mut txn = match rt.block_on(conn.begin()) {
         Ok(txn) => txn,
@@ -446,6 +532,14 @@ fn pg_batch(
             return (Err(e.into()), Vec::new());
         }
     };
+    if deferred {
+        let set = sqlx::raw_sql(sqlx::AssertSqlSafe("SET LOCAL synchronous_commit = off"));
+        if let Err(e) = rt.block_on(set.execute(&mut *txn)) {
+            let _ = rt.block_on(txn.rollback());
+            batch.clear();
+            return (Err(e.into()), Vec::new());
+        }
+    }
     if let Some(fence) = fence {
         let held = rt.block_on(
             sqlx::query_scalar!("/* pg */ SELECT epoch FROM ha_lease WHERE id = 1 FOR SHARE")
@@ -543,6 +637,15 @@ mod tests {
             .unwrap();
         crate::store::migrate_postgres(&url).await.unwrap();
         let pool = sqlx::PgPool::connect(&url).await.unwrap();
+        // The throw-away cluster of the tests turns synchronous_commit off; this database
+        // commits as a durable server does, so that a deferred batch can be told apart.
+        sqlx::raw_sql(
+            "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = on', \
+             current_database()); END $$",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
         let fence = fence(&pool);
         let (db, handle) =
             crate::store::open_postgres(&url, Durability::Full, 1, 64, fence, stop.clone())
@@ -661,6 +764,94 @@ mod tests {
                 .as_deref(),
             Some("weighted")
         );
+    }
+
+    /// The level a write's transaction commits at, `full` or `normal`: SQLite's
+    /// `PRAGMA synchronous`, PostgreSQL's `synchronous_commit`.
+    fn level(tx: &mut Tx<'_>) -> Result<String, StoreError> {
+        let full = match tx {
+            Tx::Sqlite(conn) => {
+                conn.pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0))?
+                    == SYNCHRONOUS_FULL
+            }
+            Tx::Postgres(pg) => {
+                let on: String = pg.rt.block_on(
+                    sqlx::query_scalar("SHOW synchronous_commit").fetch_one(&mut *pg.conn),
+                )?;
+                on == "on"
+            }
+        };
+        Ok(if full { "full" } else { "normal" }.to_string())
+    }
+
+    /// On a database at `durability = "full"`: a batch of deferred writes alone commits
+    /// at NORMAL, and only that batch; a deferred write that shares a batch with another
+    /// is flushed with it; what a deferred write wrote is committed.
+    async fn flushes_as_asked(db: &Db) {
+        let at = |flush| db.writer.run_flushed(flush, level);
+        assert_eq!(at(Flush::OnCommit).await.unwrap(), "full");
+        assert_eq!(at(Flush::Deferred).await.unwrap(), "normal");
+        assert_eq!(at(Flush::OnCommit).await.unwrap(), "full", "the next batch");
+
+        let busy = make_busy(db).await;
+        let (deferred, flushed) = tokio::join!(at(Flush::Deferred), at(Flush::OnCommit));
+        busy.await.unwrap().unwrap();
+        assert_eq!(deferred.unwrap(), "full", "in a batch with a flushed write");
+        assert_eq!(flushed.unwrap(), "full");
+
+        db.writer
+            .run_flushed(Flush::Deferred, |tx| {
+                SettingsRepo::set(tx, "strategy", "weighted")
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            SettingsRepo::get(&db.read, "strategy")
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("weighted")
+        );
+    }
+
+    #[tokio::test]
+    async fn only_a_batch_of_deferred_writes_alone_commits_without_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = CancellationToken::new();
+        let (db, handle) = open(
+            &dir.path().join("w.db"),
+            Durability::Full,
+            1,
+            64,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        flushes_as_asked(&db).await;
+        stop.cancel();
+        handle.await.unwrap();
+
+        // At NORMAL every batch commits at NORMAL.
+        let stop = CancellationToken::new();
+        let (db, handle, busy) = busy_db(&dir, &stop).await;
+        busy.await.unwrap().unwrap();
+        let at = |flush| db.writer.run_flushed(flush, level);
+        assert_eq!(at(Flush::OnCommit).await.unwrap(), "normal");
+        assert_eq!(at(Flush::Deferred).await.unwrap(), "normal");
+        stop.cancel();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn on_postgres_only_a_batch_of_deferred_writes_alone_commits_without_waiting_for_the_flush(
+    ) {
+        let stop = CancellationToken::new();
+        let Some((db, handle, _)) = postgres_db(|_| None, &stop).await else {
+            return;
+        };
+        flushes_as_asked(&db).await;
+        stop.cancel();
+        handle.await.unwrap();
     }
 
     #[tokio::test]
