@@ -583,6 +583,17 @@ mod tests {
     use super::*;
     use crate::store::{open, Db, Durability, SettingsRepo};
 
+    /// The database `w.db` in `dir` at `durability`, with its writer's task.
+    async fn sqlite_db(
+        dir: &tempfile::TempDir,
+        durability: Durability,
+        stop: &CancellationToken,
+    ) -> (Db, tokio::task::JoinHandle<()>) {
+        open(&dir.path().join("w.db"), durability, 1, 64, stop.clone())
+            .await
+            .unwrap()
+    }
+
     /// A database in `dir` whose writer is kept busy for 200 ms, so that the writes
     /// queued meanwhile share the next batch; returns the busy write's task too.
     async fn busy_db(
@@ -593,15 +604,7 @@ mod tests {
         tokio::task::JoinHandle<()>,
         tokio::task::JoinHandle<Result<(), StoreError>>,
     ) {
-        let (db, handle) = open(
-            &dir.path().join("w.db"),
-            Durability::Normal,
-            1,
-            64,
-            stop.clone(),
-        )
-        .await
-        .unwrap();
+        let (db, handle) = sqlite_db(dir, Durability::Normal, stop).await;
         let busy = make_busy(&db).await;
         (db, handle, busy)
     }
@@ -757,13 +760,12 @@ mod tests {
             .writer
             .run(|conn| SettingsRepo::set(conn, "strategy", "weighted"));
         assert!(after.await.is_ok(), "the next batch commits");
-        assert_eq!(
-            SettingsRepo::get(&db.read, "strategy")
-                .await
-                .unwrap()
-                .as_deref(),
-            Some("weighted")
-        );
+        assert_eq!(stored_strategy(&db).await.as_deref(), Some("weighted"));
+    }
+
+    /// The `strategy` setting as stored.
+    async fn stored_strategy(db: &Db) -> Option<String> {
+        SettingsRepo::get(&db.read, "strategy").await.unwrap()
     }
 
     /// The level a write's transaction commits at, `full` or `normal`: SQLite's
@@ -805,28 +807,14 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(
-            SettingsRepo::get(&db.read, "strategy")
-                .await
-                .unwrap()
-                .as_deref(),
-            Some("weighted")
-        );
+        assert_eq!(stored_strategy(db).await.as_deref(), Some("weighted"));
     }
 
     #[tokio::test]
     async fn only_a_batch_of_deferred_writes_alone_commits_without_fsync() {
         let dir = tempfile::tempdir().unwrap();
         let stop = CancellationToken::new();
-        let (db, handle) = open(
-            &dir.path().join("w.db"),
-            Durability::Full,
-            1,
-            64,
-            stop.clone(),
-        )
-        .await
-        .unwrap();
+        let (db, handle) = sqlite_db(&dir, Durability::Full, &stop).await;
         flushes_as_asked(&db).await;
         stop.cancel();
         handle.await.unwrap();
