@@ -237,8 +237,28 @@ pub fn migrate(path: &Path) -> Result<usize, StoreError> {
             known,
         });
     }
-    let report = runner.run(&mut conn)?;
-    Ok(report.applied_migrations().len())
+    // A migration that rebuilds a table (V9) drops the old one; with foreign keys on, that
+    // drop would first delete its rows and cascade into decisions. SQLite's procedure for
+    // such changes: foreign keys off while migrating, then check every reference (once,
+    // after migrations ran: it reads every row that has a foreign key).
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    let applied = runner.run(&mut conn)?.applied_migrations().len();
+    if applied == 0 {
+        return Ok(0);
+    }
+    let dangling: i64 =
+        conn.query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| {
+            r.get(0)
+        })?;
+    if dangling > 0 {
+        return Err(StoreError::Damaged(format!(
+            "database {} has {dangling} row(s) whose foreign key names a missing row after \
+             migrating; inspect them with: sqlite3 {} 'PRAGMA foreign_key_check'",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(applied)
 }
 
 /// SQLite silently opens a file it may not write read-only; every write would then fail.
@@ -379,6 +399,7 @@ mod tests {
         tasks::INSERT,
         tasks::MARK_SCHEDULED,
         tasks::COMPLETE,
+        tasks::COMPLETED,
         tasks::REASSIGN,
         tasks::EXPIRE_RESULTS,
         tasks::PURGE_COMPLETED,
@@ -407,6 +428,161 @@ mod tests {
         }
         // And a statement naming a missing column does fail here.
         assert!(conn.prepare("UPDATE tasks SET no_such_column = 1").is_err());
+    }
+
+    /// The opcodes of `sql`'s program, as `EXPLAIN` lists them.
+    fn opcodes(conn: &rusqlite::Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+        let mut rows = stmt.raw_query();
+        let mut ops = Vec::new();
+        while let Some(row) = rows.next().unwrap() {
+            ops.push(row.get::<_, String>(1).unwrap());
+        }
+        ops
+    }
+
+    #[test]
+    fn the_writers_statements_on_tasks_build_no_temporary_btree_and_completion_checks_no_foreign_key(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("schema.db");
+        migrate(&path).unwrap();
+        let conn = write_connection(&path, Durability::Full).unwrap();
+        for sql in [
+            tasks::INSERT,
+            tasks::MARK_SCHEDULED,
+            tasks::COMPLETE,
+            tasks::COMPLETED,
+            tasks::REASSIGN,
+        ] {
+            let ops = opcodes(&conn, sql);
+            assert!(
+                !ops.iter().any(|op| op == "OpenEphemeral"),
+                "a temporary b-tree in:\n{sql}\n{ops:?}"
+            );
+        }
+        let complete = opcodes(&conn, tasks::COMPLETE);
+        assert!(
+            !complete.iter().any(|op| op.starts_with("Fk")),
+            "COMPLETE checks a foreign key: {complete:?}"
+        );
+        // What these assertions look for is there when a statement has it: a re-route
+        // sets ti_uuid, which keeps its foreign key, and an IN list of three builds a
+        // b-tree.
+        assert!(opcodes(&conn, tasks::REASSIGN)
+            .iter()
+            .any(|op| op.starts_with("Fk")));
+        let in_list = opcodes(&conn, "SELECT 1 FROM tasks WHERE status IN ('a', 'b', 'c')");
+        assert!(in_list.iter().any(|op| op == "OpenEphemeral"));
+    }
+
+    #[test]
+    fn v9_rebuilds_tasks_keeping_every_task_and_decision_and_every_constraint_that_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v8.db");
+        // A file as round 2 left it (V8), foreign keys on as the service writes: a TI, an
+        // unfinished task and a completed one, each with its decision.
+        {
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            embedded::migrations::runner()
+                .set_target(refinery::Target::Version(8))
+                .run(&mut conn)
+                .unwrap();
+            conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+            conn.execute_batch(
+                "INSERT INTO task_instances (ti_uuid, host, port, model_name, callback_token,
+                                             registered_at, kind, max_concurrency)
+                 VALUES ('ti-1', '127.0.0.1', 9001, 'm', 'tok', 1.0, 'openai', 4);
+                 INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
+                                    predicted_ms, predicted_error_ms, submit_time, origin)
+                 VALUES ('t-open', 'm', '{}', '{}', 'scheduled', 'ti-1', 5.0, 1.0, 10.0, 'openai');
+                 INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
+                                    predicted_ms, predicted_error_ms, submit_time, completion_time,
+                                    execution_time_ms, result, outcome, result_ti,
+                                    prompt_tokens, completion_tokens, ttft_ms)
+                 VALUES ('t-done', 'm', '{\"prompt\":\"hi\"}', '{\"n\":1}', 'completed', 'ti-1',
+                         5.0, 1.0, 11.0, 12.5, 4.0, '{\"ok\":true}', 'succeeded', 'ti-1',
+                         3, 16, 0.8);
+                 INSERT INTO decisions (task_id, decided_at, reason, strategy, predict_mode,
+                                        predicted_ms, predicted_error_ms, prediction_source,
+                                        lookup_fallback, chosen_ti, candidates)
+                 VALUES ('t-open', 10.0, 'submit', 'min_time', 'default', 5.0, 1.0, 'prior', 0,
+                         'ti-1', '[]'),
+                        ('t-done', 11.0, 'submit', 'min_time', 'default', 5.0, 1.0, 'prior', 0,
+                         'ti-1', '[]');",
+            )
+            .unwrap();
+        }
+        assert_eq!(migrate(&path).unwrap(), 1);
+
+        let conn = write_connection(&path, Durability::Full).unwrap();
+        let count = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        // Dropping the old table did not cascade: both decisions are there.
+        assert_eq!(count("SELECT count(*) FROM decisions"), 2);
+        let done: (String, String, String, String, f64, i64, String, f64) = conn
+            .query_row(
+                "SELECT task_input, metadata, result, result_ti, completion_time,
+                        completion_tokens, origin, ttft_ms
+                 FROM tasks WHERE task_id = 't-done'",
+                [],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            done,
+            (
+                r#"{"prompt":"hi"}"#.to_string(),
+                r#"{"n":1}"#.to_string(),
+                r#"{"ok":true}"#.to_string(),
+                "ti-1".to_string(),
+                12.5,
+                16,
+                "queue".to_string(),
+                0.8
+            )
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM tasks WHERE task_id = 't-open' AND origin = 'openai'"),
+            1
+        );
+        // The four indexes are back.
+        assert_eq!(
+            count("SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'tasks' AND sql IS NOT NULL"),
+            4
+        );
+        // The constraints that stay still hold: status, and ti_uuid's foreign key; and
+        // deleting a task still takes its decisions with it.
+        let bad_status = conn.execute(
+            "UPDATE tasks SET status = 'done' WHERE task_id = 't-open'",
+            [],
+        );
+        assert!(bad_status
+            .unwrap_err()
+            .to_string()
+            .contains("CHECK constraint failed"));
+        let bad_ti = conn.execute(
+            "UPDATE tasks SET ti_uuid = 'nope' WHERE task_id = 't-open'",
+            [],
+        );
+        assert!(bad_ti
+            .unwrap_err()
+            .to_string()
+            .contains("FOREIGN KEY constraint failed"));
+        conn.execute("DELETE FROM tasks WHERE task_id = 't-done'", [])
+            .unwrap();
+        assert_eq!(count("SELECT count(*) FROM decisions"), 1);
+        assert_eq!(count("SELECT count(*) FROM pragma_foreign_key_check"), 0);
     }
 
     #[test]

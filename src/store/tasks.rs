@@ -1,6 +1,5 @@
 //! The `tasks` table: every accepted task from submit to completion.
 
-use rusqlite::OptionalExtension;
 use serde_json::Value;
 
 use super::{DecisionRepo, DecisionRow, Reader, StoreError, Tx};
@@ -17,8 +16,13 @@ pub(super) const COMPLETE: &str =
     "UPDATE tasks SET status = 'completed', result = ?1, outcome = ?2,
                       execution_time_ms = ?3, completion_time = ?4, result_ti = ?6,
                       prompt_tokens = ?7, completion_tokens = ?8, ttft_ms = ?9
-     WHERE task_id = ?5 AND status <> 'completed'
-     RETURNING model_name, metadata, submit_time, predicted_ms";
+     WHERE task_id = ?5 AND status <> 'completed'";
+/// What the caller of [`TaskRepo::complete`] needs of the task, read after COMPLETE in
+/// the same transaction. Not COMPLETE's RETURNING clause: SQLite runs one through a
+/// temporary table at every execution, and the completion is the writer's costliest
+/// statement.
+pub(super) const COMPLETED: &str =
+    "SELECT model_name, metadata, submit_time, predicted_ms FROM tasks WHERE task_id = ?1";
 pub(super) const REASSIGN: &str =
     "UPDATE tasks SET status = ?5, ti_uuid = ?1, dispatch_time = NULL,
                       predicted_ms = ?2, predicted_error_ms = ?3
@@ -493,31 +497,31 @@ impl TaskRepo {
                 )?);
             }
         };
+        let changed = conn.prepare_cached(COMPLETE)?.execute((
+            &c.result,
+            c.outcome.as_str(),
+            c.execution_time_ms,
+            c.completion_time,
+            task_id.as_str(),
+            c.result_ti.map(|t| t.to_string()),
+            c.usage.and_then(|u| u.prompt_tokens),
+            c.usage.and_then(|u| u.completion_tokens),
+            c.ttft_ms,
+        ))?;
+        if changed == 0 {
+            return Ok(None);
+        }
         let stored = conn
-            .prepare_cached(COMPLETE)?
-            .query_row(
-                (
-                    &c.result,
-                    c.outcome.as_str(),
-                    c.execution_time_ms,
-                    c.completion_time,
-                    task_id.as_str(),
-                    c.result_ti.map(|t| t.to_string()),
-                    c.usage.and_then(|u| u.prompt_tokens),
-                    c.usage.and_then(|u| u.completion_tokens),
-                    c.ttft_ms,
-                ),
-                |r| {
-                    Ok(Completed {
-                        model_name: r.get(0)?,
-                        metadata: r.get(1)?,
-                        submit_time: r.get(2)?,
-                        predicted_ms: r.get(3)?,
-                    })
-                },
-            )
-            .optional()?;
-        Ok(stored)
+            .prepare_cached(COMPLETED)?
+            .query_row([task_id.as_str()], |r| {
+                Ok(Completed {
+                    model_name: r.get(0)?,
+                    metadata: r.get(1)?,
+                    submit_time: r.get(2)?,
+                    predicted_ms: r.get(3)?,
+                })
+            })?;
+        Ok(Some(stored))
     }
 
     /// Moves an unfinished task to another TI (or to none), back in `status` (`queued`,
