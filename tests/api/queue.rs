@@ -221,12 +221,14 @@ async fn queue_info_lists_registered_tis_filtered_by_model_by_get_and_post() {
 #[tokio::test]
 async fn queue_info_is_positive_while_tasks_run_and_exactly_zero_when_drained() {
     let app = spawn_app().await;
-    let ti = spawn_ti("llama-7b", "A100", 150.0).await;
+    // Long enough that the first task is still running when the third is submitted and
+    // the queue read, on a loaded CI machine too (150 ms was not, once).
+    let ti = spawn_ti("llama-7b", "A100", 1000.0).await;
     let id = app.register(&ti).await;
     let mut tasks = Vec::new();
     for _ in 0..3 {
         tasks.push(
-            app.submit("llama-7b", json!({"expected_ms": 150.0}))
+            app.submit("llama-7b", json!({"expected_ms": 1000.0}))
                 .await
                 .0,
         );
