@@ -5,8 +5,9 @@
 //! pages: it copies them all and syncs the file there, on the writer's thread, and the
 //! callers of that batch and every write queued behind it wait (several ms; at
 //! `durability = "normal"` also the sync of every commit since the last one, up to tens of
-//! ms). This thread runs a PASSIVE checkpoint on its own connection every [`EVERY`], so
-//! each copies and syncs only what was committed since, and never blocks the writer.
+//! ms). This thread runs a PASSIVE checkpoint on its own connection every [`EVERY_FULL`]
+//! ([`EVERY_NORMAL`] at `durability = "normal"`), so each copies and syncs only what was
+//! committed since, and never blocks the writer.
 //!
 //! The writer keeps the automatic checkpoint. Under continuous writes a passive
 //! checkpoint from another connection never finds the whole WAL copied (a commit lands
@@ -21,8 +22,14 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-/// Time between two checkpoints.
-pub(super) const EVERY: Duration = Duration::from_millis(20);
+/// Time between two checkpoints at `durability = "full"`, where every commit has synced
+/// its own WAL frames and a checkpoint syncs the database file.
+pub(super) const EVERY_FULL: Duration = Duration::from_millis(20);
+
+/// Time between two checkpoints at `durability = "normal"`, where commits do not sync and
+/// a checkpoint syncs the WAL too: a commit that lands during that sync waits for it, so
+/// each holds half as many commits as at FULL (README, What it costs: one client's p99).
+pub(super) const EVERY_NORMAL: Duration = Duration::from_millis(10);
 
 /// The checkpoint thread; dropping it stops the thread and closes its connection.
 pub(super) struct Checkpointer {
@@ -32,13 +39,13 @@ pub(super) struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts checkpointing the database file at `path`.
-    pub(super) fn start(path: &Path) -> std::io::Result<Self> {
+    /// Starts checkpointing the database file at `path` once `every`.
+    pub(super) fn start(path: &Path, every: Duration) -> std::io::Result<Self> {
         let conn = Connection::open(path).map_err(std::io::Error::other)?;
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("db-checkpoint".into())
-            .spawn(move || run(&conn, &stopped))?;
+            .spawn(move || run(&conn, every, &stopped))?;
         Ok(Self {
             stop: Some(stop),
             thread: Some(thread),
@@ -55,8 +62,8 @@ impl Drop for Checkpointer {
     }
 }
 
-fn run(conn: &Connection, stopped: &mpsc::Receiver<()>) {
-    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(EVERY) {
+fn run(conn: &Connection, every: Duration, stopped: &mpsc::Receiver<()>) {
+    while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
         // Busy (the writer's own checkpoint is under way) and failures are harmless: the
         // writer's automatic checkpoint still bounds the WAL.
         let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
@@ -105,12 +112,12 @@ mod tests {
         // About 100 pages are committed: far below the automatic checkpoint's 1 000, so
         // only this thread can copy them.
         let (mut writer, path, before) = settled(&dir);
-        let checkpoints = Checkpointer::start(&path).unwrap();
+        let checkpoints = Checkpointer::start(&path, EVERY_FULL).unwrap();
         write_rows(&mut writer, 400);
         let grown = || std::fs::metadata(&path).unwrap().len() >= before + 90 * 4096;
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !grown() && std::time::Instant::now() < deadline {
-            std::thread::sleep(EVERY);
+            std::thread::sleep(EVERY_FULL);
         }
         assert!(
             grown(),
@@ -126,7 +133,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut writer, path, before) = settled(&dir);
         write_rows(&mut writer, 400);
-        std::thread::sleep(EVERY * 5);
+        std::thread::sleep(EVERY_FULL * 5);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
     }
 
@@ -137,7 +144,7 @@ mod tests {
         let wal = dir.path().join("c.db-wal");
         let mut writer = write_connection(&path, Durability::Normal).unwrap();
         writer.execute("CREATE TABLE t (v TEXT)", []).unwrap();
-        let checkpoints = Checkpointer::start(&path).unwrap();
+        let checkpoints = Checkpointer::start(&path, EVERY_FULL).unwrap();
         // About 5 000 pages, written without a pause: five times the WAL's usual size.
         let mut largest = 0;
         for _ in 0..100 {

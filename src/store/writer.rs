@@ -36,7 +36,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::checkpoint::Checkpointer;
+use super::checkpoint::{self, Checkpointer};
 use super::StoreError;
 use crate::telemetry;
 
@@ -258,13 +258,18 @@ impl Connected {
     fn open(target: Target) -> Result<Self, StoreError> {
         match target {
             Target::Sqlite(conn) => {
-                let checkpoints = match conn.path().filter(|p| !p.is_empty()) {
-                    Some(path) => Some(Checkpointer::start(std::path::Path::new(path))?),
-                    None => None,
-                };
                 let synced = conn
                     .pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0))?
                     >= SYNCHRONOUS_FULL;
+                let every = if synced {
+                    checkpoint::EVERY_FULL
+                } else {
+                    checkpoint::EVERY_NORMAL
+                };
+                let checkpoints = match conn.path().filter(|p| !p.is_empty()) {
+                    Some(path) => Some(Checkpointer::start(std::path::Path::new(path), every)?),
+                    None => None,
+                };
                 Ok(Self::Sqlite {
                     conn,
                     checkpoints,
