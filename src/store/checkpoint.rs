@@ -31,6 +31,15 @@ pub(super) const EVERY_FULL: Duration = Duration::from_millis(20);
 /// each holds half as many commits as at FULL (README, What it costs: one client's p99).
 pub(super) const EVERY_NORMAL: Duration = Duration::from_millis(10);
 
+/// Time between two checkpoints of a database whose commits sync (`synced`, FULL) or not.
+pub(super) fn interval(synced: bool) -> Duration {
+    if synced {
+        EVERY_FULL
+    } else {
+        EVERY_NORMAL
+    }
+}
+
 /// The checkpoint thread; dropping it stops the thread and closes its connection.
 pub(super) struct Checkpointer {
     /// Dropped to stop the thread.

@@ -261,11 +261,7 @@ impl Connected {
                 let synced = conn
                     .pragma_query_value(None, "synchronous", |r| r.get::<_, i64>(0))?
                     >= SYNCHRONOUS_FULL;
-                let every = if synced {
-                    checkpoint::EVERY_FULL
-                } else {
-                    checkpoint::EVERY_NORMAL
-                };
+                let every = checkpoint::interval(synced);
                 let checkpoints = match conn.path().filter(|p| !p.is_empty()) {
                     Some(path) => Some(Checkpointer::start(std::path::Path::new(path), every)?),
                     None => None,
