@@ -11,14 +11,21 @@
 //!
 //! - `relay`: `POST /v1/chat/completions` passed on to the given servers in turn (reqwest,
 //!   the body as it is, the answer streamed back as it comes): a router that decides
-//!   nothing, in the scheduler's own stack. With `--db`, each request is first inserted
-//!   and committed as in `sqlite` (the least a router that records every request durably
-//!   before sending it must do); without, it records nothing.
+//!   nothing, in the scheduler's own stack. Without `--db` it records nothing. With
+//!   `--db` and `--record row`, each request is first inserted and committed as in
+//!   `sqlite` (the least a router that records every request durably before sending it
+//!   must do). With `--record scheduler`, it writes what the scheduler writes, in the
+//!   scheduler's own schema (its migrations): the task row and a decision row committed
+//!   before the request is sent, and the outcome (the answer, or the text put together
+//!   of a stream, with its token counts) once the client has it, without waiting for
+//!   fsync. What the scheduler costs beyond that relay is its own work: placing,
+//!   predicting, queueing, its metrics and events.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -26,10 +33,13 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use futures::StreamExt;
+use rusqlite::{params, TransactionBehavior};
+use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
-use ti_scheduler::domain::Durability;
+use ti_scheduler::domain::{unix_now, Durability, Usage};
+use ti_scheduler::ti::openai::{add_features, checked_answer, StreamAssembly};
 
 type Insert = (String, String, String, f64, oneshot::Sender<bool>);
 
@@ -59,26 +69,48 @@ async fn listen(port: u16, app: Router) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the `relay` ceiling records of each request, with `--db`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Record {
+    /// One row (id, model, body, time), committed before the request is sent.
+    Row,
+    /// What the scheduler writes, in its schema: the task and decision rows committed
+    /// before the request is sent, the outcome once the client has it.
+    Scheduler,
+}
+
+/// How the `relay` ceiling records a request.
+enum Recorder {
+    Row(mpsc::Sender<Insert>),
+    Scheduler(TaskLog),
+}
+
 /// The `relay` ceiling: its upstreams and which one is next.
 struct Relay {
     http: reqwest::Client,
-    writer: Option<mpsc::Sender<Insert>>,
+    recorder: Option<Recorder>,
     upstreams: Vec<String>,
     next: AtomicUsize,
 }
 
 /// Serves the `relay` ceiling in front of `upstreams` (base URLs), recording each request
-/// first when `db` is given.
+/// as `record` says when `db` is given.
 pub async fn relay(
     port: u16,
     upstreams: Vec<String>,
     db: Option<(&Path, Durability)>,
+    record: Record,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(!upstreams.is_empty(), "--to needs at least one base URL");
     let relay = Arc::new(Relay {
-        writer: match db {
-            Some((path, durability)) => Some(spawn_writer(path, durability)?),
-            None => None,
+        recorder: match (db, record) {
+            (None, _) => None,
+            (Some((path, durability)), Record::Row) => {
+                Some(Recorder::Row(spawn_writer(path, durability)?))
+            }
+            (Some((path, durability)), Record::Scheduler) => Some(Recorder::Scheduler(
+                TaskLog::open(path, durability, &upstreams)?,
+            )),
         },
         http: reqwest::Client::builder()
             .no_proxy()
@@ -94,14 +126,20 @@ pub async fn relay(
 }
 
 async fn forward(State(relay): State<Arc<Relay>>, body: Bytes) -> Result<Response, StatusCode> {
-    if let Some(writer) = &relay.writer {
-        let request: Value = serde_json::from_slice(&body).map_err(|_| StatusCode::BAD_REQUEST)?;
-        let model = request["model"].as_str().unwrap_or_default().to_string();
-        let input = String::from_utf8_lossy(&body).into_owned();
-        let task_id = format!("task-{}", uuid::Uuid::now_v7());
-        record(writer, task_id, model, input).await?;
-    }
     let n = relay.next.fetch_add(1, Ordering::Relaxed) % relay.upstreams.len();
+    let task = match &relay.recorder {
+        None => None,
+        Some(Recorder::Row(writer)) => {
+            let request: Value =
+                serde_json::from_slice(&body).map_err(|_| StatusCode::BAD_REQUEST)?;
+            let model = request["model"].as_str().unwrap_or_default().to_string();
+            let input = String::from_utf8_lossy(&body).into_owned();
+            let task_id = format!("task-{}", uuid::Uuid::now_v7());
+            record(writer, task_id, model, input).await?;
+            None
+        }
+        Some(Recorder::Scheduler(log)) => Some(log.submit(&body, n).await?),
+    };
     let upstream = relay
         .http
         .post(format!("{}/v1/chat/completions", relay.upstreams[n]))
@@ -110,12 +148,47 @@ async fn forward(State(relay): State<Arc<Relay>>, body: Bytes) -> Result<Respons
         .send()
         .await
         .map_err(|_| StatusCode::BAD_GATEWAY)?;
-    let mut response = Response::builder().status(upstream.status().as_u16());
-    if let Some(content_type) = upstream.headers().get(header::CONTENT_TYPE) {
+    let status = upstream.status().as_u16();
+    let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
+    let mut response = Response::builder().status(status);
+    if let Some(content_type) = &content_type {
         response = response.header(header::CONTENT_TYPE, content_type.as_bytes());
     }
+    let streams = content_type
+        .as_ref()
+        .is_some_and(|c| c.as_bytes().starts_with(b"text/event-stream"));
+    let body = match task {
+        None => Body::from_stream(upstream.bytes_stream()),
+        Some(task) if streams => {
+            // The outcome is written when the client's body is dropped: at its end, or
+            // when the client leaves.
+            let mut stream = StreamOutcome {
+                task,
+                assembly: StreamAssembly::default(),
+                ttft_ms: None,
+                broke: false,
+            };
+            Body::from_stream(upstream.bytes_stream().map(move |chunk| {
+                stream.feed(&chunk);
+                chunk
+            }))
+        }
+        Some(task) => {
+            let answer = upstream
+                .bytes()
+                .await
+                .map_err(|_| StatusCode::BAD_GATEWAY)?;
+            let (result, usage) = match checked_answer(&answer) {
+                Some((text, usage)) => (text.to_string(), usage),
+                None => (String::from_utf8_lossy(&answer).into_owned(), None),
+            };
+            let ok = (200..300).contains(&status);
+            task.finish(result, ok, usage, None);
+            Body::from(answer)
+        }
+    };
     response
-        .body(Body::from_stream(upstream.bytes_stream()))
+        .body(body)
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)
 }
 
@@ -197,4 +270,269 @@ fn spawn_writer(path: &Path, durability: Durability) -> anyhow::Result<mpsc::Sen
         }
     });
     Ok(tx)
+}
+
+/// One write of the scheduler's record, for [`TaskLog`]'s writer thread.
+enum Write {
+    /// The task row and its decision row; `done` hears whether they were committed.
+    Submit {
+        task_id: String,
+        model: String,
+        input: String,
+        metadata: String,
+        ti: String,
+        candidates: String,
+        at: f64,
+        done: oneshot::Sender<bool>,
+    },
+    /// The outcome, once the client has the answer; nobody waits for it.
+    Outcome {
+        task_id: String,
+        ti: String,
+        result: String,
+        ok: bool,
+        execution_ms: f64,
+        at: f64,
+        usage: Option<Usage>,
+        ttft_ms: Option<f64>,
+    },
+}
+
+/// The scheduler's statements, as `src/store/tasks.rs` and `decisions.rs` write them.
+const TASK_INSERT: &str =
+    "INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
+                        predicted_ms, predicted_error_ms, submit_time, origin)
+     VALUES (?1, ?2, ?3, ?4, 'scheduled', ?5, 0, 0, ?6, 'openai')
+     ON CONFLICT (task_id) DO NOTHING";
+const DECISION_INSERT: &str =
+    "INSERT INTO decisions (task_id, decided_at, reason, strategy, predict_mode,
+                            predicted_ms, predicted_error_ms, prediction_source,
+                            lookup_fallback, chosen_ti, candidates)
+     VALUES (?1, ?2, 'submit', 'round_robin', 'default', 0, 0, 'prior', 0, ?3, ?4)";
+const TASK_COMPLETE: &str = "UPDATE tasks SET status = 'completed', result = ?1, outcome = ?2,
+                      execution_time_ms = ?3, completion_time = ?4, result_ti = ?6,
+                      prompt_tokens = ?7, completion_tokens = ?8, ttft_ms = ?9
+     WHERE task_id = ?5 AND status <> 'completed'";
+const TASK_COMPLETED: &str =
+    "SELECT model_name, metadata, submit_time, predicted_ms FROM tasks WHERE task_id = ?1";
+
+/// The `relay` ceiling's record in the scheduler's schema, written by a thread of its
+/// own in the scheduler's way: every waiting write in one transaction, committed with
+/// fsync (at `full`) only when a task row is in it.
+struct TaskLog {
+    writes: mpsc::Sender<Write>,
+    /// The `task_instances` row of each upstream, in the same order.
+    tis: Vec<String>,
+}
+
+/// A task row committed: what its outcome needs.
+struct Submitted {
+    writes: mpsc::Sender<Write>,
+    task_id: String,
+    ti: String,
+    sent: Instant,
+}
+
+impl TaskLog {
+    /// Migrates `path` with the scheduler's migrations and registers the upstreams as
+    /// its TIs.
+    fn open(path: &Path, durability: Durability, upstreams: &[String]) -> anyhow::Result<Self> {
+        ti_scheduler::store::migrate(path)?;
+        let mut conn = ti_scheduler::store::write_connection(path, durability)?;
+        let mut tis = Vec::new();
+        for base in upstreams {
+            let url = reqwest::Url::parse(base)?;
+            let ti = uuid::Uuid::new_v4().to_string();
+            conn.execute(
+                "INSERT INTO task_instances (ti_uuid, host, port, model_name, callback_token,
+                                             registered_at, kind)
+                 VALUES (?1, ?2, ?3, 'relay', 'relay', ?4, 'openai')",
+                params![ti, url.host_str(), url.port(), unix_now()],
+            )?;
+            tis.push(ti);
+        }
+        let (writes, rx) = mpsc::channel::<Write>();
+        let synced = durability == Durability::Full;
+        std::thread::spawn(move || {
+            let mut at_full = synced;
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let fsync = synced && batch.iter().any(|w| matches!(w, Write::Submit { .. }));
+                if fsync != at_full {
+                    let level = if fsync { "FULL" } else { "NORMAL" };
+                    if conn.pragma_update(None, "synchronous", level).is_ok() {
+                        at_full = fsync;
+                    }
+                }
+                let committed = write_batch(&mut conn, &batch).is_ok();
+                for write in batch {
+                    if let Write::Submit { done, .. } = write {
+                        let _ = done.send(committed);
+                    }
+                }
+            }
+        });
+        Ok(Self { writes, tis })
+    }
+
+    /// Commits the task and decision rows of a request going to upstream `n`.
+    async fn submit(&self, body: &Bytes, n: usize) -> Result<Submitted, StatusCode> {
+        let request: Map<String, Value> =
+            serde_json::from_slice(body).map_err(|_| StatusCode::BAD_REQUEST)?;
+        let model = request
+            .get("model")
+            .and_then(Value::as_str)
+            .ok_or(StatusCode::BAD_REQUEST)?
+            .to_string();
+        let mut metadata = Map::new();
+        metadata.insert("path".into(), "v1/chat/completions".into());
+        add_features(&request, &mut metadata);
+        let candidates: Vec<Value> = self
+            .tis
+            .iter()
+            .map(|ti| {
+                json!({"ti_uuid": ti, "wait_ms": 0.0, "wait_error_ms": 0.0, "queue_length": 0,
+                       "predicted_ms": 0.0, "predicted_error_ms": 0.0,
+                       "prediction_source": "prior", "score": 0.0})
+            })
+            .collect();
+        let task_id = format!("task-{}", uuid::Uuid::now_v7());
+        let ti = self.tis[n].clone();
+        let (done, committed) = oneshot::channel();
+        let write = Write::Submit {
+            task_id: task_id.clone(),
+            model,
+            input: String::from_utf8_lossy(body).into_owned(),
+            metadata: Value::Object(metadata).to_string(),
+            ti: ti.clone(),
+            candidates: Value::Array(candidates).to_string(),
+            at: unix_now(),
+            done,
+        };
+        self.writes
+            .send(write)
+            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
+        if !committed.await.unwrap_or(false) {
+            return Err(StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        Ok(Submitted {
+            writes: self.writes.clone(),
+            task_id,
+            ti,
+            sent: Instant::now(),
+        })
+    }
+}
+
+impl Submitted {
+    /// Hands the outcome to the writer thread, without waiting for it.
+    fn finish(self, result: String, ok: bool, usage: Option<Usage>, ttft_ms: Option<f64>) {
+        let _ = self.writes.send(Write::Outcome {
+            task_id: self.task_id,
+            ti: self.ti,
+            result,
+            ok,
+            execution_ms: self.sent.elapsed().as_secs_f64() * 1000.0,
+            at: unix_now(),
+            usage,
+            ttft_ms,
+        });
+    }
+}
+
+/// A stream on its way to the client: put together as it passes, its outcome written
+/// when it is dropped.
+struct StreamOutcome {
+    task: Submitted,
+    assembly: StreamAssembly,
+    ttft_ms: Option<f64>,
+    broke: bool,
+}
+
+impl StreamOutcome {
+    fn feed(&mut self, chunk: &reqwest::Result<Bytes>) {
+        match chunk {
+            Ok(bytes) => {
+                if self.assembly.feed(bytes) {
+                    self.ttft_ms = Some(self.task.sent.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            Err(_) => self.broke = true,
+        }
+    }
+}
+
+impl Drop for StreamOutcome {
+    fn drop(&mut self) {
+        let task = Submitted {
+            writes: self.task.writes.clone(),
+            task_id: std::mem::take(&mut self.task.task_id),
+            ti: std::mem::take(&mut self.task.ti),
+            sent: self.task.sent,
+        };
+        let result = std::mem::take(&mut self.assembly).result().to_string();
+        task.finish(result, !self.broke, None, self.ttft_ms);
+    }
+}
+
+/// One batch of the scheduler's record in one transaction.
+fn write_batch(conn: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::Result<()> {
+    let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for write in batch {
+        match write {
+            Write::Submit {
+                task_id,
+                model,
+                input,
+                metadata,
+                ti,
+                candidates,
+                at,
+                ..
+            } => {
+                txn.prepare_cached(TASK_INSERT)?
+                    .execute(params![task_id, model, input, metadata, ti, at])?;
+                txn.prepare_cached(DECISION_INSERT)?
+                    .execute(params![task_id, at, ti, candidates])?;
+            }
+            Write::Outcome {
+                task_id,
+                ti,
+                result,
+                ok,
+                execution_ms,
+                at,
+                usage,
+                ttft_ms,
+            } => {
+                txn.prepare_cached(TASK_COMPLETE)?.execute(params![
+                    result,
+                    if *ok { "succeeded" } else { "failed" },
+                    execution_ms,
+                    at,
+                    task_id,
+                    ti,
+                    usage.and_then(|u| u.prompt_tokens),
+                    usage.and_then(|u| u.completion_tokens),
+                    ttft_ms,
+                ])?;
+                txn.prepare_cached(TASK_COMPLETED)?
+                    .query_row([task_id], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, f64>(2)?,
+                            r.get::<_, f64>(3)?,
+                        ))
+                    })?;
+            }
+        }
+    }
+    txn.commit()
 }

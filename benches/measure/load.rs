@@ -24,6 +24,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use sqlx::Connection as _;
 
+use super::ceiling::Record;
 use super::workload::MODEL;
 use super::SERVICE_BIN;
 use ti_scheduler::domain::{Durability, TiKind};
@@ -171,6 +172,10 @@ impl ChildServer {
             .stderr(out)
             .spawn()?;
         Ok(Self { child, port })
+    }
+
+    pub(super) fn port(&self) -> u16 {
+        self.port
     }
 
     pub(super) fn url(&self) -> String {
@@ -688,19 +693,22 @@ pub async fn run_scheduler(args: &LoadArgs) -> anyhow::Result<(Drive, Option<Ser
     ))
 }
 
+/// The database of the relay on `port` (see [`start_relay`]).
+pub(super) fn relay_db(dir: &Path, port: u16) -> PathBuf {
+    dir.join(format!("relay-{port}.db"))
+}
+
 /// The `relay` ceiling server in front of `upstreams` (base URLs), as a child process;
-/// with `durability`, it commits each request to a database of its own before sending it.
+/// with `recording`, it commits each request to a database of its own before sending it
+/// (one row, or the scheduler's record).
 pub(super) async fn start_relay(
     dir: &Path,
     upstreams: &[String],
-    durability: Option<Durability>,
+    recording: Option<(Durability, Record)>,
 ) -> anyhow::Result<ChildServer> {
     let port = free_port()?;
     let (port_text, to) = (port.to_string(), upstreams.join(","));
-    let db = dir
-        .join(format!("relay-{port}.db"))
-        .to_string_lossy()
-        .to_string();
+    let db = relay_db(dir, port).to_string_lossy().to_string();
     let mut argv = vec![
         "ceiling-server",
         "--mode",
@@ -710,8 +718,19 @@ pub(super) async fn start_relay(
         "--to",
         &to,
     ];
-    if let Some(durability) = durability {
-        argv.extend(["--db", &db, "--durability", durability_name(durability)]);
+    if let Some((durability, record)) = recording {
+        let record = match record {
+            Record::Row => "row",
+            Record::Scheduler => "scheduler",
+        };
+        argv.extend([
+            "--db",
+            &db,
+            "--durability",
+            durability_name(durability),
+            "--record",
+            record,
+        ]);
     }
     let log = dir.join(format!("relay-{port}.log"));
     let server = ChildServer::spawn(&std::env::current_exe()?, &argv, &[], port, &log)?;

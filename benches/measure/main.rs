@@ -67,9 +67,13 @@ enum Measure {
         /// Database file (sqlite mode; relay mode, to record each request).
         #[arg(long)]
         db: Option<PathBuf>,
-        /// full or normal (sqlite mode).
+        /// full or normal (sqlite mode; relay mode with --db).
         #[arg(long, default_value = "full", value_parser = parse_durability)]
         durability: Durability,
+        /// What the relay records of each request with --db: one row, or the scheduler's
+        /// task, decision and outcome.
+        #[arg(long, value_enum, default_value = "row")]
+        record: ceiling::Record,
     },
 }
 
@@ -102,11 +106,13 @@ async fn run(which: Measure) -> anyhow::Result<()> {
             db,
             durability,
             to,
+            record,
         } => match (mode.as_str(), db) {
             ("echo", _) => ceiling::serve(port, None).await,
             ("sqlite", Some(db)) => ceiling::serve(port, Some((&db, durability))).await,
             ("relay", db) => {
-                ceiling::relay(port, to, db.as_deref().map(|db| (db, durability))).await
+                let db = db.as_deref().map(|db| (db, durability));
+                ceiling::relay(port, to, db, record).await
             }
             _ => anyhow::bail!(
                 "--mode echo, --mode sqlite with --db PATH, or --mode relay with --to URL,..."

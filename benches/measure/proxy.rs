@@ -10,11 +10,13 @@
 //! 4. the same for streams (`stream: true`): time to first chunk on reused and on new
 //!    connections, and the time between chunks.
 //!
-//! Phases 1 and 2 also run through two relays that decide nothing (`measure ceiling-server
-//! --mode relay`, child processes in the same stack: axum and reqwest): one records
-//! nothing (what proxying alone costs on this machine), the other commits each request
-//! to SQLite at the same synchronous level before sending it (the least a router that
-//! records every request must do).
+//! Phases 1 and 2 also run through three relays that decide nothing (`measure
+//! ceiling-server --mode relay`, child processes in the same stack: axum and reqwest): one
+//! records nothing (what proxying alone costs on this machine); one commits each request
+//! as one row to SQLite at the same synchronous level before sending it (the least a
+//! router that records every request must do); one writes what the scheduler writes, in
+//! its schema (task and decision rows before sending, the outcome after): the rest of the
+//! scheduler's cost is its own work.
 //!
 //! Clients, servers and scheduler share the machine's cores, as the issue's targets say.
 
@@ -26,10 +28,14 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use super::load::{durability_name, scratch_dir, start_relay, start_scheduler, BenchDb};
+use super::ceiling::Record;
+use super::load::{durability_name, relay_db, scratch_dir, start_relay, start_scheduler, BenchDb};
 use super::workload::MODEL;
 use ti_scheduler::domain::Durability;
 use ti_scheduler::ti::openai_sim::{OpenAiSim, OpenAiSimConfig};
+
+/// What the relays record, in the order they run: nothing, one row, the scheduler's record.
+const RECORDS: [Option<Record>; 3] = [None, Some(Record::Row), Some(Record::Scheduler)];
 
 /// Options of the proxy benchmark.
 #[derive(Debug, Clone, clap::Args)]
@@ -299,9 +305,8 @@ struct Row {
     what: String,
     direct: Phase,
     through: Phase,
-    /// Through the relay that records nothing, and through the one that commits each
-    /// request first (phases 1 and 2 only).
-    relays: Option<(Phase, Phase)>,
+    /// Through the relays (phases 1 and 2 only), in [`RECORDS`] order.
+    relays: Option<[Phase; 3]>,
 }
 
 /// Runs the benchmark and prints its tables.
@@ -353,11 +358,12 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
             .collect()
     };
     let through = Target::new(vec![server.url()], false);
-    // [plain, stream] × [records nothing, commits each request].
+    // [plain, stream] × RECORDS.
     let mut relays = Vec::new();
     for range in [0..2, 2..4] {
-        for durability in [None, Some(args.durability)] {
-            relays.push(start_relay(&dir, &bases(range.clone()), durability).await?);
+        for record in RECORDS {
+            let recording = record.map(|r| (args.durability, r));
+            relays.push(start_relay(&dir, &bases(range.clone()), recording).await?);
         }
     }
     let (d, tokens) = (args.duration, args.tokens);
@@ -372,32 +378,37 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
         let kind = if stream { "stream" } else { "plain" };
         let direct_bases = if stream { bases(2..4) } else { bases(0..2) };
         let direct = Target::new(direct_bases.clone(), false);
-        let relay = |n: usize| Target::new(vec![relays[2 * usize::from(stream) + n].url()], false);
-        let (bare, recording) = (relay(0), relay(1));
+        let relay = |n: usize| {
+            let at = RECORDS.len() * usize::from(stream) + n;
+            Target::new(vec![relays[at].url()], false)
+        };
+        let via: [Target; 3] = [relay(0), relay(1), relay(2)];
         // Warm every path (connections, the predictor's first estimates).
-        for target in [&direct, &bare, &recording, &through] {
+        for target in [&direct, &via[0], &via[1], &via[2], &through] {
             closed_loop(target, args.clients, 1.0, tokens, stream).await;
         }
         let max_direct = closed_loop(&direct, args.clients, d, tokens, stream).await;
-        let max_relays = (
-            closed_loop(&bare, args.clients, d, tokens, stream).await,
-            closed_loop(&recording, args.clients, d, tokens, stream).await,
-        );
+        let mut max_relays = Vec::new();
+        for target in &via {
+            max_relays.push(closed_loop(target, args.clients, d, tokens, stream).await);
+        }
         let max_through = closed_loop(&through, args.clients, d, tokens, stream).await;
         let top = max_through.rate();
         rows.push(Row {
             what: format!("{kind}, {} clients, closed loop", args.clients),
             direct: max_direct,
             through: max_through,
-            relays: Some(max_relays),
+            relays: max_relays.try_into().ok(),
         });
+        let direct_one = closed_loop(&direct, 1, d, tokens, stream).await;
+        let mut relays_one = Vec::new();
+        for target in &via {
+            relays_one.push(closed_loop(target, 1, d, tokens, stream).await);
+        }
         rows.push(Row {
             what: format!("{kind}, 1 client, reused connection"),
-            direct: closed_loop(&direct, 1, d, tokens, stream).await,
-            relays: Some((
-                closed_loop(&bare, 1, d, tokens, stream).await,
-                closed_loop(&recording, 1, d, tokens, stream).await,
-            )),
+            direct: direct_one,
+            relays: relays_one.try_into().ok(),
             through: closed_loop(&through, 1, d, tokens, stream).await,
         });
         if stream {
@@ -426,24 +437,37 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
     // Every answered request left a task row; give the last completions time to commit.
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.stop();
-    for relay in relays {
+    let mut recorded = (0, 0);
+    for (n, relay) in relays.into_iter().enumerate() {
+        let port = relay.port();
         relay.stop();
+        if RECORDS[n % RECORDS.len()] == Some(Record::Scheduler) {
+            let (tasks, succeeded) = front_door_tasks(&relay_db(&dir, port))?;
+            recorded = (recorded.0 + tasks, recorded.1 + succeeded);
+        }
     }
-    let stored = {
-        let conn = rusqlite::Connection::open(&db)?;
-        conn.query_row(
-            "SELECT COUNT(*), COUNT(*) FILTER (WHERE outcome = 'succeeded') FROM tasks \
-             WHERE origin = 'openai'",
-            [],
-            |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)),
-        )?
-    };
+    let stored = front_door_tasks(&db)?;
     for sim in sims {
         sim.stop().await;
     }
     std::fs::remove_dir_all(&dir).ok();
     print(args, &rows, stored, &disk);
+    println!(
+        "The relays that write the scheduler's record left {} task rows, {} of them succeeded.",
+        recorded.0, recorded.1
+    );
     Ok(())
+}
+
+/// The front-door task rows of a database in the scheduler's schema, and how many succeeded.
+fn front_door_tasks(db: &std::path::Path) -> anyhow::Result<(u64, u64)> {
+    let conn = rusqlite::Connection::open(db)?;
+    Ok(conn.query_row(
+        "SELECT COUNT(*), COUNT(*) FILTER (WHERE outcome = 'succeeded') FROM tasks \
+         WHERE origin = 'openai'",
+        [],
+        |r| Ok((r.get::<_, u64>(0)?, r.get::<_, u64>(1)?)),
+    )?)
 }
 
 fn print(args: &ProxyArgs, rows: &[Row], (tasks, succeeded): (u64, u64), disk: &Histogram<u64>) {
@@ -479,17 +503,18 @@ fn print(args: &ProxyArgs, rows: &[Row], (tasks, succeeded): (u64, u64), disk: &
         );
     }
     println!(
-        "\nThe same loads through two relays that decide nothing (axum + reqwest, each its own process): \
-         one records nothing, one commits each request to SQLite first (synchronous={}). \
+        "\nThe same loads through three relays that decide nothing (axum + reqwest, each its own process): \
+         one records nothing; one commits each request to SQLite as one row first; one writes what the \
+         scheduler writes, in its schema (task and decision rows first, the outcome after); synchronous={}. \
          Rate (share of direct); added p50 / p99, ms (plain: whole request; streams: TTFC).\n",
         durability_name(args.durability)
     );
     println!(
-        "| load | direct | relay, records nothing | relay, commits each request | scheduler |"
+        "| load | direct | relay, records nothing | relay, one row | relay, the scheduler's record | scheduler |"
     );
-    println!("|---|---:|---|---|---|");
+    println!("|---|---:|---|---|---|---|");
     for r in rows.iter() {
-        let Some((bare, recording)) = &r.relays else {
+        let Some([bare, row, record]) = &r.relays else {
             continue;
         };
         let d = &r.direct;
@@ -503,11 +528,12 @@ fn print(args: &ProxyArgs, rows: &[Row], (tasks, succeeded): (u64, u64), disk: &
             )
         };
         println!(
-            "| {} | {:.0}/s | {} | {} | {} |",
+            "| {} | {:.0}/s | {} | {} | {} | {} |",
             r.what,
             d.rate(),
             cell(bare),
-            cell(recording),
+            cell(row),
+            cell(record),
             cell(&r.through),
         );
     }
