@@ -233,6 +233,19 @@ async fn record(
     }
 }
 
+/// Every write waiting for the writer thread (up to 512), once there is one; `None` once
+/// the channel is closed.
+fn next_batch<T>(rx: &mpsc::Receiver<T>) -> Option<Vec<T>> {
+    let mut batch = vec![rx.recv().ok()?];
+    while batch.len() < 512 {
+        match rx.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 fn spawn_writer(path: &Path, durability: Durability) -> anyhow::Result<mpsc::Sender<Insert>> {
     // Set up exactly as the scheduler's own write connection.
     let conn = ti_scheduler::store::write_connection(path, durability)?;
@@ -243,14 +256,7 @@ fn spawn_writer(path: &Path, durability: Durability) -> anyhow::Result<mpsc::Sen
     let (tx, rx) = mpsc::channel::<Insert>();
     std::thread::spawn(move || {
         let mut conn = conn;
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            while batch.len() < 512 {
-                match rx.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
+        while let Some(batch) = next_batch(&rx) {
             let committed = (|| -> rusqlite::Result<()> {
                 let txn = conn.transaction()?;
                 {
@@ -355,14 +361,7 @@ impl TaskLog {
         let synced = durability == Durability::Full;
         std::thread::spawn(move || {
             let mut at_full = synced;
-            while let Ok(first) = rx.recv() {
-                let mut batch = vec![first];
-                while batch.len() < 512 {
-                    match rx.try_recv() {
-                        Ok(next) => batch.push(next),
-                        Err(_) => break,
-                    }
-                }
+            while let Some(batch) = next_batch(&rx) {
                 let fsync = synced && batch.iter().any(|w| matches!(w, Write::Submit { .. }));
                 if fsync != at_full {
                     let level = if fsync { "FULL" } else { "NORMAL" };
