@@ -140,14 +140,22 @@ async fn forward(State(relay): State<Arc<Relay>>, body: Bytes) -> Result<Respons
         }
         Some(Recorder::Scheduler(log)) => Some(log.submit(&body, n).await?),
     };
-    let upstream = relay
+    let sent = relay
         .http
         .post(format!("{}/v1/chat/completions", relay.upstreams[n]))
         .header(header::CONTENT_TYPE, "application/json")
         .body(body)
         .send()
-        .await
-        .map_err(|_| StatusCode::BAD_GATEWAY)?;
+        .await;
+    let upstream = match sent {
+        Ok(upstream) => upstream,
+        Err(_) => {
+            if let Some(task) = task {
+                task.failed("the upstream did not answer");
+            }
+            return Err(StatusCode::BAD_GATEWAY);
+        }
+    };
     let status = upstream.status().as_u16();
     let content_type = upstream.headers().get(header::CONTENT_TYPE).cloned();
     let mut response = Response::builder().status(status);
@@ -163,7 +171,7 @@ async fn forward(State(relay): State<Arc<Relay>>, body: Bytes) -> Result<Respons
             // The outcome is written when the client's body is dropped: at its end, or
             // when the client leaves.
             let mut stream = StreamOutcome {
-                task,
+                task: Some(task),
                 assembly: StreamAssembly::default(),
                 ttft_ms: None,
                 broke: false,
@@ -174,10 +182,10 @@ async fn forward(State(relay): State<Arc<Relay>>, body: Bytes) -> Result<Respons
             }))
         }
         Some(task) => {
-            let answer = upstream
-                .bytes()
-                .await
-                .map_err(|_| StatusCode::BAD_GATEWAY)?;
+            let Ok(answer) = upstream.bytes().await else {
+                task.failed("the upstream's answer broke");
+                return Err(StatusCode::BAD_GATEWAY);
+            };
             let (result, usage) = match checked_answer(&answer) {
                 Some((text, usage)) => (text.to_string(), usage),
                 None => (String::from_utf8_lossy(&answer).into_owned(), None),
@@ -443,12 +451,18 @@ impl Submitted {
             ttft_ms,
         });
     }
+
+    /// Hands a failure as the outcome.
+    fn failed(self, error: &str) {
+        self.finish(json!({ "error": error }).to_string(), false, None, None);
+    }
 }
 
 /// A stream on its way to the client: put together as it passes, its outcome written
 /// when it is dropped.
 struct StreamOutcome {
-    task: Submitted,
+    /// Taken when the outcome is handed over.
+    task: Option<Submitted>,
     assembly: StreamAssembly,
     ttft_ms: Option<f64>,
     broke: bool,
@@ -459,7 +473,8 @@ impl StreamOutcome {
         match chunk {
             Ok(bytes) => {
                 if self.assembly.feed(bytes) {
-                    self.ttft_ms = Some(self.task.sent.elapsed().as_secs_f64() * 1000.0);
+                    let sent = self.task.as_ref().map(|t| t.sent);
+                    self.ttft_ms = sent.map(|s| s.elapsed().as_secs_f64() * 1000.0);
                 }
             }
             Err(_) => self.broke = true,
@@ -469,14 +484,10 @@ impl StreamOutcome {
 
 impl Drop for StreamOutcome {
     fn drop(&mut self) {
-        let task = Submitted {
-            writes: self.task.writes.clone(),
-            task_id: std::mem::take(&mut self.task.task_id),
-            ti: std::mem::take(&mut self.task.ti),
-            sent: self.task.sent,
-        };
-        let result = std::mem::take(&mut self.assembly).result().to_string();
-        task.finish(result, !self.broke, None, self.ttft_ms);
+        if let Some(task) = self.task.take() {
+            let result = std::mem::take(&mut self.assembly).result().to_string();
+            task.finish(result, !self.broke, None, self.ttft_ms);
+        }
     }
 }
 
