@@ -39,7 +39,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
 use ti_scheduler::domain::{unix_now, Durability, Usage};
-use ti_scheduler::ti::openai::{add_features, checked_answer, StreamAssembly};
+use ti_scheduler::ti::openai::{add_features, checked_answer, usage, StreamAssembly};
 
 type Insert = (String, String, String, f64, oneshot::Sender<bool>);
 
@@ -168,18 +168,21 @@ async fn forward(State(relay): State<Arc<Relay>>, body: Bytes) -> Result<Respons
     let body = match task {
         None => Body::from_stream(upstream.bytes_stream()),
         Some(task) if streams => {
-            // The outcome is written when the client's body is dropped: at its end, or
-            // when the client leaves.
+            // The outcome is written when the client's body is dropped: after its end
+            // (marked by the `None` chained behind the upstream's chunks), or when the
+            // client leaves.
             let mut stream = StreamOutcome {
                 task: Some(task),
                 assembly: StreamAssembly::default(),
                 ttft_ms: None,
                 broke: false,
+                ended: false,
             };
-            Body::from_stream(upstream.bytes_stream().map(move |chunk| {
-                stream.feed(&chunk);
-                chunk
-            }))
+            let items = upstream.bytes_stream().map(Some);
+            let items = items.chain(futures::stream::once(async { None }));
+            Body::from_stream(
+                items.filter_map(move |item| futures::future::ready(stream.pass(item))),
+            )
         }
         Some(task) => {
             let Ok(answer) = upstream.bytes().await else {
@@ -466,9 +469,20 @@ struct StreamOutcome {
     assembly: StreamAssembly,
     ttft_ms: Option<f64>,
     broke: bool,
+    /// Set once the upstream's stream has ended and the client has read all of it.
+    ended: bool,
 }
 
 impl StreamOutcome {
+    /// Takes the upstream's next chunk on its way to the client; `None`: the end.
+    fn pass(&mut self, item: Option<reqwest::Result<Bytes>>) -> Option<reqwest::Result<Bytes>> {
+        match &item {
+            Some(chunk) => self.feed(chunk),
+            None => self.ended = true,
+        }
+        item
+    }
+
     fn feed(&mut self, chunk: &reqwest::Result<Bytes>) {
         match chunk {
             Ok(bytes) => {
@@ -484,9 +498,16 @@ impl StreamOutcome {
 
 impl Drop for StreamOutcome {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            let result = std::mem::take(&mut self.assembly).result().to_string();
-            task.finish(result, !self.broke, None, self.ttft_ms);
+        let Some(task) = self.task.take() else { return };
+        if self.broke {
+            task.failed("the upstream's stream broke");
+        } else if !self.ended {
+            task.failed("client disconnected");
+        } else {
+            // As the scheduler stores a stream: what was put together, with its usage.
+            let result = std::mem::take(&mut self.assembly).result();
+            let usage = usage(&result);
+            task.finish(result.to_string(), true, usage, self.ttft_ms);
         }
     }
 }

@@ -388,27 +388,19 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
             closed_loop(target, args.clients, 1.0, tokens, stream).await;
         }
         let max_direct = closed_loop(&direct, args.clients, d, tokens, stream).await;
-        let mut max_relays = Vec::new();
-        for target in &via {
-            max_relays.push(closed_loop(target, args.clients, d, tokens, stream).await);
-        }
+        let max_relays = relay_phases(&via, args.clients, d, tokens, stream).await;
         let max_through = closed_loop(&through, args.clients, d, tokens, stream).await;
         let top = max_through.rate();
         rows.push(Row {
             what: format!("{kind}, {} clients, closed loop", args.clients),
             direct: max_direct,
             through: max_through,
-            relays: max_relays.try_into().ok(),
+            relays: Some(max_relays),
         });
-        let direct_one = closed_loop(&direct, 1, d, tokens, stream).await;
-        let mut relays_one = Vec::new();
-        for target in &via {
-            relays_one.push(closed_loop(target, 1, d, tokens, stream).await);
-        }
         rows.push(Row {
             what: format!("{kind}, 1 client, reused connection"),
-            direct: direct_one,
-            relays: relays_one.try_into().ok(),
+            direct: closed_loop(&direct, 1, d, tokens, stream).await,
+            relays: Some(relay_phases(&via, 1, d, tokens, stream).await),
             through: closed_loop(&through, 1, d, tokens, stream).await,
         });
         if stream {
@@ -457,6 +449,21 @@ pub async fn run(args: &ProxyArgs) -> anyhow::Result<()> {
         recorded.0, recorded.1
     );
     Ok(())
+}
+
+/// The same closed loop through each relay in turn, in [`RECORDS`] order.
+async fn relay_phases(
+    via: &[Target; 3],
+    clients: usize,
+    seconds: f64,
+    tokens: u64,
+    stream: bool,
+) -> [Phase; 3] {
+    [
+        closed_loop(&via[0], clients, seconds, tokens, stream).await,
+        closed_loop(&via[1], clients, seconds, tokens, stream).await,
+        closed_loop(&via[2], clients, seconds, tokens, stream).await,
+    ]
 }
 
 /// The front-door task rows of a database in the scheduler's schema, and how many succeeded.
