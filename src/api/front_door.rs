@@ -16,6 +16,7 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 
@@ -275,8 +276,9 @@ async fn forward(
             chunks,
         }) => {
             // The guard lives as long as the body: a client that leaves drops both.
-            let stream = futures::stream::unfold((chunks, connected), |(mut chunks, c)| async {
-                chunks.recv().await.map(|item| (item, (chunks, c)))
+            let stream = chunks.map(move |chunk| {
+                let _connected = &connected;
+                chunk
             });
             let mut response = upstream_response(status, content_type, Body::from_stream(stream));
             response

@@ -6,16 +6,19 @@
 //! before the client got a byte is retried, on another TI if need be; after it, none. A
 //! client that leaves cancels the request, and a restart fails what was left unanswered.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::body::Bytes;
-use futures::StreamExt;
+use futures::Stream;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::{CancellationToken, DropGuard, WaitForCancellationFutureOwned};
 
 use super::admission::Ask;
 use super::cache::Placing;
@@ -34,9 +37,6 @@ use crate::ti::upstream_body;
 pub const CLIENT_GONE: &str = "client disconnected";
 /// The stored error of a request found unanswered after a restart.
 pub const RESTARTED: &str = "scheduler restarted";
-
-/// Chunks of a stream buffered between the TI and a slow client.
-const STREAM_BUFFER: usize = 64;
 
 /// A front-door request, checked by the handler.
 #[derive(Debug)]
@@ -66,15 +66,16 @@ pub enum Answer {
         upstream: Duration,
     },
     /// A TI's streamed answer: its status and content type, then its bytes as they
-    /// arrive; an error item means the TI's stream broke (the client's connection is
-    /// then cut, so that it cannot take a truncated answer for a whole one).
+    /// arrive; an error item means the TI's stream broke or the service stopped (the
+    /// client's connection is then cut, so that it cannot take a truncated answer for a
+    /// whole one).
     Stream {
         /// The TI's status (a 2xx).
         status: u16,
         /// The TI's `Content-Type` (`text/event-stream`).
         content_type: Option<String>,
         /// The bytes, as they arrive.
-        chunks: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+        chunks: Relayed,
     },
     /// The scheduler's own failure: no usable TI, every attempt failed, shutting down.
     Failed {
@@ -366,9 +367,9 @@ impl Scheduler {
             .await;
     }
 
-    /// Relays a TI's stream to the client chunk by chunk as it arrives, puts its text
-    /// together, and stores it once the stream ends (failed if the client left or the
-    /// stream broke).
+    /// Hands a TI's stream to the client, which reads it chunk by chunk as it arrives
+    /// ([`Relayed`]), then stores it once it ended: put together when whole, failed if the
+    /// client left, the stream broke or the service stopped.
     async fn relay_stream(
         &self,
         task_id: &TaskId,
@@ -381,65 +382,147 @@ impl Scheduler {
         let Some(answer) = reply.take() else {
             return Exchange::Done;
         };
-        let (chunks, receiver) = mpsc::channel(STREAM_BUFFER);
-        let opened = answer.send(Answer::Stream {
-            status: response.status().as_u16(),
-            content_type,
-            chunks: receiver,
-        });
-        if opened.is_err() {
-            let finished = Finished::abandoned(0.0, CLIENT_GONE, None);
-            self.store_answered(task_id, ti, finished).await;
-            return Exchange::Done;
-        }
         self.cache().answered(ti);
-        let _open = StreamOpen::new();
-        let mut assembly = StreamAssembly::default();
-        let mut ttft_ms = None;
-        let mut body = response.bytes_stream();
-        let ended: Result<(), String> = loop {
-            let next = tokio::select! {
-                next = body.next() => next,
-                _ = chunks.closed() => break Err(CLIENT_GONE.to_string()),
-                _ = reply.stopping.cancelled() => {
-                    break Err("the scheduler is shutting down".to_string())
-                }
-            };
-            match next {
-                None => break Ok(()),
-                Some(Ok(bytes)) => {
-                    if assembly.feed(&bytes) {
-                        let ttft = reply.arrived.elapsed();
-                        ttft_ms = Some(ttft.as_secs_f64() * 1000.0);
-                        metrics::histogram!(telemetry::OPENAI_TTFT).record(ttft.as_secs_f64());
-                    }
-                    if chunks.send(Ok(bytes)).await.is_err() {
-                        break Err(CLIENT_GONE.to_string());
-                    }
-                }
-                Some(Err(e)) => {
-                    let e = self.inner.client.stream_error(e);
-                    let _ = chunks
-                        .send(Err(std::io::Error::other(format!(
-                            "the TI's stream broke: {e}"
-                        ))))
-                        .await;
-                    break Err(format!("the TI's stream broke: {e}"));
-                }
-            }
+        let (ended, end) = oneshot::channel();
+        let status = response.status().as_u16();
+        let chunks = Relayed {
+            body: Box::pin(response.bytes_stream()),
+            stopping: Box::pin(reply.stopping.clone().cancelled_owned()),
+            arrived: reply.arrived,
+            assembly: StreamAssembly::default(),
+            ttft_ms: None,
+            ended: Some(ended),
+            _open: StreamOpen::new(),
         };
-        drop(chunks);
-        drop(body);
+        // Refused, the stream is dropped unread: it ends as the client's leaving.
+        let _ = answer.send(Answer::Stream {
+            status,
+            content_type,
+            chunks,
+        });
+        let Ended {
+            how,
+            assembly,
+            ttft_ms,
+        } = end.await.unwrap_or_default();
         let execution_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let finished = match ended {
-            Ok(()) => Finished::streamed(execution_ms, assembly.result(), ttft_ms),
-            Err(reason) => {
+        let failure = match how {
+            How::Whole => None,
+            How::Left => Some(CLIENT_GONE.to_string()),
+            How::Broke(e) => Some(format!(
+                "the TI's stream broke: {}",
+                self.inner.client.stream_error(e)
+            )),
+            How::Stopping => Some("the scheduler is shutting down".to_string()),
+        };
+        let finished = match failure {
+            None => Finished::streamed(execution_ms, assembly.result(), ttft_ms),
+            Some(reason) => {
                 tracing::warn!(task_id = %task_id, ti = %ti, reason = %reason, "stream ended early; the task fails");
                 Finished::abandoned(execution_ms, &reason, ttft_ms)
             }
         };
         self.store_answered(task_id, ti, finished).await;
         Exchange::Done
+    }
+}
+
+/// A TI's stream on its way to a front-door client. The client's connection reads it
+/// itself, so that each chunk is written the moment it arrives, with no task or channel
+/// in between; it puts the text together as the chunks pass, and tells the drive how the
+/// stream ended (whole, broken, cut by the service stopping, or left by the client when
+/// it is dropped unfinished). Dropping it drops the TI's response, which cancels the
+/// request upstream.
+pub struct Relayed {
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// When the request arrived, for the time to first token.
+    arrived: Instant,
+    assembly: StreamAssembly,
+    ttft_ms: Option<f64>,
+    /// Taken when the stream ends.
+    ended: Option<oneshot::Sender<Ended>>,
+    _open: StreamOpen,
+}
+
+impl std::fmt::Debug for Relayed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relayed")
+            .field("ended", &self.ended.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a relayed stream ended, and what it carried.
+#[derive(Default)]
+struct Ended {
+    how: How,
+    assembly: StreamAssembly,
+    ttft_ms: Option<f64>,
+}
+
+#[derive(Default)]
+enum How {
+    /// Read to its end.
+    Whole,
+    /// The TI's stream broke.
+    Broke(reqwest::Error),
+    /// The service stopped serving.
+    Stopping,
+    /// Dropped unfinished: the client left.
+    #[default]
+    Left,
+}
+
+impl Relayed {
+    /// Says how the stream ended, once; `None` to end the client's stream.
+    fn end(&mut self, how: How) -> Option<Result<Bytes, std::io::Error>> {
+        let ended = self.ended.take()?;
+        let cut = match &how {
+            How::Whole | How::Left => None,
+            How::Broke(e) => Some(format!("the TI's stream broke: {e}")),
+            How::Stopping => Some("the scheduler is shutting down".to_string()),
+        };
+        let _ = ended.send(Ended {
+            how,
+            assembly: std::mem::take(&mut self.assembly),
+            ttft_ms: self.ttft_ms,
+        });
+        // An error cuts the client's connection, so that it cannot take a truncated answer
+        // for a whole one.
+        cut.map(|c| Err(std::io::Error::other(c)))
+    }
+}
+
+impl Stream for Relayed {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended.is_none() {
+            return Poll::Ready(None);
+        }
+        if this.stopping.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(this.end(How::Stopping));
+        }
+        match ready!(this.body.as_mut().poll_next(cx)) {
+            Some(Ok(bytes)) => {
+                if this.assembly.feed(&bytes) {
+                    let ttft = this.arrived.elapsed();
+                    this.ttft_ms = Some(ttft.as_secs_f64() * 1000.0);
+                    metrics::histogram!(telemetry::OPENAI_TTFT).record(ttft.as_secs_f64());
+                }
+                Poll::Ready(Some(Ok(bytes)))
+            }
+            Some(Err(e)) => Poll::Ready(this.end(How::Broke(e))),
+            None => Poll::Ready(this.end(How::Whole)),
+        }
+    }
+}
+
+impl Drop for Relayed {
+    fn drop(&mut self) {
+        self.end(How::Left);
     }
 }
 

@@ -18,7 +18,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use ti_scheduler::ti::openai_sim::{OpenAiFaults, OpenAiSim, OpenAiSimConfig};
 
-use crate::helpers::{spawn_app, spawn_app_with, spawn_openai, spawn_ti, wait_for, TestApp};
+use crate::helpers::{
+    restart_from, spawn_app, spawn_app_with, spawn_openai, spawn_ti, wait_for, TestApp,
+};
 
 const MODEL: &str = "llama-7b";
 
@@ -425,6 +427,57 @@ async fn a_client_that_leaves_cancels_its_request_upstream() {
         server.stats().completed,
         0,
         "neither request ran to its end"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_cut_by_a_stop_ends_in_an_error_not_as_a_whole_answer() {
+    // Slow tokens: the stream is still going when the service stops (no grace in tests).
+    let (app, server, _ti) = app_with_backend(sim(0.0, 200.0)).await;
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .json(&json!({"model": MODEL, "stream": true, "max_tokens": 50,
+                      "messages": [{"role": "user", "content": "slow"}]}))
+        .send()
+        .await
+        .unwrap();
+    let task_id = resp.headers()["x-task-id"].to_str().unwrap().to_string();
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.expect("a first chunk").unwrap();
+    assert!(first.starts_with(b"data:"), "{first:?}");
+
+    let (settings, dir) = app.stop().await;
+    let mut after = Vec::new();
+    let ended = loop {
+        match body.next().await {
+            Some(Ok(bytes)) => after.extend_from_slice(&bytes),
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
+        }
+    };
+    assert!(
+        ended.is_err(),
+        "the client's stream ended as if whole after {:?}",
+        String::from_utf8_lossy(&after)
+    );
+    assert!(
+        !String::from_utf8_lossy(&after).contains("[DONE]"),
+        "the answer was not whole"
+    );
+
+    let app = restart_from(settings, dir).await;
+    let task = completed(&app, &task_id).await;
+    assert_eq!(task["outcome"], "failed", "{task}");
+    assert_eq!(task["result"]["error"], "the scheduler is shutting down");
+    wait_for("the backend to stop generating", || async {
+        (server.stats().running == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        server.stats().completed,
+        0,
+        "the request did not run to its end"
     );
 }
 
