@@ -378,6 +378,29 @@ async fn a_failure_before_the_first_byte_is_retried_on_another_ti() {
     );
 }
 
+/// Starts a stream of 50 tokens and reads its first chunk: its task id and the rest of
+/// its body.
+async fn stream_under_way(
+    app: &TestApp,
+) -> (
+    String,
+    impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>>,
+) {
+    let resp = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .json(&json!({"model": MODEL, "stream": true, "max_tokens": 50,
+                      "messages": [{"role": "user", "content": "slow"}]}))
+        .send()
+        .await
+        .unwrap();
+    let task_id = resp.headers()["x-task-id"].to_str().unwrap().to_string();
+    let mut body = Box::pin(resp.bytes_stream());
+    let first = body.next().await.expect("a first chunk").unwrap();
+    assert!(first.starts_with(b"data:"), "{first:?}");
+    (task_id, body)
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_cancels_its_request_upstream() {
     // Slow tokens: a stream lasts seconds, a plain answer too.
@@ -403,18 +426,7 @@ async fn a_client_that_leaves_cancels_its_request_upstream() {
     .await;
 
     // A stream whose client reads one chunk and leaves.
-    let resp = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .json(&json!({"model": MODEL, "stream": true, "max_tokens": 50,
-                      "messages": [{"role": "user", "content": "slow"}]}))
-        .send()
-        .await
-        .unwrap();
-    let task_id = resp.headers()["x-task-id"].to_str().unwrap().to_string();
-    let mut body = resp.bytes_stream();
-    let first = body.next().await.expect("a first chunk").unwrap();
-    assert!(first.starts_with(b"data:"), "{first:?}");
+    let (task_id, body) = stream_under_way(&app).await;
     drop(body);
     let task = completed(&app, &task_id).await;
     assert_eq!(task["outcome"], "failed", "{task}");
@@ -434,21 +446,10 @@ async fn a_client_that_leaves_cancels_its_request_upstream() {
 async fn a_stream_cut_by_a_stop_ends_in_an_error_not_as_a_whole_answer() {
     // Slow tokens: the stream is still going when the service stops (no grace in tests).
     let (app, server, _ti) = app_with_backend(sim(0.0, 200.0)).await;
-    let resp = app
-        .client
-        .post(app.url("/v1/chat/completions"))
-        .json(&json!({"model": MODEL, "stream": true, "max_tokens": 50,
-                      "messages": [{"role": "user", "content": "slow"}]}))
-        .send()
-        .await
-        .unwrap();
-    let task_id = resp.headers()["x-task-id"].to_str().unwrap().to_string();
-    let mut body = resp.bytes_stream();
-    let first = body.next().await.expect("a first chunk").unwrap();
-    assert!(first.starts_with(b"data:"), "{first:?}");
+    let (task_id, mut body) = stream_under_way(&app).await;
 
     let (settings, dir) = app.stop().await;
-    let mut after = Vec::new();
+    let mut after: Vec<u8> = Vec::new();
     let ended = loop {
         match body.next().await {
             Some(Ok(bytes)) => after.extend_from_slice(&bytes),
