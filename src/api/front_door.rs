@@ -23,7 +23,7 @@ use subtle::ConstantTimeEq;
 use super::auth::bearer_token;
 use super::queue::text_depth;
 use super::AppState;
-use crate::scheduling::{Answer, Error, ProxyRequest};
+use crate::scheduling::{Answer, Error, ProxyRequest, SHUTTING_DOWN};
 use crate::telemetry;
 
 /// The front door's routes.
@@ -292,7 +292,7 @@ async fn forward(
         }
         .into_response(),
         // The service stopped before the request was answered.
-        Err(_) => OpenAiError::unavailable("the scheduler is shutting down").into_response(),
+        Err(_) => OpenAiError::unavailable(SHUTTING_DOWN).into_response(),
     };
     if let Ok(id) = HeaderValue::from_str(proxied.task_id.as_str()) {
         response.headers_mut().insert(TASK_ID_HEADER, id);

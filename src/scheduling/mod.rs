@@ -50,7 +50,7 @@ pub use admission::{deadline_of, Limits as AdmissionLimits, Reason as RefusalRea
 pub use cache::{Cache, Placing, TiSnapshot};
 pub use events::{Event, Events, Since, EVENT_BUFFER};
 pub use instances::Registration;
-pub use proxy::{Answer, Proxied, ProxyRequest, Relayed, CLIENT_GONE, RESTARTED};
+pub use proxy::{Answer, Proxied, ProxyRequest, Relayed, CLIENT_GONE, RESTARTED, SHUTTING_DOWN};
 pub use queue::QueueEstimate;
 pub use submit::{SubmitItem, Submitted};
 

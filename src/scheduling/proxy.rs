@@ -37,6 +37,9 @@ use crate::ti::upstream_body;
 pub const CLIENT_GONE: &str = "client disconnected";
 /// The stored error of a request found unanswered after a restart.
 pub const RESTARTED: &str = "scheduler restarted";
+/// Why a request is given up when the service stops serving: the client's answer, and
+/// the stored error of a stream cut then.
+pub const SHUTTING_DOWN: &str = "the scheduler is shutting down";
 
 /// A front-door request, checked by the handler.
 #[derive(Debug)]
@@ -260,7 +263,7 @@ impl Scheduler {
         let message = if reply.gone.is_cancelled() {
             CLIENT_GONE.to_string()
         } else if stopping {
-            "the scheduler is shutting down".to_string()
+            SHUTTING_DOWN.to_string()
         } else {
             format!(
                 "no TaskInstance of model '{}' could answer the request",
@@ -413,7 +416,7 @@ impl Scheduler {
                 "the TI's stream broke: {}",
                 self.inner.client.stream_error(e)
             )),
-            How::Stopping => Some("the scheduler is shutting down".to_string()),
+            How::Stopping => Some(SHUTTING_DOWN.to_string()),
         };
         let finished = match failure {
             None => Finished::streamed(execution_ms, assembly.result(), ttft_ms),
@@ -481,7 +484,7 @@ impl Relayed {
         let cut = match &how {
             How::Whole | How::Left => None,
             How::Broke(e) => Some(format!("the TI's stream broke: {e}")),
-            How::Stopping => Some("the scheduler is shutting down".to_string()),
+            How::Stopping => Some(SHUTTING_DOWN.to_string()),
         };
         let _ = ended.send(Ended {
             how,
