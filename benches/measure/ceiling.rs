@@ -38,7 +38,11 @@ use rusqlite::{params, TransactionBehavior};
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
-use ti_scheduler::domain::{unix_now, Durability, Usage};
+use ti_scheduler::domain::{
+    unix_now, Candidate, DecisionReason, Durability, NewDecision, Origin, Outcome, TaskId,
+    TaskStatus, TiUuid, Usage,
+};
+use ti_scheduler::store::{Completion, DecisionRow, NewTask, StoreError, TaskRepo, Tx};
 use ti_scheduler::ti::openai::{add_features, checked_answer, usage, StreamAssembly};
 
 type Insert = (String, String, String, f64, oneshot::Sender<bool>);
@@ -293,60 +297,30 @@ fn spawn_writer(path: &Path, durability: Durability) -> anyhow::Result<mpsc::Sen
 enum Write {
     /// The task row and its decision row; `done` hears whether they were committed.
     Submit {
-        task_id: String,
-        model: String,
-        input: String,
-        metadata: String,
-        ti: String,
-        candidates: String,
-        at: f64,
+        row: (NewTask, Option<DecisionRow>),
         done: oneshot::Sender<bool>,
     },
     /// The outcome, once the client has the answer; nobody waits for it.
     Outcome {
-        task_id: String,
-        ti: String,
-        result: String,
-        ok: bool,
-        execution_ms: f64,
-        at: f64,
-        usage: Option<Usage>,
-        ttft_ms: Option<f64>,
+        task_id: TaskId,
+        completion: Completion,
     },
 }
 
-/// The scheduler's statements, as `src/store/tasks.rs` and `decisions.rs` write them.
-const TASK_INSERT: &str =
-    "INSERT INTO tasks (task_id, model_name, task_input, metadata, status, ti_uuid,
-                        predicted_ms, predicted_error_ms, submit_time, origin)
-     VALUES (?1, ?2, ?3, ?4, 'scheduled', ?5, 0, 0, ?6, 'openai')
-     ON CONFLICT (task_id) DO NOTHING";
-const DECISION_INSERT: &str =
-    "INSERT INTO decisions (task_id, decided_at, reason, strategy, predict_mode,
-                            predicted_ms, predicted_error_ms, prediction_source,
-                            lookup_fallback, chosen_ti, candidates)
-     VALUES (?1, ?2, 'submit', 'round_robin', 'default', 0, 0, 'prior', 0, ?3, ?4)";
-const TASK_COMPLETE: &str = "UPDATE tasks SET status = 'completed', result = ?1, outcome = ?2,
-                      execution_time_ms = ?3, completion_time = ?4, result_ti = ?6,
-                      prompt_tokens = ?7, completion_tokens = ?8, ttft_ms = ?9
-     WHERE task_id = ?5 AND status <> 'completed'";
-const TASK_COMPLETED: &str =
-    "SELECT model_name, metadata, submit_time, predicted_ms FROM tasks WHERE task_id = ?1";
-
 /// The `relay` ceiling's record in the scheduler's schema, written by a thread of its
-/// own in the scheduler's way: every waiting write in one transaction, committed with
-/// fsync (at `full`) only when a task row is in it.
+/// own in the scheduler's way (its own statements, `TaskRepo`'s): every waiting write in
+/// one transaction, committed with fsync (at `full`) only when a task row is in it.
 struct TaskLog {
     writes: mpsc::Sender<Write>,
     /// The `task_instances` row of each upstream, in the same order.
-    tis: Vec<String>,
+    tis: Vec<TiUuid>,
 }
 
 /// A task row committed: what its outcome needs.
 struct Submitted {
     writes: mpsc::Sender<Write>,
-    task_id: String,
-    ti: String,
+    task_id: TaskId,
+    ti: TiUuid,
     sent: Instant,
 }
 
@@ -359,12 +333,12 @@ impl TaskLog {
         let mut tis = Vec::new();
         for base in upstreams {
             let url = reqwest::Url::parse(base)?;
-            let ti = uuid::Uuid::new_v4().to_string();
+            let ti = TiUuid::generate();
             conn.execute(
                 "INSERT INTO task_instances (ti_uuid, host, port, model_name, callback_token,
                                              registered_at, kind)
                  VALUES (?1, ?2, ?3, 'relay', 'relay', ?4, 'openai')",
-                params![ti, url.host_str(), url.port(), unix_now()],
+                params![ti.to_string(), url.host_str(), url.port(), unix_now()],
             )?;
             tis.push(ti);
         }
@@ -403,30 +377,56 @@ impl TaskLog {
         let mut metadata = Map::new();
         metadata.insert("path".into(), "v1/chat/completions".into());
         add_features(&request, &mut metadata);
-        let candidates: Vec<Value> = self
+        let task_id = TaskId::generate();
+        let ti = self.tis[n];
+        let at = unix_now();
+        let candidates = self
             .tis
             .iter()
-            .map(|ti| {
-                json!({"ti_uuid": ti, "wait_ms": 0.0, "wait_error_ms": 0.0, "queue_length": 0,
-                       "predicted_ms": 0.0, "predicted_error_ms": 0.0,
-                       "prediction_source": "prior", "score": 0.0})
+            .map(|&ti_uuid| Candidate {
+                ti_uuid,
+                wait_ms: 0.0,
+                wait_error_ms: 0.0,
+                queue_length: 0,
+                predicted_ms: 0.0,
+                predicted_error_ms: 0.0,
+                prediction_source: "prior",
+                score: 0.0,
             })
             .collect();
-        let task_id = format!("task-{}", uuid::Uuid::now_v7());
-        let ti = self.tis[n].clone();
-        let (done, committed) = oneshot::channel();
-        let write = Write::Submit {
+        let decision = NewDecision {
             task_id: task_id.clone(),
-            model,
-            input: String::from_utf8_lossy(body).into_owned(),
-            metadata: Value::Object(metadata).to_string(),
-            ti: ti.clone(),
-            candidates: Value::Array(candidates).to_string(),
-            at: unix_now(),
-            done,
+            decided_at: at,
+            reason: DecisionReason::Submit,
+            strategy: "round_robin",
+            predict_mode: "default",
+            predicted_ms: 0.0,
+            predicted_error_ms: 0.0,
+            prediction_source: "prior",
+            lookup_fallback: false,
+            chosen_ti: ti,
+            candidates,
         };
+        let task = NewTask {
+            task_id: task_id.clone(),
+            model_name: model,
+            task_input: String::from_utf8_lossy(body).into_owned(),
+            metadata: Value::Object(metadata).to_string(),
+            ti_uuid: Some(ti),
+            status: TaskStatus::Scheduled,
+            predicted_ms: 0.0,
+            predicted_error_ms: 0.0,
+            submit_time: at,
+            origin: Origin::Openai,
+        };
+        let decision =
+            DecisionRow::try_from(decision).map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
+        let (done, committed) = oneshot::channel();
         self.writes
-            .send(write)
+            .send(Write::Submit {
+                row: (task, Some(decision)),
+                done,
+            })
             .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
         if !committed.await.unwrap_or(false) {
             return Err(StatusCode::INTERNAL_SERVER_ERROR);
@@ -443,15 +443,22 @@ impl TaskLog {
 impl Submitted {
     /// Hands the outcome to the writer thread, without waiting for it.
     fn finish(self, result: String, ok: bool, usage: Option<Usage>, ttft_ms: Option<f64>) {
+        let completion = Completion {
+            result,
+            outcome: if ok {
+                Outcome::Succeeded
+            } else {
+                Outcome::Failed
+            },
+            execution_time_ms: self.sent.elapsed().as_secs_f64() * 1000.0,
+            completion_time: unix_now(),
+            usage,
+            result_ti: Some(self.ti),
+            ttft_ms,
+        };
         let _ = self.writes.send(Write::Outcome {
             task_id: self.task_id,
-            ti: self.ti,
-            result,
-            ok,
-            execution_ms: self.sent.elapsed().as_secs_f64() * 1000.0,
-            at: unix_now(),
-            usage,
-            ttft_ms,
+            completion,
         });
     }
 
@@ -512,58 +519,25 @@ impl Drop for StreamOutcome {
     }
 }
 
-/// One batch of the scheduler's record in one transaction.
-fn write_batch(conn: &mut rusqlite::Connection, batch: &[Write]) -> rusqlite::Result<()> {
+/// One batch of the scheduler's record in one transaction, with the scheduler's own
+/// statements.
+fn write_batch(conn: &mut rusqlite::Connection, batch: &[Write]) -> Result<(), StoreError> {
     let txn = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    for write in batch {
-        match write {
-            Write::Submit {
-                task_id,
-                model,
-                input,
-                metadata,
-                ti,
-                candidates,
-                at,
-                ..
-            } => {
-                txn.prepare_cached(TASK_INSERT)?
-                    .execute(params![task_id, model, input, metadata, ti, at])?;
-                txn.prepare_cached(DECISION_INSERT)?
-                    .execute(params![task_id, at, ti, candidates])?;
-            }
-            Write::Outcome {
-                task_id,
-                ti,
-                result,
-                ok,
-                execution_ms,
-                at,
-                usage,
-                ttft_ms,
-            } => {
-                txn.prepare_cached(TASK_COMPLETE)?.execute(params![
-                    result,
-                    if *ok { "succeeded" } else { "failed" },
-                    execution_ms,
-                    at,
+    {
+        let mut tx = Tx::Sqlite(&txn);
+        for write in batch {
+            match write {
+                Write::Submit { row, .. } => {
+                    TaskRepo::insert_submit(&mut tx, std::slice::from_ref(row))?;
+                }
+                Write::Outcome {
                     task_id,
-                    ti,
-                    usage.and_then(|u| u.prompt_tokens),
-                    usage.and_then(|u| u.completion_tokens),
-                    ttft_ms,
-                ])?;
-                txn.prepare_cached(TASK_COMPLETED)?
-                    .query_row([task_id], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, f64>(2)?,
-                            r.get::<_, f64>(3)?,
-                        ))
-                    })?;
+                    completion,
+                } => {
+                    TaskRepo::complete(&mut tx, task_id, completion)?;
+                }
             }
         }
     }
-    txn.commit()
+    Ok(txn.commit()?)
 }
