@@ -43,8 +43,9 @@ struct TiEntry {
     queue: QueueEstimate,
     /// Bounds the dispatches in flight to it.
     dispatch_slots: Arc<Semaphore>,
-    /// Its `POST /queue/submit` URL (`None` if its host cannot form one).
-    submit_url: Option<reqwest::Url>,
+    /// Where requests go, parsed once rather than per dispatch (`None` if its host cannot
+    /// form a URL): [`request_url`].
+    url: Option<reqwest::Url>,
     /// It answered 408, 429 or 503: no new request until then.
     paused_until: Option<Instant>,
     /// The next pause when it gives no `Retry-After`; doubles, back to the base after a 2xx.
@@ -90,6 +91,16 @@ impl TiEntry {
 
 /// Longest pause of a TI that answers "busy" without a `Retry-After` (docs/API.md, OpenAI-compatible servers).
 const MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// Where requests to a TI go: `POST /queue/submit` for a callback TI; for an
+/// OpenAI-compatible one its root, whose path each request sets
+/// ([`TiClient::openai_url`]). `None` if its host cannot form a URL.
+fn request_url(ti: &StoredTi) -> Option<reqwest::Url> {
+    match ti.kind {
+        TiKind::Callback => TiClient::submit_url(&ti.host, ti.port),
+        TiKind::Openai => TiClient::openai_root(&ti.host, ti.port),
+    }
+}
 
 /// A TI with its live queue estimate, for `/queue/info` and `/ti/list`.
 #[derive(Debug, Clone)]
@@ -169,7 +180,7 @@ pub(super) struct DispatchTarget {
     pub(super) port: u16,
     /// The model it serves (an OpenAI request's `model` when the task gives none).
     pub(super) model: String,
-    /// Its `POST /queue/submit` URL (`None` if its host cannot form one).
+    /// Where requests go ([`request_url`]; `None` if its host cannot form a URL).
     pub(super) url: Option<reqwest::Url>,
     /// The token it must echo in its callback.
     pub(super) callback_token: String,
@@ -299,7 +310,7 @@ impl Cache {
             failed_probes: 0,
             queue: QueueEstimate::with_slots(queue_slots),
             dispatch_slots: Arc::new(Semaphore::new(dispatches.max(1))),
-            submit_url: TiClient::submit_url(&ti.host, ti.port),
+            url: request_url(ti),
             paused_until: None,
             next_pause: self.base_pause,
         };
@@ -311,6 +322,7 @@ impl Cache {
             {
                 entry.dispatch_slots = Arc::new(Semaphore::new(dispatches.max(1)));
                 entry.queue.set_slots(queue_slots);
+                entry.url = request_url(&ti);
                 entry.ti = ti;
             }
             Some(entry) => entry.ti = ti,
@@ -422,7 +434,7 @@ impl Cache {
                 host: e.ti.host.clone(),
                 port: e.ti.port,
                 model: e.ti.model_name.clone(),
-                url: e.submit_url.clone(),
+                url: e.url.clone(),
                 callback_token: e.ti.callback_token.clone(),
                 slots: e.dispatch_slots.clone(),
             })

@@ -278,9 +278,11 @@ impl Scheduler {
             None => build_request(&payload.task_input, &payload.metadata, &target.model),
         };
         let request = request.and_then(|(path, body)| {
-            TiClient::openai_url(&target.host, target.port, &path)
-                .map(|url| (url, body))
-                .ok_or_else(|| format!("the TI's address does not form a URL with '{path}'"))
+            target
+                .url
+                .as_ref()
+                .map(|root| (TiClient::openai_url(root, &path), body))
+                .ok_or_else(|| "the TI's address does not form a URL".to_string())
         });
         let (url, body) = match request {
             Ok(request) => request,

@@ -120,9 +120,25 @@ impl TiClient {
         TiError::from_reqwest(e, self.request_timeout)
     }
 
-    /// The URL of `path` on a TI; `None` if `host` cannot form one.
-    pub fn openai_url(host: &str, port: u16, path: &str) -> Option<reqwest::Url> {
-        reqwest::Url::parse(&Self::url(host, port, &format!("/{path}"))).ok()
+    /// A TI's root URL (`http://host:port/`), parsed once at registration; `None` if
+    /// `host` cannot form one.
+    pub fn openai_root(host: &str, port: u16) -> Option<reqwest::Url> {
+        reqwest::Url::parse(&Self::url(host, port, "/")).ok()
+    }
+
+    /// The URL of `path` (`v1/...`, as [`request_path`] gives it) on the TI at `root`: the
+    /// root with its path set, so that a request does not parse the whole URL again.
+    ///
+    /// ```
+    /// use ti_scheduler::ti::TiClient;
+    /// let root = TiClient::openai_root("127.0.0.1", 8000).unwrap();
+    /// let url = TiClient::openai_url(&root, "v1/chat/completions");
+    /// assert_eq!(url.as_str(), "http://127.0.0.1:8000/v1/chat/completions");
+    /// ```
+    pub fn openai_url(root: &reqwest::Url, path: &str) -> reqwest::Url {
+        let mut url = root.clone();
+        url.set_path(path);
+        url
     }
 }
 
