@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use futures::Stream;
-use serde_json::value::RawValue;
+use serde_json::value::{to_raw_value, RawValue};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -25,7 +25,7 @@ use super::cache::Placing;
 use super::complete::Finished;
 use super::dispatch::{Exchange, Payload, Step};
 use super::events::Event;
-use super::submit::{refused, serialized_object};
+use super::submit::refused;
 use super::{Error, Scheduler};
 use crate::domain::{unix_now, DecisionReason, Origin, TaskId, TaskStatus, TiKind, TiUuid};
 use crate::store::{Flush, NewTask};
@@ -160,9 +160,11 @@ impl Scheduler {
         let mut metadata = Map::new();
         metadata.insert("path".into(), path.into());
         add_features(&body, &mut metadata);
-        let task_input = RawValue::from_string(serialized_object(&body))
-            .map_err(|e| Error::Invalid(format!("the request body: {e}")))?;
-        let metadata_text = serialized_object(&metadata);
+        // Written straight into raw JSON: the text is ours, so it is not parsed again.
+        let task_input =
+            to_raw_value(&body).map_err(|e| Error::Invalid(format!("the request body: {e}")))?;
+        let metadata_raw =
+            to_raw_value(&metadata).map_err(|e| Error::Invalid(format!("metadata: {e}")))?;
         let submit_time = unix_now();
         let ask = Ask {
             limits: self.inner.settings.admission,
@@ -201,7 +203,7 @@ impl Scheduler {
             task_id: task_id.clone(),
             model_name: model.clone(),
             task_input: task_input.get().to_string(),
-            metadata: metadata_text.clone(),
+            metadata: metadata_raw.get().to_string(),
             ti_uuid: Some(ti),
             status: placement.status,
             predicted_ms: placement.predicted_ms,
@@ -227,8 +229,7 @@ impl Scheduler {
         let payload = Payload {
             model,
             task_input,
-            metadata_raw: RawValue::from_string(metadata_text)
-                .map_err(|e| Error::Invalid(format!("metadata: {e}")))?,
+            metadata_raw,
             metadata,
             reply: Some(Reply {
                 answer: Mutex::new(Some(answer)),
