@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use serde_json::value::RawValue;
+use serde_json::value::{to_raw_value, RawValue};
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
@@ -86,9 +86,9 @@ impl Scheduler {
             self.place_all(model, &items, &fresh).await?
         };
         // What dispatching needs afterwards; the rows themselves go to the writer.
-        let placed: Vec<(TaskId, Option<TiUuid>, TaskStatus, String)> = rows
+        let placed: Vec<(TaskId, Option<TiUuid>, TaskStatus)> = rows
             .iter()
-            .map(|(t, _)| (t.task_id.clone(), t.ti_uuid, t.status, t.metadata.clone()))
+            .map(|(t, _)| (t.task_id.clone(), t.ti_uuid, t.status))
             .collect();
         let inserted = match self.commit(rows).await {
             Ok(flags) => flags,
@@ -100,11 +100,10 @@ impl Scheduler {
                 return Err(e.into());
             }
         };
-        for ((task_id, ti, status, metadata), (&i, new)) in
-            placed.into_iter().zip(fresh.iter().zip(inserted))
+        for ((task_id, ti, status), (&i, new)) in placed.into_iter().zip(fresh.iter().zip(inserted))
         {
             answers[i] = Some(if new {
-                self.hand_off(model, &items[i], (task_id, ti, status), metadata)
+                self.hand_off(model, &items[i], (task_id, ti, status))
             } else {
                 // A concurrent submit of the same client id won the race: answer with it.
                 self.cache().release(&task_id);
@@ -253,7 +252,6 @@ impl Scheduler {
         model: &str,
         item: &SubmitItem,
         (task_id, ti, status): (TaskId, Option<TiUuid>, TaskStatus),
-        metadata: String,
     ) -> Submitted {
         metrics::counter!(telemetry::SUBMITS).increment(1);
         self.inner
@@ -264,7 +262,8 @@ impl Scheduler {
             scheduled_ti: ti,
         };
         if let Some(ti) = ti {
-            match RawValue::from_string(metadata) {
+            // Written straight into raw JSON, as the front door does: not parsed back.
+            match to_raw_value(&item.metadata) {
                 Ok(metadata_raw) => {
                     let payload = Arc::new(Payload {
                         model: model.to_string(),
