@@ -770,3 +770,56 @@ impl Cache {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    fn cache() -> Cache {
+        Cache::new(
+            StrategyKind::ShortestQueue,
+            PredictMode::Default,
+            Predictor::new(1000.0, 500.0, Vec::new(), Vec::new(), Vec::new()),
+            StdRng::seed_from_u64(1),
+            1.0,
+            64,
+            Duration::from_millis(100),
+        )
+    }
+
+    fn url_of(cache: &Cache, ti: TiUuid) -> String {
+        let target = cache.dispatch_target(ti).expect("a usable TI");
+        target.url.expect("a URL").to_string()
+    }
+
+    #[test]
+    fn a_ti_registered_again_with_another_kind_is_sent_to_that_kind_s_url() {
+        let mut cache = cache();
+        let mut ti = StoredTi {
+            ti_uuid: TiUuid::generate(),
+            host: "127.0.0.1".into(),
+            port: 8000,
+            model_name: "m".into(),
+            hardware: None,
+            callback_token: "t".into(),
+            registered_at: 0.0,
+            removed_at: None,
+            kind: TiKind::Openai,
+            max_concurrency: None,
+        };
+        let id = ti.ti_uuid;
+        cache.upsert_ti(ti.clone());
+        // An OpenAI-compatible TI's root: each request sets its own path.
+        assert_eq!(url_of(&cache, id), "http://127.0.0.1:8000/");
+
+        ti.kind = TiKind::Callback;
+        cache.upsert_ti(ti.clone());
+        assert_eq!(url_of(&cache, id), "http://127.0.0.1:8000/queue/submit");
+
+        ti.kind = TiKind::Openai;
+        cache.upsert_ti(ti);
+        assert_eq!(url_of(&cache, id), "http://127.0.0.1:8000/");
+    }
+}
