@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use axum::http::Uri;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
@@ -278,11 +279,11 @@ impl Scheduler {
             None => build_request(&payload.task_input, &payload.metadata, &target.model),
         };
         let request = request.and_then(|(path, body)| {
-            target
+            let root = target
                 .url
                 .as_ref()
-                .map(|root| (TiClient::openai_url(root, &path), body))
-                .ok_or_else(|| "the TI's address does not form a URL".to_string())
+                .ok_or_else(|| "the TI's address does not form a URL".to_string())?;
+            Ok((TiClient::openai_url(root, &path)?, body))
         });
         let (url, body) = match request {
             Ok(request) => request,
@@ -361,7 +362,7 @@ impl Scheduler {
         &self,
         task_id: &TaskId,
         ti: TiUuid,
-        url: &reqwest::Url,
+        url: &Uri,
         body: axum::body::Bytes,
     ) -> Exchange {
         let started = Instant::now();

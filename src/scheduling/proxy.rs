@@ -13,6 +13,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::http::Uri;
 use futures::Stream;
 use serde_json::value::{to_raw_value, RawValue};
 use serde_json::{Map, Value};
@@ -30,8 +31,8 @@ use super::{Error, Scheduler};
 use crate::domain::{unix_now, DecisionReason, Origin, TaskId, TaskStatus, TiKind, TiUuid};
 use crate::store::{Flush, NewTask};
 use crate::telemetry;
-use crate::ti::openai::{add_features, retry_after, StreamAssembly};
-use crate::ti::upstream_body;
+use crate::ti::openai::{add_features, Chunks, StreamAssembly, Upstream};
+use crate::ti::{upstream_body, TiError};
 
 /// The stored error of a request whose client left before its answer was complete.
 pub const CLIENT_GONE: &str = "client disconnected";
@@ -291,7 +292,7 @@ impl Scheduler {
         &self,
         task_id: &TaskId,
         ti: TiUuid,
-        url: &reqwest::Url,
+        url: &Uri,
         body: Bytes,
         reply: &Reply,
     ) -> Exchange {
@@ -305,19 +306,15 @@ impl Scheduler {
             Ok(r) => r,
             Err(e) => return Exchange::Failed(e.to_string()),
         };
-        let status = response.status().as_u16();
+        let status = response.status;
         if matches!(status, 408 | 429 | 503) {
-            self.note_busy(task_id, ti, status, retry_after(&response));
+            self.note_busy(task_id, ti, status, response.retry_after());
             return Exchange::Busy;
         }
         if !(200..500).contains(&status) {
             return Exchange::Failed(format!("HTTP {status}"));
         }
-        let content_type = response
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let content_type = response.content_type().map(str::to_string);
         let streams = reply.stream
             && (200..300).contains(&status)
             && content_type
@@ -329,7 +326,7 @@ impl Scheduler {
                 .await;
         }
         let body = tokio::select! {
-            body = self.inner.client.openai_body(response) => body,
+            body = response.body() => body,
             _ = self.inner.shutdown.cancelled() => return Exchange::Done,
             _ = reply.gone() => return Exchange::Done,
         };
@@ -378,7 +375,7 @@ impl Scheduler {
         &self,
         task_id: &TaskId,
         ti: TiUuid,
-        response: reqwest::Response,
+        response: Upstream,
         content_type: Option<String>,
         reply: &Reply,
         started: Instant,
@@ -388,9 +385,9 @@ impl Scheduler {
         };
         self.cache().answered(ti);
         let (ended, end) = oneshot::channel();
-        let status = response.status().as_u16();
+        let status = response.status;
         let chunks = Relayed {
-            body: Box::pin(response.bytes_stream()),
+            body: response.chunks(),
             stopping: Box::pin(reply.stopping.clone().cancelled_owned()),
             arrived: reply.arrived,
             assembly: StreamAssembly::default(),
@@ -413,10 +410,7 @@ impl Scheduler {
         let failure = match how {
             How::Whole => None,
             How::Left => Some(CLIENT_GONE.to_string()),
-            How::Broke(e) => Some(format!(
-                "the TI's stream broke: {}",
-                self.inner.client.stream_error(e)
-            )),
+            How::Broke(e) => Some(format!("the TI's stream broke: {e}")),
             How::Stopping => Some(SHUTTING_DOWN.to_string()),
         };
         let finished = match failure {
@@ -438,7 +432,7 @@ impl Scheduler {
 /// it is dropped unfinished). Dropping it drops the TI's response, which cancels the
 /// request upstream.
 pub struct Relayed {
-    body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    body: Chunks,
     stopping: Pin<Box<WaitForCancellationFutureOwned>>,
     /// When the request arrived, for the time to first token.
     arrived: Instant,
@@ -470,7 +464,7 @@ enum How {
     /// Read to its end.
     Whole,
     /// The TI's stream broke.
-    Broke(reqwest::Error),
+    Broke(TiError),
     /// The service stopped serving.
     Stopping,
     /// Dropped unfinished: the client left.
@@ -509,7 +503,7 @@ impl Stream for Relayed {
         if this.stopping.as_mut().poll(cx).is_ready() {
             return Poll::Ready(this.end(How::Stopping));
         }
-        match ready!(this.body.as_mut().poll_next(cx)) {
+        match ready!(Pin::new(&mut this.body).poll_next(cx)) {
             Some(Ok(bytes)) => {
                 if this.assembly.feed(&bytes) {
                     let ttft = this.arrived.elapsed();

@@ -6,13 +6,24 @@
 //! (the `usage` counts). It also estimates, from the request alone, the features the
 //! predictor uses (`input_tokens`, `max_tokens`).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use futures::Stream;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Incoming};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+use tokio::time::{Instant, Sleep};
+
+use super::client::root_cause;
 use super::{TiClient, TiError};
 use crate::domain::Usage;
 
@@ -76,15 +87,11 @@ impl TiClient {
 
     /// Sends one request to an OpenAI-compatible TI and reads the whole answer, whatever
     /// its status. Transport errors and the request timeout are errors.
-    pub async fn openai_send(
-        &self,
-        url: &reqwest::Url,
-        body: Bytes,
-    ) -> Result<UpstreamResponse, TiError> {
-        let resp = self.openai_start(url, body).await?;
-        let status = resp.status().as_u16();
-        let retry_after = retry_after(&resp);
-        let body = self.openai_body(resp).await?;
+    pub async fn openai_send(&self, url: &Uri, body: Bytes) -> Result<UpstreamResponse, TiError> {
+        let upstream = self.openai_start(url, body).await?;
+        let status = upstream.status;
+        let retry_after = upstream.retry_after();
+        let body = upstream.body().await?;
         Ok(UpstreamResponse {
             status,
             retry_after,
@@ -93,31 +100,33 @@ impl TiClient {
     }
 
     /// Sends one request to an OpenAI-compatible TI and answers once its status and
-    /// headers arrived; the body is read by the caller, whole ([`Self::openai_body`]) or
-    /// as it streams. The request timeout covers the whole exchange, body included.
-    pub async fn openai_start(
-        &self,
-        url: &reqwest::Url,
-        body: Bytes,
-    ) -> Result<reqwest::Response, TiError> {
-        let request = self
-            .http
-            .post(url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        Self::send(request, self.request_timeout, "the request").await
-    }
-
-    /// The whole body of a response from [`Self::openai_start`].
-    pub async fn openai_body(&self, resp: reqwest::Response) -> Result<Bytes, TiError> {
-        resp.bytes()
+    /// headers arrived; the body is read by the caller, whole ([`Upstream::body`]) or as
+    /// it streams ([`Upstream::chunks`]). The request timeout covers the whole exchange,
+    /// body included. A redirect is an error: it is never followed.
+    pub async fn openai_start(&self, url: &Uri, body: Bytes) -> Result<Upstream, TiError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = url.clone();
+        request
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let response = tokio::time::timeout_at(deadline, self.openai.request(request))
             .await
-            .map_err(|e| TiError::from_reqwest(e, self.request_timeout))
-    }
-
-    /// A transport error while a response body streams, in the client's terms.
-    pub fn stream_error(&self, e: reqwest::Error) -> TiError {
-        TiError::from_reqwest(e, self.request_timeout)
+            .map_err(|_| timed_out(self.request_timeout))?
+            .map_err(TiError::from_hyper)?;
+        let (parts, body) = response.into_parts();
+        let status = parts.status.as_u16();
+        if parts.status.is_redirection() {
+            return Err(TiError::redirect("the request", status, &parts.headers));
+        }
+        Ok(Upstream {
+            status,
+            headers: parts.headers,
+            body,
+            deadline,
+            timeout: self.request_timeout,
+        })
     }
 
     /// A TI's root URL (`http://host:port/`), parsed once at registration; `None` if
@@ -126,31 +135,111 @@ impl TiClient {
         reqwest::Url::parse(&Self::url(host, port, "/")).ok()
     }
 
-    /// The URL of `path` (`v1/...`, as [`request_path`] gives it) on the TI at `root`: the
-    /// root with its path set, so that a request does not parse the whole URL again.
+    /// The URL of `path` (`v1/...`, as [`request_path`] gives it) on the TI at `root`, as
+    /// the request carries it: the root's text and the path, parsed as a URI (a few
+    /// hundred instructions, where parsing a whole URL takes thousands).
     ///
     /// ```
     /// use ti_scheduler::ti::TiClient;
     /// let root = TiClient::openai_root("127.0.0.1", 8000).unwrap();
-    /// let url = TiClient::openai_url(&root, "v1/chat/completions");
-    /// assert_eq!(url.as_str(), "http://127.0.0.1:8000/v1/chat/completions");
+    /// let url = TiClient::openai_url(&root, "v1/chat/completions").unwrap();
+    /// assert_eq!(url.to_string(), "http://127.0.0.1:8000/v1/chat/completions");
     /// ```
-    pub fn openai_url(root: &reqwest::Url, path: &str) -> reqwest::Url {
-        let mut url = root.clone();
-        url.set_path(path);
-        url
+    pub fn openai_url(root: &reqwest::Url, path: &str) -> Result<Uri, String> {
+        let text = format!("{root}{path}");
+        text.parse()
+            .map_err(|e| format!("'{text}' is not a request URL: {e}"))
     }
 }
 
-/// A response's `Retry-After`, in seconds (the date form is not used by inference
-/// servers).
-pub fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
-    resp.headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map(Duration::from_secs_f64)
+fn timed_out(timeout: Duration) -> TiError {
+    TiError::Timeout(timeout.as_millis() as u64)
+}
+
+/// An OpenAI-compatible TI's answer whose status and headers arrived
+/// ([`TiClient::openai_start`]); its body is still to be read, before the deadline.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Its HTTP status.
+    pub status: u16,
+    /// Its headers.
+    pub headers: HeaderMap,
+    body: Incoming,
+    /// When the request's time runs out: its sending plus `timeout`.
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl Upstream {
+    /// Its `Retry-After`, in seconds (the date form is not used by inference servers).
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.headers
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64)
+    }
+
+    /// Its `Content-Type`, if it is text.
+    pub fn content_type(&self) -> Option<&str> {
+        self.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok())
+    }
+
+    /// Its whole body.
+    pub async fn body(self) -> Result<Bytes, TiError> {
+        match tokio::time::timeout_at(self.deadline, self.body.collect()).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) => Err(TiError::Transport(root_cause(&e))),
+            Err(_) => Err(timed_out(self.timeout)),
+        }
+    }
+
+    /// Its body as it arrives, chunk by chunk.
+    pub fn chunks(self) -> Chunks {
+        Chunks {
+            body: self.body,
+            deadline: Box::pin(tokio::time::sleep_until(self.deadline)),
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// The body of an [`Upstream`], chunk by chunk as it arrives; an error ends it: the
+/// connection broke, or the request's time ran out (the timeout covers the whole
+/// exchange, as for a body read whole).
+pub struct Chunks {
+    body: Incoming,
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Chunks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Chunks").finish_non_exhaustive()
+    }
+}
+
+impl Stream for Chunks {
+    type Item = Result<Bytes, TiError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(timed_out(this.timeout))));
+        }
+        loop {
+            return match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(bytes) => Poll::Ready(Some(Ok(bytes))),
+                    // Trailers: nothing the client reads.
+                    Err(_) => continue,
+                },
+                Some(Err(e)) => Poll::Ready(Some(Err(TiError::Transport(root_cause(&e))))),
+                None => Poll::Ready(None),
+            };
+        }
+    }
 }
 
 /// The path a task is sent to: `metadata.path` when given (a leading `/` is optional; it

@@ -483,6 +483,41 @@ async fn a_stream_cut_by_a_stop_ends_in_an_error_not_as_a_whole_answer() {
 }
 
 #[tokio::test]
+async fn a_stream_that_outlasts_the_request_timeout_is_cut_and_fails() {
+    // 50 tokens 200 ms apart: ten seconds of stream, and one second allowed.
+    let app = spawn_app_with(|s| s.ti.request_timeout_ms = 1_000).await;
+    let server = spawn_openai(sim(0.0, 200.0)).await;
+    app.register_openai(&server, json!({})).await;
+    let (task_id, mut body) = stream_under_way(&app).await;
+
+    let mut after: Vec<u8> = Vec::new();
+    let ended = loop {
+        match body.next().await {
+            Some(Ok(bytes)) => after.extend_from_slice(&bytes),
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
+        }
+    };
+    assert!(
+        ended.is_err(),
+        "the client's stream ended as if whole after {:?}",
+        String::from_utf8_lossy(&after)
+    );
+    assert!(!String::from_utf8_lossy(&after).contains("[DONE]"));
+    let task = completed(&app, &task_id).await;
+    assert_eq!(task["outcome"], "failed", "{task}");
+    assert_eq!(
+        task["result"]["error"],
+        "the TI's stream broke: timed out after 1000 ms"
+    );
+    wait_for("the backend to stop generating", || async {
+        (server.stats().running == 0).then_some(())
+    })
+    .await;
+    assert_eq!(server.stats().completed, 0, "the request was cut upstream");
+}
+
+#[tokio::test]
 async fn a_request_left_unanswered_by_a_restart_is_completed_as_failed() {
     let (app, server, _ti) = app_with_backend(sim(30_000.0, 0.0)).await;
     let client = app.client.clone();

@@ -1,16 +1,19 @@
 //! Issue 10: what an attacker's tests found, one test (or more) per point.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use ti_scheduler::ti::openai_sim::OpenAiSimConfig;
 use ti_scheduler::ti::sim::Faults;
 
 use ti_scheduler::App;
 
 use crate::helpers::{
     assert_message, backend, execute, restart_from, skip_on_postgres, spawn_app, spawn_app_with,
-    spawn_ti, wait_for, Backend, TestApp,
+    spawn_openai, spawn_ti, wait_for, Backend, TestApp,
 };
 
 /// `task_input` nested `levels` deep (`{}` is 1).
@@ -170,6 +173,61 @@ async fn a_ti_answering_with_a_redirect_is_not_followed_and_not_registered() {
     let (_, list) = app.get("/ti/list").await;
     assert_eq!(list["tis"], json!([]), "nothing is registered");
     assert_eq!(app.count("SELECT COUNT(*) FROM task_instances").await, 0);
+}
+
+#[tokio::test]
+async fn an_openai_ti_redirecting_a_request_is_not_followed() {
+    let target = spawn_openai(OpenAiSimConfig {
+        model: "llama-7b".into(),
+        base_ms: 1.0,
+        ..OpenAiSimConfig::default()
+    })
+    .await;
+    let target_port = target.addr().port();
+    let redirected = Arc::new(AtomicU64::new(0));
+    let seen = redirected.clone();
+    // Healthy and serving the model; every request is sent on to the target.
+    let redirecting = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/v1/models",
+            axum::routing::get(|| async { axum::Json(json!({"data": [{"id": "llama-7b"}]})) }),
+        )
+        .fallback(move |uri: axum::http::Uri| async move {
+            seen.fetch_add(1, Ordering::Relaxed);
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(
+                    axum::http::header::LOCATION,
+                    format!("http://127.0.0.1:{target_port}{}", uri.path()),
+                )],
+            )
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, redirecting).await });
+    let app = spawn_app().await;
+    let (status, body) = app
+        .post(
+            "/ti/register",
+            json!({"host": "127.0.0.1", "port": port, "kind": "openai"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (status, body) = app
+        .post(
+            "/v1/completions",
+            json!({"model": "llama-7b", "prompt": "hi", "max_tokens": 4}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "no_usable_instance", "{body}");
+    assert!(
+        redirected.load(Ordering::Relaxed) >= 1,
+        "the TI was asked and answered with a redirect"
+    );
+    assert_eq!(target.stats().requests, 0, "the redirect was not followed");
 }
 
 // Point 8: small ones.
