@@ -118,6 +118,8 @@ impl App {
         leadership: Option<ha::Leadership>,
     ) -> anyhow::Result<Self> {
         let addr = listener.local_addr()?;
+        // First: a metric handle taken before the recorder is installed reports nowhere.
+        let metrics = telemetry::metrics_handle();
         let limits = Self::limits(&settings);
         let location = settings.database.location().map_err(anyhow::Error::msg)?;
         let writer_stop = CancellationToken::new();
@@ -181,7 +183,7 @@ impl App {
             scheduler: scheduler.clone(),
             admin_token,
             body_limit: settings.server.body_limit_bytes,
-            metrics: telemetry::metrics_handle(),
+            metrics,
             max_json_depth: settings.server.max_json_depth,
             max_batch_tasks: settings.server.max_batch_tasks,
             api_keys: settings
@@ -190,6 +192,7 @@ impl App {
                 .iter()
                 .map(|k| Arc::from(k.as_str()))
                 .collect(),
+            openai_requests: Arc::default(),
         });
         tracing::info!(%addr, db = %location.display(), "ti-scheduler ready");
         Ok(Self {

@@ -43,7 +43,7 @@ use ti_scheduler::domain::{
     TaskStatus, TiUuid, Usage,
 };
 use ti_scheduler::store::{Completion, DecisionRow, NewTask, StoreError, TaskRepo, Tx};
-use ti_scheduler::ti::openai::{add_features, checked_answer, usage, StreamAssembly};
+use ti_scheduler::ti::openai::{checked_answer, usage, RequestFields, StreamAssembly};
 
 type Insert = (String, String, String, f64, oneshot::Sender<bool>);
 
@@ -367,16 +367,16 @@ impl TaskLog {
 
     /// Commits the task and decision rows of a request going to upstream `n`.
     async fn submit(&self, body: &Bytes, n: usize) -> Result<Submitted, StatusCode> {
-        let request: Map<String, Value> =
-            serde_json::from_slice(body).map_err(|_| StatusCode::BAD_REQUEST)?;
-        let model = request
-            .get("model")
-            .and_then(Value::as_str)
-            .ok_or(StatusCode::BAD_REQUEST)?
-            .to_string();
+        // Read as the scheduler's front door reads it: the fields, not a tree of the body.
+        let text = std::str::from_utf8(body).map_err(|_| StatusCode::BAD_REQUEST)?;
+        let request = RequestFields::read(text).map_err(|_| StatusCode::BAD_REQUEST)?;
+        let model: String = request
+            .model
+            .and_then(|m| serde_json::from_str(m.get()).ok())
+            .ok_or(StatusCode::BAD_REQUEST)?;
         let mut metadata = Map::new();
         metadata.insert("path".into(), "v1/chat/completions".into());
-        add_features(&request, &mut metadata);
+        request.add_features(&mut metadata);
         let task_id = TaskId::generate();
         let ti = self.tis[n];
         let at = unix_now();

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 
@@ -25,6 +26,7 @@ use super::queue::text_depth;
 use super::AppState;
 use crate::scheduling::{Answer, Error, ProxyRequest, SHUTTING_DOWN};
 use crate::telemetry;
+use crate::ti::openai::RequestFields;
 
 /// The front door's routes.
 pub(super) fn router() -> Router<AppState> {
@@ -242,7 +244,7 @@ async fn forward(
     let arrived = Instant::now();
     let request = match checked(app, endpoint, body) {
         Ok(r) => r,
-        Err(e) => return counted("", e.into_response()),
+        Err(e) => return counted(app, "", e.into_response()),
     };
     let model = request.model.clone();
     let proxied = match app.scheduler.proxy(request).await {
@@ -253,7 +255,7 @@ async fn forward(
             } else {
                 &model
             };
-            return counted(model, OpenAiError::from(e).into_response());
+            return counted(app, model, OpenAiError::from(e).into_response());
         }
     };
     let connected = proxied.connected;
@@ -297,17 +299,21 @@ async fn forward(
     if let Ok(id) = HeaderValue::from_str(proxied.task_id.as_str()) {
         response.headers_mut().insert(TASK_ID_HEADER, id);
     }
-    counted(&model, response)
+    counted(app, &model, response)
 }
 
 /// Counts the answer in `ti_scheduler_openai_requests_total`.
-fn counted(model: &str, response: Response) -> Response {
-    metrics::counter!(
-        telemetry::OPENAI_REQUESTS,
-        "model" => model.to_string(),
-        "status" => response.status().as_u16().to_string()
-    )
-    .increment(1);
+fn counted(app: &AppState, model: &str, response: Response) -> Response {
+    let status = response.status().as_u16();
+    app.openai_requests
+        .get(model, status, || {
+            metrics::counter!(
+                telemetry::OPENAI_REQUESTS,
+                "model" => model.to_string(),
+                "status" => status.to_string()
+            )
+        })
+        .increment(1);
     response
 }
 
@@ -344,33 +350,25 @@ fn checked(
             None,
         ));
     }
-    let body: Map<String, Value> = match serde_json::from_str(text) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => {
-            return Err(OpenAiError::invalid(
-                "the request body must be a JSON object",
-                None,
-            ))
-        }
-        Err(e) => {
-            return Err(OpenAiError::invalid(
-                format!("the request body is not valid JSON: {e}"),
-                None,
-            ))
-        }
-    };
-    let model = match body.get("model") {
-        Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        _ => {
-            return Err(OpenAiError::invalid(
+    // The body as it is (whitespace around it aside): what is stored and sent.
+    let task_input: Box<RawValue> = serde_json::from_str(text).map_err(|e| {
+        OpenAiError::invalid(format!("the request body is not valid JSON: {e}"), None)
+    })?;
+    let fields =
+        RequestFields::read(task_input.get()).map_err(|e| OpenAiError::invalid(e, None))?;
+    let model = fields
+        .model
+        .and_then(|m| serde_json::from_str::<String>(m.get()).ok())
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| {
+            OpenAiError::invalid(
                 "you must provide a model parameter (a non-empty string)",
                 Some("model"),
-            ))
-        }
-    };
-    let stream = match body.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
+            )
+        })?;
+    let stream = match fields.stream.map(RawValue::get) {
+        None | Some("false") => false,
+        Some("true") => true,
         Some(other) => {
             return Err(OpenAiError::invalid(
                 format!("stream must be a boolean, got {other}"),
@@ -378,18 +376,16 @@ fn checked(
             ))
         }
     };
+    let starts =
+        |field: Option<&RawValue>, with: &[char]| field.is_some_and(|f| f.get().starts_with(with));
     match endpoint {
-        Endpoint::Chat if !body.get("messages").is_some_and(Value::is_array) => {
+        Endpoint::Chat if !starts(fields.messages, &['[']) => {
             return Err(OpenAiError::invalid(
                 "messages is required: an array of {role, content} objects",
                 Some("messages"),
             ));
         }
-        Endpoint::Completions
-            if !body
-                .get("prompt")
-                .is_some_and(|p| p.is_string() || p.is_array()) =>
-        {
+        Endpoint::Completions if !starts(fields.prompt, &['"', '[']) => {
             return Err(OpenAiError::invalid(
                 "prompt is required: a string or an array of strings",
                 Some("prompt"),
@@ -397,10 +393,14 @@ fn checked(
         }
         _ => {}
     }
+    let mut metadata = Map::new();
+    metadata.insert("path".into(), endpoint.path().into());
+    fields.add_features(&mut metadata);
     Ok(ProxyRequest {
         model,
         path: endpoint.path(),
-        body,
+        task_input,
+        metadata,
         stream,
     })
 }

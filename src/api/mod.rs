@@ -24,11 +24,12 @@ mod ti;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tracing::Instrument;
 
@@ -36,7 +37,7 @@ pub use auth::Admin;
 pub use error::{ApiError, ErrorResponse};
 
 use crate::scheduling::Scheduler;
-use crate::telemetry;
+use crate::telemetry::{self, Handles};
 
 /// What every handler gets: small handles, cheap to clone.
 #[derive(Clone)]
@@ -55,6 +56,8 @@ pub struct AppState {
     pub max_batch_tasks: usize,
     /// When non-empty, the front door (`/v1/*`) requires one of these bearer keys.
     pub api_keys: Arc<[Arc<str>]>,
+    /// The front door's answers counted, by model and status.
+    pub openai_requests: Arc<Handles<u16, Counter>>,
 }
 
 /// The whole API.
@@ -78,7 +81,10 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn(observe_request))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Handles::default()),
+            observe_request,
+        ))
         .with_state(state)
 }
 
@@ -95,7 +101,11 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A span per request (route, method and request id), the latency histogram, the access
 /// log line (debug, target [`telemetry::ACCESS_LOG`]) and the `x-request-id` answer header.
-async fn observe_request(req: Request, next: Next) -> Response {
+async fn observe_request(
+    State(durations): State<Arc<Handles<u16, Histogram>>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -116,12 +126,15 @@ async fn observe_request(req: Request, next: Next) -> Response {
     let mut response = next.run(req).instrument(span).await;
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    metrics::histogram!(
-        telemetry::HTTP_REQUEST_DURATION,
-        "path" => route,
-        "status" => status.to_string()
-    )
-    .record(elapsed.as_secs_f64());
+    durations
+        .get(&route, status, || {
+            metrics::histogram!(
+                telemetry::HTTP_REQUEST_DURATION,
+                "path" => route.clone(),
+                "status" => status.to_string()
+            )
+        })
+        .record(elapsed.as_secs_f64());
     if let Some(uri) = uri {
         tracing::debug!(
             target: telemetry::ACCESS_LOG,

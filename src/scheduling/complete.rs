@@ -262,19 +262,36 @@ impl Scheduler {
         self.inner
             .events
             .publish(Event::task(task_id, model, TaskStatus::Completed, ti));
-        let ti_label = ti.map_or_else(|| "none".to_string(), |ti| ti.to_string());
-        metrics::counter!(
-            telemetry::TASKS_COMPLETED,
-            "model" => model.clone(),
-            "ti" => ti_label,
-            "outcome" => outcome.as_str()
-        )
-        .increment(1);
-        metrics::histogram!(telemetry::TASK_LATENCY, "model" => model.clone())
+        let recorded = &self.inner.completions;
+        recorded
+            .completed
+            .get(model, (ti, outcome), || {
+                let ti_label = ti.map_or_else(|| "none".to_string(), |ti| ti.to_string());
+                metrics::counter!(
+                    telemetry::TASKS_COMPLETED,
+                    "model" => model.clone(),
+                    "ti" => ti_label,
+                    "outcome" => outcome.as_str()
+                )
+            })
+            .increment(1);
+        recorded
+            .latency
+            .get(
+                model,
+                (),
+                || metrics::histogram!(telemetry::TASK_LATENCY, "model" => model.clone()),
+            )
             .record((completion_time - stored.submit_time).max(0.0));
         if outcome == Outcome::Succeeded && execution_ms > 0.0 {
             let error = (execution_ms - stored.predicted_ms).abs() / execution_ms;
-            metrics::histogram!(telemetry::PREDICTION_ERROR, "model" => model.clone())
+            recorded
+                .prediction_error
+                .get(
+                    model,
+                    (),
+                    || metrics::histogram!(telemetry::PREDICTION_ERROR, "model" => model.clone()),
+                )
                 .record(error);
         }
         if let Some(error) = failure {

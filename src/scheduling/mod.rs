@@ -40,6 +40,7 @@ mod waiters;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use metrics::{Counter, Histogram};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use tokio::time::Instant;
@@ -55,11 +56,14 @@ pub use queue::QueueEstimate;
 pub use submit::{SubmitItem, Submitted};
 
 use crate::config::Settings;
-use crate::domain::{unix_now, LookupRow, PredictMode, StrategyKind, TaskId, TaskStatus, TiUuid};
+use crate::domain::{
+    unix_now, LookupRow, Outcome, PredictMode, StrategyKind, TaskId, TaskStatus, TiUuid,
+};
 use crate::predictor::Predictor;
 use crate::store::{
     Db, LearnedRepo, LookupRepo, SettingsRepo, StatsRepo, StoreError, StoredTask, TaskRepo, TiRepo,
 };
+use crate::telemetry::Handles;
 use crate::ti::{AllowList, TiClient, TiError};
 
 /// Why a scheduling operation failed; the API maps each to its HTTP code.
@@ -124,6 +128,19 @@ struct Inner {
     settings: CoreSettings,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// The handles of what each completion records, by model.
+    completions: CompletionMetrics,
+}
+
+/// The labelled families each completion records ([`telemetry::Handles`]).
+#[derive(Default)]
+struct CompletionMetrics {
+    /// `ti_scheduler_tasks_completed_total`, by model, TI and outcome.
+    completed: Handles<(Option<TiUuid>, Outcome), Counter>,
+    /// `ti_scheduler_task_latency_seconds`, by model.
+    latency: Handles<(), Histogram>,
+    /// `ti_scheduler_prediction_error_ratio`, by model.
+    prediction_error: Handles<(), Histogram>,
 }
 
 /// The scheduling core; cheap to clone.
@@ -223,6 +240,7 @@ impl Scheduler {
                 },
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                completions: CompletionMetrics::default(),
             }),
         })
     }

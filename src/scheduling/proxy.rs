@@ -31,7 +31,7 @@ use super::{Error, Scheduler};
 use crate::domain::{unix_now, DecisionReason, Origin, TaskId, TaskStatus, TiKind, TiUuid};
 use crate::store::{Flush, NewTask};
 use crate::telemetry;
-use crate::ti::openai::{add_features, Chunks, StreamAssembly, Upstream};
+use crate::ti::openai::{Chunks, StreamAssembly, Upstream};
 use crate::ti::{upstream_body, TiError};
 
 /// The stored error of a request whose client left before its answer was complete.
@@ -49,8 +49,11 @@ pub struct ProxyRequest {
     pub model: String,
     /// Where it goes on the TI: `v1/chat/completions` or `v1/completions`.
     pub path: &'static str,
-    /// The client's body, sent as it is.
-    pub body: Map<String, Value>,
+    /// The client's body (a JSON object), stored and sent as it is.
+    pub task_input: Box<RawValue>,
+    /// The task's metadata: the path and the predictor's features of the body
+    /// ([`crate::ti::openai::RequestFields::add_features`]).
+    pub metadata: Map<String, Value>,
     /// The body's `stream`.
     pub stream: bool,
 }
@@ -153,17 +156,13 @@ impl Scheduler {
         let ProxyRequest {
             model,
             path,
-            body,
+            task_input,
+            metadata,
             stream,
         } = request;
         let arrived = Instant::now();
         let task_id = TaskId::generate();
-        let mut metadata = Map::new();
-        metadata.insert("path".into(), path.into());
-        add_features(&body, &mut metadata);
         // Written straight into raw JSON: the text is ours, so it is not parsed again.
-        let task_input =
-            to_raw_value(&body).map_err(|e| Error::Invalid(format!("the request body: {e}")))?;
         let metadata_raw =
             to_raw_value(&metadata).map_err(|e| Error::Invalid(format!("metadata: {e}")))?;
         let submit_time = unix_now();

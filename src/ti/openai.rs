@@ -423,19 +423,30 @@ pub const CHARS_PER_TOKEN: f64 = 4.0;
 /// and `max_tokens` from `max_tokens` or `max_completion_tokens`. Features already in
 /// `metadata` win; nothing is added when the body is not an OpenAI request.
 pub fn add_features(task_input: &Map<String, Value>, metadata: &mut Map<String, Value>) {
+    let bound = || {
+        ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .find_map(|n| task_input.get(*n).and_then(Value::as_f64))
+    };
+    insert_features(metadata, || prompt_chars(task_input), bound);
+}
+
+/// Adds `input_tokens` from the prompt's characters and `max_tokens` from the bound,
+/// unless `metadata` has them already.
+fn insert_features(
+    metadata: &mut Map<String, Value>,
+    chars: impl FnOnce() -> Option<usize>,
+    bound: impl FnOnce() -> Option<f64>,
+) {
     let has = |m: &Map<String, Value>, names: &[&str]| names.iter().any(|n| m.contains_key(*n));
     if !has(metadata, &["input_tokens", "prompt_tokens"]) {
-        if let Some(chars) = prompt_chars(task_input) {
+        if let Some(chars) = chars() {
             let tokens = (chars as f64 / CHARS_PER_TOKEN).ceil();
             metadata.insert("input_tokens".into(), tokens.into());
         }
     }
     if !has(metadata, &["output_tokens", "max_tokens"]) {
-        let bound = ["max_tokens", "max_completion_tokens"]
-            .iter()
-            .find_map(|n| task_input.get(*n).and_then(Value::as_f64))
-            .filter(|v| v.is_finite() && *v >= 0.0);
-        if let Some(bound) = bound {
+        if let Some(bound) = bound().filter(|v| v.is_finite() && *v >= 0.0) {
             metadata.insert("max_tokens".into(), bound.into());
         }
     }
@@ -466,6 +477,86 @@ fn prompt_chars(task_input: &Map<String, Value>) -> Option<usize> {
             .map(text_chars)
             .sum(),
     )
+}
+
+/// What the front door reads of a request body, borrowed from its text: the fields it
+/// checks or estimates from, each as its JSON text. The rest of the body is checked as
+/// JSON and skipped, never built (a tree of the whole body cost the front door 10 000
+/// instructions a request): the body is stored and sent as the client wrote it.
+#[derive(Debug, Deserialize)]
+pub struct RequestFields<'a> {
+    /// `model`.
+    #[serde(borrow, default)]
+    pub model: Option<&'a RawValue>,
+    /// `stream`.
+    #[serde(borrow, default)]
+    pub stream: Option<&'a RawValue>,
+    /// `messages` (chat completions).
+    #[serde(borrow, default)]
+    pub messages: Option<&'a RawValue>,
+    /// `prompt` (completions).
+    #[serde(borrow, default)]
+    pub prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+}
+
+impl<'a> RequestFields<'a> {
+    /// Reads the fields of a JSON object's text; the error says what is wrong with it.
+    /// (A JSON `null` field reads as absent.)
+    pub fn read(text: &'a str) -> Result<Self, String> {
+        // A struct would also read from an array.
+        if !text.trim_start().starts_with('{') {
+            return Err("the request body must be a JSON object".into());
+        }
+        serde_json::from_str(text).map_err(|e| format!("the request body is not valid JSON: {e}"))
+    }
+
+    /// The predictor's features, as [`add_features`] finds them in the parsed body.
+    pub fn add_features(&self, metadata: &mut Map<String, Value>) {
+        let bound = || {
+            [self.max_tokens, self.max_completion_tokens]
+                .into_iter()
+                .flatten()
+                .find_map(|raw| serde_json::from_str::<f64>(raw.get()).ok())
+        };
+        insert_features(metadata, || self.prompt_chars(), bound);
+    }
+
+    /// [`prompt_chars`], read from the text.
+    fn prompt_chars(&self) -> Option<usize> {
+        if let Some(prompt) = self.prompt {
+            return Some(raw_text_chars(prompt));
+        }
+        /// A message's content; its other fields are skipped.
+        #[derive(Deserialize)]
+        struct Message<'a> {
+            #[serde(borrow, default)]
+            content: Option<&'a RawValue>,
+        }
+        let messages: Vec<&RawValue> = serde_json::from_str(self.messages?.get()).ok()?;
+        let content = |m: &&RawValue| {
+            // Only an object has a content (a struct would also read from an array).
+            let message: Message = m
+                .get()
+                .starts_with('{')
+                .then(|| serde_json::from_str(m.get()).ok())??;
+            message.content.map(raw_text_chars)
+        };
+        Some(messages.iter().filter_map(content).sum())
+    }
+}
+
+/// [`text_chars`] of a value's JSON text: a string without escapes is counted where it
+/// lies; anything else is parsed first.
+fn raw_text_chars(raw: &RawValue) -> usize {
+    let text = raw.get();
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.contains('\\') => inner.chars().count(),
+        _ => serde_json::from_str::<Value>(text).map_or(0, |v| text_chars(&v)),
+    }
 }
 
 #[cfg(test)]
@@ -532,6 +623,49 @@ mod tests {
         let mut nothing = Map::new();
         add_features(&map(json!({"image": "x"})), &mut nothing);
         assert!(nothing.is_empty());
+    }
+
+    #[test]
+    fn the_front_door_reads_the_same_features_from_the_text_as_from_the_parsed_body() {
+        let bodies = [
+            r#"{"model": "m", "prompt": "ééééé", "max_tokens": 7}"#,
+            r#"{"prompt": ["ab", "cdé\u00e9\n"], "max_tokens": "7", "max_completion_tokens": 9}"#,
+            r#"{"prompt": {"text": "abcd"}, "max_tokens": -1}"#,
+            r#"{"messages": [{"role": "user", "content": "h\"i"}, {"content": null}], "max_tokens": 2.5}"#,
+            r#"{"messages": [{"content": [{"type": "text", "text": "abcd"}, {"type": "image_url"}]}]}"#,
+            r#"{"messages": ["not a message", ["abcd"], 3, {"content": "xyz"}]}"#,
+            r#"{"messages": {"content": "not a list"}, "max_completion_tokens": 1e3}"#,
+            r#"{"messages": [], "stream": true}"#,
+            r#"{"image": "x"}"#,
+        ];
+        for text in bodies {
+            let mut from_text = Map::new();
+            RequestFields::read(text)
+                .unwrap()
+                .add_features(&mut from_text);
+            let mut parsed = Map::new();
+            add_features(&serde_json::from_str(text).unwrap(), &mut parsed);
+            assert_eq!(from_text, parsed, "{text}");
+        }
+        let mut chat = Map::new();
+        RequestFields::read(bodies[3])
+            .unwrap()
+            .add_features(&mut chat);
+        assert_eq!(chat, map(json!({"input_tokens": 1.0, "max_tokens": 2.5})));
+    }
+
+    #[test]
+    fn the_front_door_reads_only_a_json_object() {
+        assert!(RequestFields::read(r#" {"model": "m"} "#).is_ok());
+        for (text, why) in [
+            ("[1]", "must be a JSON object"),
+            ("\"x\"", "must be a JSON object"),
+            ("{\"model\": ", "not valid JSON"),
+            (r#"{"model": "a"} x"#, "not valid JSON"),
+        ] {
+            let e = RequestFields::read(text).unwrap_err();
+            assert!(e.contains(why), "{text}: {e}");
+        }
     }
 
     #[test]
