@@ -511,7 +511,11 @@ impl<'a> RequestFields<'a> {
         if !text.trim_start().starts_with('{') {
             return Err("the request body must be a JSON object".into());
         }
-        serde_json::from_str(text).map_err(|e| format!("the request body is not valid JSON: {e}"))
+        serde_json::from_str(text).map_err(|e| match e.classify() {
+            // Every field is taken as it is: only a field given twice is refused here.
+            serde_json::error::Category::Data => format!("the request body: {e}"),
+            _ => format!("the request body is not valid JSON: {e}"),
+        })
     }
 
     /// The predictor's features, as [`add_features`] finds them in the parsed body.
@@ -662,6 +666,10 @@ mod tests {
             ("\"x\"", "must be a JSON object"),
             ("{\"model\": ", "not valid JSON"),
             (r#"{"model": "a"} x"#, "not valid JSON"),
+            (
+                r#"{"model": "a", "model": "b"}"#,
+                "the request body: duplicate field `model`",
+            ),
         ] {
             let e = RequestFields::read(text).unwrap_err();
             assert!(e.contains(why), "{text}: {e}");

@@ -401,6 +401,29 @@ async fn stream_under_way(
     (task_id, body)
 }
 
+/// Reads the rest of a stream, which must end in an error (its connection cut) before the
+/// answer is whole, never as if whole.
+async fn read_until_cut(body: impl futures::Stream<Item = reqwest::Result<axum::body::Bytes>>) {
+    let mut body = std::pin::pin!(body);
+    let mut after: Vec<u8> = Vec::new();
+    let ended = loop {
+        match body.next().await {
+            Some(Ok(bytes)) => after.extend_from_slice(&bytes),
+            Some(Err(e)) => break Err(e),
+            None => break Ok(()),
+        }
+    };
+    assert!(
+        ended.is_err(),
+        "the client's stream ended as if whole after {:?}",
+        String::from_utf8_lossy(&after)
+    );
+    assert!(
+        !String::from_utf8_lossy(&after).contains("[DONE]"),
+        "the answer was not whole"
+    );
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_cancels_its_request_upstream() {
     // Slow tokens: a stream lasts seconds, a plain answer too.
@@ -446,26 +469,10 @@ async fn a_client_that_leaves_cancels_its_request_upstream() {
 async fn a_stream_cut_by_a_stop_ends_in_an_error_not_as_a_whole_answer() {
     // Slow tokens: the stream is still going when the service stops (no grace in tests).
     let (app, server, _ti) = app_with_backend(sim(0.0, 200.0)).await;
-    let (task_id, mut body) = stream_under_way(&app).await;
+    let (task_id, body) = stream_under_way(&app).await;
 
     let (settings, dir) = app.stop().await;
-    let mut after: Vec<u8> = Vec::new();
-    let ended = loop {
-        match body.next().await {
-            Some(Ok(bytes)) => after.extend_from_slice(&bytes),
-            Some(Err(e)) => break Err(e),
-            None => break Ok(()),
-        }
-    };
-    assert!(
-        ended.is_err(),
-        "the client's stream ended as if whole after {:?}",
-        String::from_utf8_lossy(&after)
-    );
-    assert!(
-        !String::from_utf8_lossy(&after).contains("[DONE]"),
-        "the answer was not whole"
-    );
+    read_until_cut(body).await;
 
     let app = restart_from(settings, dir).await;
     let task = completed(&app, &task_id).await;
@@ -488,22 +495,9 @@ async fn a_stream_that_outlasts_the_request_timeout_is_cut_and_fails() {
     let app = spawn_app_with(|s| s.ti.request_timeout_ms = 1_000).await;
     let server = spawn_openai(sim(0.0, 200.0)).await;
     app.register_openai(&server, json!({})).await;
-    let (task_id, mut body) = stream_under_way(&app).await;
+    let (task_id, body) = stream_under_way(&app).await;
 
-    let mut after: Vec<u8> = Vec::new();
-    let ended = loop {
-        match body.next().await {
-            Some(Ok(bytes)) => after.extend_from_slice(&bytes),
-            Some(Err(e)) => break Err(e),
-            None => break Ok(()),
-        }
-    };
-    assert!(
-        ended.is_err(),
-        "the client's stream ended as if whole after {:?}",
-        String::from_utf8_lossy(&after)
-    );
-    assert!(!String::from_utf8_lossy(&after).contains("[DONE]"));
+    read_until_cut(body).await;
     let task = completed(&app, &task_id).await;
     assert_eq!(task["outcome"], "failed", "{task}");
     assert_eq!(
