@@ -1,4 +1,5 @@
-//! The scheduler's side of the callback protocol (docs/API.md): one keep-alive HTTP client.
+//! The scheduler's side of the callback protocol (docs/API.md): one keep-alive HTTP client,
+//! and beside it the pooled client of OpenAI-compatible TIs' requests (`openai.rs`).
 
 use std::time::Duration;
 

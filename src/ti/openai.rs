@@ -20,7 +20,6 @@ use hyper::body::{Body, Incoming};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-
 use tokio::time::{Instant, Sleep};
 
 use super::client::root_cause;
