@@ -207,16 +207,11 @@ impl Upstream {
 /// The body of an [`Upstream`], chunk by chunk as it arrives; an error ends it: the
 /// connection broke, or the request's time ran out (the timeout covers the whole
 /// exchange, as for a body read whole).
+#[derive(Debug)]
 pub struct Chunks {
     body: Incoming,
     deadline: Pin<Box<Sleep>>,
     timeout: Duration,
-}
-
-impl std::fmt::Debug for Chunks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Chunks").finish_non_exhaustive()
-    }
 }
 
 impl Stream for Chunks {

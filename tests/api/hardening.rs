@@ -144,23 +144,40 @@ async fn by_default_what_the_simulated_tis_parser_would_refuse_is_refused_at_sub
 
 // Point 2: redirects.
 
+/// A server on loopback that answers every request but those of `routes` with a redirect
+/// to the same path at `target` (a base URL), counting them in `redirected`; its port.
+async fn spawn_redirecting(
+    routes: axum::Router,
+    target: String,
+    redirected: Arc<AtomicU64>,
+) -> u16 {
+    let redirecting = routes.fallback(move |uri: axum::http::Uri| {
+        redirected.fetch_add(1, Ordering::Relaxed);
+        let location = format!("{target}{}", uri.path());
+        async move {
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, location)],
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, redirecting).await });
+    port
+}
+
 #[tokio::test]
 async fn a_ti_answering_with_a_redirect_is_not_followed_and_not_registered() {
     let target = spawn_ti("llama-7b", "A100", 5.0).await;
     let target_port = target.addr().port();
     // Allowed: 127.0.0.1 (the redirecting server); not allowed: localhost (the target).
-    let redirecting = axum::Router::new().fallback(move |uri: axum::http::Uri| async move {
-        (
-            StatusCode::TEMPORARY_REDIRECT,
-            [(
-                axum::http::header::LOCATION,
-                format!("http://localhost:{target_port}{}", uri.path()),
-            )],
-        )
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, redirecting).await });
+    let port = spawn_redirecting(
+        axum::Router::new(),
+        format!("http://localhost:{target_port}"),
+        Arc::default(),
+    )
+    .await;
     let app = spawn_app_with(|s| s.ti.allowed_hosts = vec!["127.0.0.1".into()]).await;
 
     let (status, body) = app
@@ -185,27 +202,19 @@ async fn an_openai_ti_redirecting_a_request_is_not_followed() {
     .await;
     let target_port = target.addr().port();
     let redirected = Arc::new(AtomicU64::new(0));
-    let seen = redirected.clone();
     // Healthy and serving the model; every request is sent on to the target.
-    let redirecting = axum::Router::new()
+    let routes = axum::Router::new()
         .route("/health", axum::routing::get(|| async { "ok" }))
         .route(
             "/v1/models",
             axum::routing::get(|| async { axum::Json(json!({"data": [{"id": "llama-7b"}]})) }),
-        )
-        .fallback(move |uri: axum::http::Uri| async move {
-            seen.fetch_add(1, Ordering::Relaxed);
-            (
-                StatusCode::TEMPORARY_REDIRECT,
-                [(
-                    axum::http::header::LOCATION,
-                    format!("http://127.0.0.1:{target_port}{}", uri.path()),
-                )],
-            )
-        });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, redirecting).await });
+        );
+    let port = spawn_redirecting(
+        routes,
+        format!("http://127.0.0.1:{target_port}"),
+        redirected.clone(),
+    )
+    .await;
     let app = spawn_app().await;
     let (status, body) = app
         .post(
