@@ -542,13 +542,15 @@ fn print(args: &ProxyArgs, rows: &[Row], (tasks, succeeded): (u64, u64), disk: &
         "\nThe same loads through three relays that decide nothing (axum + reqwest, each its own process): \
          one records nothing; one commits each request to SQLite as one row first; one writes what the \
          scheduler writes, in its schema (task and decision rows first, the outcome after); synchronous={}. \
-         Rate (share of direct); added p50 / p99, ms (plain: whole request; streams: TTFC).\n",
+         Rate (share of direct); added p50 / p99, ms (plain: whole request; streams: TTFC). The last \
+         column sets the scheduler against the relay that writes its record: its share of that relay's rate, \
+         and its p99 less that relay's, what the scheduler's own work costs.\n",
         durability_name(args.durability)
     );
     println!(
-        "| load | direct | relay, records nothing | relay, one row | relay, the scheduler's record | scheduler |"
+        "| load | direct | relay, records nothing | relay, one row | relay, the scheduler's record | scheduler | scheduler against the record relay |"
     );
-    println!("|---|---:|---|---|---|---|");
+    println!("|---|---:|---|---|---|---|---|");
     for r in rows.iter() {
         let Some([bare, row, record]) = &r.relays else {
             continue;
@@ -563,14 +565,17 @@ fn print(args: &ProxyArgs, rows: &[Row], (tasks, succeeded): (u64, u64), disk: &
                 Phase::ms(&p.latency, 0.99) - Phase::ms(&d.latency, 0.99),
             )
         };
+        let t = &r.through;
         println!(
-            "| {} | {:.0}/s | {} | {} | {} | {} |",
+            "| {} | {:.0}/s | {} | {} | {} | {} | {:.0} % of its rate; p99 {:+.2} ms |",
             r.what,
             d.rate(),
             cell(bare),
             cell(row),
             cell(record),
-            cell(&r.through),
+            cell(t),
+            100.0 * t.rate() / record.rate(),
+            Phase::ms(&t.latency, 0.99) - Phase::ms(&record.latency, 0.99),
         );
     }
     println!("\nStreams: time between chunks as the client reads them, ms.\n");
