@@ -370,10 +370,7 @@ impl TaskLog {
         // Read as the scheduler's front door reads it: the fields, not a tree of the body.
         let text = std::str::from_utf8(body).map_err(|_| StatusCode::BAD_REQUEST)?;
         let request = RequestFields::read(text).map_err(|_| StatusCode::BAD_REQUEST)?;
-        let model: String = request
-            .model
-            .and_then(|m| serde_json::from_str(m.get()).ok())
-            .ok_or(StatusCode::BAD_REQUEST)?;
+        let model = request.model_name().ok_or(StatusCode::BAD_REQUEST)?;
         let mut metadata = Map::new();
         metadata.insert("path".into(), "v1/chat/completions".into());
         request.add_features(&mut metadata);

@@ -357,8 +357,7 @@ fn checked(
     let fields =
         RequestFields::read(task_input.get()).map_err(|e| OpenAiError::invalid(e, None))?;
     let model = fields
-        .model
-        .and_then(|m| serde_json::from_str::<String>(m.get()).ok())
+        .model_name()
         .filter(|m| !m.is_empty())
         .ok_or_else(|| {
             OpenAiError::invalid(

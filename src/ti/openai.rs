@@ -512,6 +512,11 @@ impl<'a> RequestFields<'a> {
         })
     }
 
+    /// `model`'s value, if it is a string.
+    pub fn model_name(&self) -> Option<String> {
+        self.model.and_then(|m| serde_json::from_str(m.get()).ok())
+    }
+
     /// The predictor's features, as [`add_features`] finds them in the parsed body.
     pub fn add_features(&self, metadata: &mut Map<String, Value>) {
         let bound = || {
